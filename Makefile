@@ -1,0 +1,31 @@
+# make setup | test | demo | bench | lint  — setup is idempotent (stamp file keyed on pyproject.toml).
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
+
+.PHONY: setup test demo bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest tests
+
+demo: setup
+	$(BIN)/python train.py --config configs/cpu_demo.py --workdir runs/demo
+	$(BIN)/python sample.py --workdir runs/demo --prompt 'def ' --max_new_tokens 120
+
+bench: setup
+	$(BIN)/python bench/sparsity.py --json bench/results/sparsity.json
+
+lint: setup
+	$(BIN)/ruff check spark decode tests bench *.py
+
+clean:
+	rm -rf $(VENV) .jax_cache

@@ -1,0 +1,134 @@
+"""Grouped-query attention (Gemma-2: local/global layers, logit softcap) and Spark attention.
+
+Both read and write the KV cache of decode/cache.py the same way: the block's K/V are written at
+its per-row positions, then every query attends over the slots s with s ≤ its position (and
+position − s < window on local layers). Without a cache the block attends over itself, masked
+by positions (and by segment ids when sequences are packed).
+
+Spark attention (arXiv 2506.06644 §3), per head, with r = attn_rank:
+  predictor scores s1 = q[:r]·k[:r] / sqrt(r), softcapped like the dense logits;
+  value-gate scores s2 = q[r:]·k[r:] / sqrt(H − r);
+  keep ≈ k keys by statistical top-k over the visible keys only (all when ≤ k are visible; the
+  row max is always kept, so never zero keys);
+  w = softmax over kept s1 × softplus(s2); output = Σ w·v (no renormalisation after softplus).
+Choices where the paper is silent: each half is scaled by its own width; the softcap applies to
+the predictor only (it is monotone, so it does not change which keys are kept); RoPE rotates each
+half on its own by default (`spark.attn_rope='split'`) so both scores depend on relative position
+only, or the whole head before splitting ('full').
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from decode import cache as kv_cache
+from spark import sparsity
+from spark.layers import apply_rope, normal_init, softcap
+
+NEG = -1e30  # finite "minus infinity": an all-masked row gives uniform weights, never NaN
+
+
+def visible_mask(q_pos_BT, k_pos_BS, window: int | None, q_seg_BT=None, k_seg_BS=None):
+    """[B, T, S] True where key s is visible to query t: causal, inside the window, same segment."""
+    q = q_pos_BT[:, :, None]
+    k = k_pos_BS[:, None, :]
+    valid = (k <= q) & (k >= 0)
+    if window is not None:
+        valid &= (q - k) < window
+    if q_seg_BT is not None:
+        valid &= q_seg_BT[:, :, None] == k_seg_BS[:, None, :]
+    return valid
+
+
+def _rope_qk(q, k, positions_BT, theta, split_at: int | None):
+    if split_at is None:
+        return apply_rope(q, positions_BT, theta), apply_rope(k, positions_BT, theta)
+    r = split_at
+
+    def rot(x):
+        return jnp.concatenate([apply_rope(x[..., :r], positions_BT, theta),
+                                apply_rope(x[..., r:], positions_BT, theta)], axis=-1)
+
+    return rot(q), rot(k)
+
+
+def _scores(q_BTKGH, k_BSKH, scale):
+    s = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+    return s * scale
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg, layer: int, rngs: nnx.Rngs):
+        d, n, kh, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        pd = jnp.dtype(cfg.param_dtype)
+        self.w_q = nnx.Param(normal_init(rngs, (d, n, h), d, pd))
+        self.w_k = nnx.Param(normal_init(rngs, (d, kh, h), d, pd))
+        self.w_v = nnx.Param(normal_init(rngs, (d, kh, h), d, pd))
+        self.w_o = nnx.Param(normal_init(rngs, (n, h, d), n * h, pd))
+        self.cfg = cfg
+        self.window = cfg.sliding_window if cfg.layer_kind(layer) == "local" else None
+
+    def __call__(self, x_BTD, positions_BT, kv=None, segment_ids_BT=None):
+        """Returns (out_BTD, (k_BSKH, v_BSKH) or None, aux). `kv` is this layer's cache buffers."""
+        dt = x_BTD.dtype
+        q, k, v = self.qkv(x_BTD, positions_BT)
+
+        if kv is None:
+            keys, values = k, v
+            valid = visible_mask(positions_BT, positions_BT, self.window, segment_ids_BT, segment_ids_BT)
+            new_kv = None
+        else:
+            start_B = positions_BT[:, 0]
+            keys = kv_cache.write_block(kv[0], k, start_B)
+            values = kv_cache.write_block(kv[1], v, start_B)
+            b, s = keys.shape[:2]
+            k_pos_BS = jnp.broadcast_to(jnp.arange(s, dtype=positions_BT.dtype), (b, s))
+            valid = visible_mask(positions_BT, k_pos_BS, self.window)
+            new_kv = (keys, values)
+
+        b, t, n, h = q.shape
+        kh = keys.shape[2]
+        q = q.reshape(b, t, kh, n // kh, h)
+        valid_B11TS = valid[:, None, None]
+        if self.cfg.attn_kind == "spark":
+            out, aux = self._spark(q, keys.astype(dt), values.astype(dt), valid_B11TS)
+        else:
+            out, aux = self._dense(q, keys.astype(dt), values.astype(dt), valid_B11TS)
+        out = out.reshape(b, t, n, h).astype(dt)
+        return jnp.einsum("BTNH,NHD->BTD", out, self.w_o[...].astype(dt)), new_kv, aux
+
+    def qkv(self, x_BTD, positions_BT):
+        """Projected q [B,T,N,H], k and v [B,T,K,H], with RoPE applied to q and k."""
+        cfg, dt = self.cfg, x_BTD.dtype
+        q = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.w_q[...].astype(dt))
+        k = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.w_k[...].astype(dt))
+        v = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.w_v[...].astype(dt))
+        split = cfg.attn_rank if cfg.attn_kind == "spark" and cfg.spark.attn_rope == "split" else None
+        q, k = _rope_qk(q, k, positions_BT, cfg.rope_theta, split)
+        return q, k, v
+
+    def _dense(self, q, keys, values, valid):
+        cfg = self.cfg
+        scalar = cfg.query_pre_attn_scalar or cfg.head_dim
+        s = softcap(_scores(q, keys, scalar**-0.5), cfg.attn_logit_softcap)
+        p = jax.nn.softmax(jnp.where(valid, s, NEG), axis=-1)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(values.dtype), values)
+        return out, {}
+
+    def _spark(self, q, keys, values, valid):
+        s1, s2 = spark_scores(q, keys, self.cfg)
+        keep = sparsity.keep_k_of_valid(s1, jnp.broadcast_to(valid, s1.shape), self.cfg.spark.attn_k)
+        p = jax.nn.softmax(jnp.where(keep, s1, NEG), axis=-1)
+        w = p * jnp.where(keep, jax.nn.softplus(s2), 0.0)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", w.astype(values.dtype), values)
+        return out, {"keys_per_query": jnp.mean(jnp.sum(keep, axis=-1, dtype=jnp.float32))}
+
+
+def spark_scores(q_BTKGH, k_BSKH, cfg):
+    """Spark attention's predictor scores s1 (softcapped) and value-gate scores s2, [B,K,G,T,S]."""
+    r, h = cfg.attn_rank, cfg.head_dim
+    s1 = softcap(_scores(q_BTKGH[..., :r], k_BSKH[..., :r], r**-0.5), cfg.attn_logit_softcap)
+    s2 = _scores(q_BTKGH[..., r:], k_BSKH[..., r:], (h - r) ** -0.5)
+    return s1, s2

@@ -1,0 +1,195 @@
+"""Model configuration: frozen dataclasses, validated on construction.
+
+Every value a user can get wrong raises one `ConfigError` whose message names the field. The
+dataclasses are frozen (hashable), so a config can live in an NNX graphdef or be a static jit
+argument; change one with `dataclasses.replace`, which validates again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+FfnKind = Literal["geglu", "spark"]
+AttnKind = Literal["dense", "spark"]
+LayerKind = Literal["local", "global"]
+
+
+class ConfigError(ValueError):
+    """A bad configuration value. The message says which field and why."""
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparkConfig:
+    """Spark Transformer settings (arXiv 2506.06644). Used when ffn_kind/attn_kind == 'spark'.
+
+    ffn_k_frac: fraction of FFN neurons kept by statistical top-k (of the width in use).
+    ffn_rank: r, the input coordinates x[:r] the FFN predictor reads (None: d_model // 2).
+    attn_k: keys kept per query (all visible keys when at most this many are visible).
+    attn_rank: r, the head dims q[:r]·k[:r] used as the attention predictor (None: head_dim // 2).
+    attn_rope: 'split' rotates q[:r] and q[r:] separately (each score is then a function of the
+      relative position alone); 'full' rotates the whole head first and then splits it.
+    stop_grad_threshold: stop the gradient through the threshold θ (the paper is silent).
+    """
+
+    ffn_k_frac: float = 0.08
+    ffn_rank: int | None = None
+    attn_k: int = 256
+    attn_rank: int | None = None
+    attn_rope: Literal["split", "full"] = "split"
+    stop_grad_threshold: bool = False
+
+    def __post_init__(self):
+        _check(0.0 < self.ffn_k_frac < 1.0, f"spark.ffn_k_frac must be in (0, 1), got {self.ffn_k_frac}")
+        _check(self.attn_k >= 1, f"spark.attn_k must be >= 1, got {self.attn_k}")
+        _check(self.attn_rope in ("split", "full"),
+               f"spark.attn_rope must be 'split' or 'full', got {self.attn_rope!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MatFormerConfig:
+    """Nested FFN granularities as divisors of each layer's FFN width: (8, 4, 2, 1) gives
+    widths F/8, F/4, F/2, F. `(1,)` turns nesting off."""
+
+    divisors: tuple[int, ...] = (8, 4, 2, 1)
+
+    def __post_init__(self):
+        d = self.divisors
+        _check(len(d) >= 1 and all(isinstance(x, int) and x >= 1 for x in d),
+               f"matformer.divisors must be positive ints, got {d}")
+        _check(1 in d, f"matformer.divisors must include 1 (the full width), got {d}")
+        _check(len(set(d)) == len(d), f"matformer.divisors has duplicates: {d}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A Gemma-2-style decoder. Defaults are a tiny model; see configs/ for real sizes.
+
+    ffn_dim is the GeGLU width. A Spark FFN has 2 matrices instead of 3, so its width defaults to
+    spark_ffn_dim = 1.5 * ffn_dim, which gives the same parameter count.
+    layer_ffn_dims overrides the width layer by layer (used by extracted MatFormer submodels).
+    gate_sparsity: Gemma-3n-style statistical top-k on the GeGLU gate, one sparsity per layer
+    (0.95 keeps 5% of the gate; 0 is dense). None: off.
+    """
+
+    vocab_size: int = 259
+    d_model: int = 64
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    ffn_dim: int = 256
+    spark_ffn_dim: int | None = None
+    layer_ffn_dims: tuple[int, ...] | None = None
+    layer_pattern: tuple[LayerKind, ...] = ("local", "global")
+    sliding_window: int = 4096
+    attn_logit_softcap: float | None = 50.0
+    final_logit_softcap: float | None = 30.0
+    query_pre_attn_scalar: float | None = None  # None: head_dim (scale 1/sqrt(head_dim))
+    rope_theta: float = 10_000.0
+    rms_eps: float = 1e-6
+    ffn_kind: FfnKind = "geglu"
+    attn_kind: AttnKind = "dense"
+    gate_sparsity: tuple[float, ...] | None = None
+    spark: SparkConfig = SparkConfig()
+    matformer: MatFormerConfig = MatFormerConfig()
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "ffn_dim", "sliding_window"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 1, f"model.{name} must be a positive int, got {v!r}")
+        _check(self.num_heads % self.num_kv_heads == 0,
+               f"model.num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})")
+        _check(self.ffn_kind in ("geglu", "spark"),
+               f"model.ffn_kind must be 'geglu' or 'spark', got {self.ffn_kind!r}")
+        _check(self.attn_kind in ("dense", "spark"),
+               f"model.attn_kind must be 'dense' or 'spark', got {self.attn_kind!r}")
+        _check(len(self.layer_pattern) >= 1 and all(k in ("local", "global") for k in self.layer_pattern),
+               f"model.layer_pattern must be a non-empty tuple of 'local'/'global', got {self.layer_pattern}")
+        for name in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar"):
+            v = getattr(self, name)
+            _check(v is None or v > 0, f"model.{name} must be positive or None, got {v}")
+        for name in ("dtype", "param_dtype"):
+            _check(getattr(self, name) in ("float32", "bfloat16"),
+                   f"model.{name} must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")
+        if self.spark_ffn_dim is not None:
+            _check(self.spark_ffn_dim >= 1, f"model.spark_ffn_dim must be >= 1, got {self.spark_ffn_dim}")
+        if self.layer_ffn_dims is not None:
+            _check(len(self.layer_ffn_dims) == self.num_layers and all(w >= 1 for w in self.layer_ffn_dims),
+                   f"model.layer_ffn_dims needs {self.num_layers} positive widths, got {self.layer_ffn_dims}")
+        if self.gate_sparsity is not None:
+            _check(self.ffn_kind == "geglu", "model.gate_sparsity applies to the GeGLU FFN only")
+            _check(len(self.gate_sparsity) == self.num_layers,
+                   f"model.gate_sparsity needs one value per layer ({self.num_layers}), "
+                   f"got {len(self.gate_sparsity)}")
+            _check(all(0.0 <= s < 1.0 for s in self.gate_sparsity),
+                   f"model.gate_sparsity values must be in [0, 1), got {self.gate_sparsity}")
+        if self.ffn_kind == "spark":
+            r = self.ffn_rank
+            _check(0 < r < self.d_model,
+                   f"spark.ffn_rank must be in (0, d_model={self.d_model}), got {r}")
+        if self.attn_kind == "spark":
+            r = self.attn_rank
+            _check(0 < r < self.head_dim,
+                   f"spark.attn_rank must be in (0, head_dim={self.head_dim}), got {r}")
+            if self.spark.attn_rope == "split":
+                _check(r % 2 == 0 and (self.head_dim - r) % 2 == 0,
+                       f"spark.attn_rank ({r}) and head_dim - attn_rank must be even for split RoPE")
+        else:
+            _check(self.head_dim % 2 == 0, f"model.head_dim must be even for RoPE, got {self.head_dim}")
+        for i in range(self.num_layers):
+            f = self.ffn_width(i)
+            for d in self.matformer.divisors:
+                _check(f % d == 0, f"layer {i} FFN width {f} is not divisible by MatFormer divisor {d}")
+
+    # ---- derived values -------------------------------------------------------------------------
+    @property
+    def ffn_rank(self) -> int:
+        r = self.spark.ffn_rank
+        return self.d_model // 2 if r is None else r
+
+    @property
+    def attn_rank(self) -> int:
+        r = self.spark.attn_rank
+        return self.head_dim // 2 if r is None else r
+
+    def ffn_width(self, layer: int) -> int:
+        """The full FFN width F of a layer."""
+        if self.layer_ffn_dims is not None:
+            return self.layer_ffn_dims[layer]
+        if self.ffn_kind == "spark":
+            return self.spark_ffn_dim if self.spark_ffn_dim is not None else (3 * self.ffn_dim) // 2
+        return self.ffn_dim
+
+    def layer_kind(self, layer: int) -> LayerKind:
+        return self.layer_pattern[layer % len(self.layer_pattern)]
+
+    def allowed_widths(self, layer: int) -> tuple[int, ...]:
+        f = self.ffn_width(layer)
+        return tuple(sorted(f // d for d in self.matformer.divisors))
+
+    def granularity_widths(self, divisor: int) -> tuple[int, ...]:
+        """Per-layer widths of one MatFormer granularity (divisor 8 -> every layer at F/8)."""
+        _check(divisor in self.matformer.divisors,
+               f"granularity 1/{divisor} is not one of matformer.divisors {self.matformer.divisors}")
+        return tuple(self.ffn_width(i) // divisor for i in range(self.num_layers))
+
+    def check_widths(self, widths: tuple[int, ...] | None) -> tuple[int, ...]:
+        """Validate a Mix'n'Match width tuple (None = full width) and return it in full."""
+        if widths is None:
+            return tuple(self.ffn_width(i) for i in range(self.num_layers))
+        widths = tuple(int(w) for w in widths)
+        _check(len(widths) == self.num_layers,
+               f"widths needs one value per layer ({self.num_layers}), got {len(widths)}")
+        for i, w in enumerate(widths):
+            allowed = self.allowed_widths(i)
+            _check(w in allowed, f"width {w} of layer {i} is not a MatFormer granularity; allowed: {allowed}")
+        return widths

@@ -1,0 +1,53 @@
+"""Small building blocks shared by attention, FFN and the model: RMSNorm, RoPE, softcap, GELU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def dtype_of(name: str):
+    return jnp.dtype(name)
+
+
+class RMSNorm(nnx.Module):
+    """Gemma RMSNorm: x · rsqrt(mean(x²) + eps) · (1 + w), computed in float32, w initialised to 0."""
+
+    def __init__(self, dim: int, eps: float, param_dtype):
+        self.scale = nnx.Param(jnp.zeros((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+        return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+
+
+def softcap(x, cap: float | None):
+    """cap · tanh(x / cap); identity when cap is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def gelu(x):
+    """GELU with the tanh approximation (Gemma's `gelu_pytorch_tanh`)."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+def apply_rope(x_BTNH, positions_BT, theta: float):
+    """Rotary embedding in the half-split layout (dims i and i + H/2 rotate together), as in
+    Gemma/HF. Computed in float32, returned in x's dtype."""
+    h = x_BTNH.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    angle_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+    cos = jnp.cos(angle_BTh)[:, :, None, :]
+    sin = jnp.sin(angle_BTh)[:, :, None, :]
+    xf = x_BTNH.astype(jnp.float32)
+    x1, x2 = xf[..., : h // 2], xf[..., h // 2 :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTNH.dtype)
+
+
+def normal_init(rngs: nnx.Rngs, shape, fan_in: int, dtype):
+    """Truncation-free normal with std 1/sqrt(fan_in)."""
+    return jax.random.normal(rngs.params(), shape, dtype) * (fan_in**-0.5)

@@ -1,0 +1,92 @@
+"""The Transformer: Gemma-2 architecture with optional Spark FFN / attention and MatFormer widths.
+
+    logits_BTV, cache = model(tokens_BT, positions_BT, cache=None | KVCache, widths=None)
+
+Block (Gemma-2): h = x + post_attn_norm(attn(pre_attn_norm(x)));
+                 y = h + post_ffw_norm(ffn(pre_ffw_norm(h))).
+Embedding scaled by sqrt(d_model), tied output embedding, final-logit softcap.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from decode.cache import KVCache
+from spark.attention import Attention
+from spark.config import ModelConfig
+from spark.ffn import make_ffn
+from spark.layers import RMSNorm, normal_init, softcap
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        norm = lambda: RMSNorm(cfg.d_model, cfg.rms_eps, pd)  # noqa: E731
+        self.pre_attn_norm, self.post_attn_norm = norm(), norm()
+        self.pre_ffw_norm, self.post_ffw_norm = norm(), norm()
+        self.attn = Attention(cfg, layer, rngs)
+        self.ffn = make_ffn(cfg, layer, rngs)
+
+    def __call__(self, x_BTD, positions_BT, kv, width: int, segment_ids_BT=None):
+        a, kv, aux_a = self.attn(self.pre_attn_norm(x_BTD), positions_BT, kv, segment_ids_BT)
+        h = x_BTD + self.post_attn_norm(a)
+        f, aux_f = self.ffn(self.pre_ffw_norm(h), width)
+        return h + self.post_ffw_norm(f), kv, {**aux_a, **aux_f}
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd = jnp.dtype(cfg.param_dtype)
+        self.embed = nnx.Param(normal_init(rngs, (cfg.vocab_size, cfg.d_model), cfg.d_model, pd))
+        self.layers = nnx.List([Block(cfg, i, rngs) for i in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.rms_eps, pd)
+
+    def __call__(self, tokens_BT, positions_BT, cache: KVCache | None = None, widths=None,
+                 segment_ids_BT=None, return_aux: bool = False):
+        """Returns (logits_BTV float32, cache), plus a dict of per-layer stats [L] if return_aux.
+
+        With a cache, the block's K/V are written at `positions_BT` (contiguous per row) and
+        `cache.lengths` becomes last position + 1. `widths` is a static tuple of per-layer FFN
+        widths (MatFormer Mix'n'Match); None is full width.
+        """
+        x = self.embed_tokens(tokens_BT)
+        logits, cache, stats = self.apply_layers(x, positions_BT, cache, widths, segment_ids_BT)
+        return (logits, cache, stats) if return_aux else (logits, cache)
+
+    def embed_tokens(self, tokens_BT):
+        dt = jnp.dtype(self.cfg.dtype)
+        x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
+        return x * jnp.asarray(self.cfg.d_model**0.5, dt)
+
+    def apply_layers(self, x_BTD, positions_BT, cache=None, widths=None, segment_ids_BT=None):
+        """Everything after the embedding lookup: -> (logits_BTV, cache, per-layer stats)."""
+        cfg = self.cfg
+        widths = cfg.check_widths(widths)
+        x = x_BTD
+        new_k, new_v, auxes = [], [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, kv, aux = layer(x, positions_BT, kv, widths[i], segment_ids_BT)
+            auxes.append(aux)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        x = self.final_norm(x)
+        emb = self.embed[...].astype(x.dtype)
+        logits = jnp.einsum("BTD,VD->BTV", x, emb, preferred_element_type=jnp.float32)
+        logits = softcap(logits, cfg.final_logit_softcap)
+        if cache is not None:
+            lengths = positions_BT[:, -1].astype(jnp.int32) + 1
+            cache = KVCache(k=tuple(new_k), v=tuple(new_v), lengths=lengths)
+        keys = sorted({key for a in auxes for key in a})
+        stats = {key: jnp.stack([a.get(key, jnp.float32(jnp.nan)) for a in auxes]) for key in keys}
+        return logits, cache, stats
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Parameter count from shapes alone (`jax.eval_shape`, nothing allocated)."""
+    shapes = jax.eval_shape(lambda: nnx.state(Transformer(cfg, nnx.Rngs(0)), nnx.Param))
+    return sum(int(x.size) for x in jax.tree.leaves(shapes))

@@ -1,0 +1,77 @@
+"""Statistical top-k (Spark Transformer, arXiv 2506.06644): pure functions, no parameters.
+
+θ = mean(x) + std(x) · Φ⁻¹(1 − k/d) over the last axis (population std), or over the entries
+where `mask` is True. For roughly Gaussian rows about k entries lie above θ; finding them costs two
+linear passes instead of a sort. Statistics are always float32 whatever the input dtype; `k_frac`
+may be a traced value under jit (it only enters through Φ⁻¹).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import ndtri
+
+
+def _row_stats(x, mask=None):
+    """Population mean and std over the last axis (float32), restricted to `mask` if given."""
+    xf = x.astype(jnp.float32)
+    if mask is None:
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        return mean, jnp.sqrt(var)
+    m = mask.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(m, axis=-1, keepdims=True), 1.0)
+    mean = jnp.sum(jnp.where(mask, xf, 0.0), axis=-1, keepdims=True) / n
+    var = jnp.sum(jnp.where(mask, jnp.square(xf - mean), 0.0), axis=-1, keepdims=True) / n
+    return mean, jnp.sqrt(var)
+
+
+def threshold(x, k_frac, mask=None, stop_gradient: bool = False):
+    """θ = mean + std·Φ⁻¹(1 − k_frac), float32, shape x.shape[:-1] + (1,).
+
+    `k_frac` is a scalar or broadcasts against x.shape[:-1] + (1,); values are clipped to
+    (0, 1] so k_frac >= 1 gives θ = -inf (keep everything).
+    """
+    mean, std = _row_stats(x, mask)
+    k_frac = jnp.asarray(k_frac, jnp.float32)
+    z = ndtri(1.0 - jnp.clip(k_frac, 1e-7, 1.0 - 1e-7))  # finite, so gradients stay finite
+    theta = jnp.where(k_frac >= 1.0, -jnp.inf, mean + std * z)
+    return jax.lax.stop_gradient(theta) if stop_gradient else theta
+
+
+def soft_topk(x, k_frac, mask=None, stop_gradient: bool = False):
+    """ReLU(x − θ): the Spark FFN form. Entries below θ are exactly 0; kept ones are x − θ.
+
+    The subtraction is done in float32 and cast back to x.dtype."""
+    theta = threshold(x, k_frac, mask, stop_gradient)
+    out = jax.nn.relu(x.astype(jnp.float32) - theta)
+    if mask is not None:
+        out = jnp.where(mask, out, 0.0)
+    return out.astype(x.dtype)
+
+
+def keep_mask(x, k_frac, mask=None):
+    """Boolean mask of the entries at or above θ (inside `mask` if given)."""
+    keep = x.astype(jnp.float32) >= threshold(x, k_frac, mask)
+    return keep if mask is None else keep & mask
+
+
+def hard_topk(x, k_frac, mask=None):
+    """x where x ≥ θ, −inf elsewhere (and outside `mask`): the attention form."""
+    return jnp.where(keep_mask(x, k_frac, mask), x, -jnp.inf)
+
+
+def keep_k_of_valid(scores, valid, k: int):
+    """Spark attention key selection: per row, keep about `k` of the `valid` entries.
+
+    With n = #valid: if n ≤ k every valid entry is kept; otherwise θ is computed from the valid
+    entries' statistics with fraction k/n. The row maximum is always kept, so a row with at least
+    one valid entry never keeps zero (a skewed row can put every entry below θ).
+    """
+    n = jnp.sum(valid, axis=-1, keepdims=True).astype(jnp.float32)
+    k_frac = jnp.where(n > k, k / jnp.maximum(n, 1.0), 1.0)
+    keep = keep_mask(scores, k_frac, valid)
+    sf = scores.astype(jnp.float32)
+    row_max = jnp.max(jnp.where(valid, sf, -jnp.inf), axis=-1, keepdims=True)
+    return keep | (valid & (sf >= row_max))
