@@ -1,0 +1,55 @@
+"""Shared benchmark helpers: interleaved timing (ABAB rounds), medians, ratios, JSON output.
+
+The machine's speed changes by up to 2x over minutes, so variants are always compared inside one
+process, round by round, and only medians and ratios are reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+
+
+def time_call(fn, args_list, calls: int) -> float:
+    """Seconds per call of fn over `calls` calls, rotating through args_list (inputs not cached)."""
+    jax.block_until_ready(fn(*args_list[0]))
+    t0 = time.perf_counter()
+    out = None
+    for i in range(calls):
+        out = fn(*args_list[i % len(args_list)])
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / calls
+
+
+def interleaved(variants: dict, rounds: int) -> dict:
+    """variants: name -> (fn, args_list, calls). Runs every variant once per round, in turn.
+
+    Returns name -> {"median_s", "min_s", "max_s", "samples_s"}."""
+    for fn, args_list, _ in variants.values():  # compile everything first
+        jax.block_until_ready(fn(*args_list[0]))
+    samples = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, (fn, args_list, calls) in variants.items():
+            samples[name].append(time_call(fn, args_list, calls))
+    return {n: {"median_s": statistics.median(s), "min_s": min(s), "max_s": max(s), "samples_s": s}
+            for n, s in samples.items()}
+
+
+def environment() -> dict:
+    return {"jax": jax.__version__, "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
+            "machine": platform.machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({**payload, "environment": environment()}, f, indent=2)
+    print(f"wrote {path}")
