@@ -193,3 +193,75 @@ class ModelConfig:
             allowed = self.allowed_widths(i)
             _check(w in allowed, f"width {w} of layer {i} is not a MatFormer granularity; allowed: {allowed}")
         return widths
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """name: 'python_stdlib' (the embedded corpus: the running Python's standard library) or any
+    tfds dataset prepared in array_record format (e.g. 'lm1b'); text_key names its text feature."""
+
+    name: str = "python_stdlib"
+    data_dir: str | None = None  # None: ~/tensorflow_datasets
+    train_split: str = "train"
+    eval_split: str = "validation"
+    text_key: str = "text"
+    tokenizer: Literal["byte"] = "byte"
+
+    def __post_init__(self):
+        _check(self.tokenizer == "byte", f"data.tokenizer must be 'byte', got {self.tokenizer!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 8
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    matformer_mode: Literal["sum", "sample", "off"] = "sum"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    ckpt_every: int = 100
+    keep_ckpts: int = 2
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
+                     "eval_batches", "ckpt_every", "keep_ckpts"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 1, f"train.{name} must be a positive int, got {v!r}")
+        _check(self.batch_size % self.grad_accum == 0,
+               f"train.grad_accum ({self.grad_accum}) must divide batch_size ({self.batch_size})")
+        _check(self.lr > 0, f"train.lr must be positive, got {self.lr}")
+        _check(0 <= self.warmup_steps, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(self.matformer_mode in ("sum", "sample", "off"),
+               f"train.matformer_mode must be 'sum', 'sample' or 'off', got {self.matformer_mode!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh (data, fsdp, tensor). -1 on one axis takes all remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = (self.data, self.fsdp, self.tensor)
+        _check(all(s == -1 or s >= 1 for s in sizes) and sizes.count(-1) <= 1,
+               f"mesh sizes must be positive, with at most one -1; got {sizes}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()

@@ -1,0 +1,61 @@
+"""Data pipeline: tfds array_record source -> grain: shuffle, shard per process, tokenize, pack.
+
+Batches are dicts of numpy arrays [B, T]: inputs, targets, positions, segment_ids, loss_mask.
+Documents are concatenated (BOS ... EOS) and split into rows of T + 1 tokens by grain's
+ConcatThenSplitIterDataset; positions restart at every document piece, segment ids keep pieces
+from attending to each other, and the loss skips targets across a piece boundary and padding.
+The iterator's state (`get_state`/`set_state`) is saved with each checkpoint.
+"""
+
+from __future__ import annotations
+
+import grain
+import grain.experimental as grain_exp
+import numpy as np
+import tensorflow_datasets as tfds
+
+from spark.config import ConfigError, DataConfig
+from spark.data import stdlib
+from spark.data.tokenizer import ByteTokenizer
+
+
+def get_tokenizer(cfg: DataConfig):
+    return ByteTokenizer()
+
+
+def source(cfg: DataConfig, split: str):
+    """A random-access source of examples for one split."""
+    if cfg.name == "python_stdlib":
+        return stdlib.prepare(cfg.data_dir).as_data_source(split=split)
+    try:
+        return tfds.data_source(cfg.name, split=split, data_dir=cfg.data_dir)
+    except (tfds.core.registered.DatasetNotFoundError, ValueError, FileNotFoundError,
+            AssertionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"cannot open dataset {cfg.name!r} split {split!r}: {first}") from None
+
+
+def _to_model_batch(b: dict) -> dict:
+    tok, pos, seg = b["tokens"], b["tokens_positions"], b["tokens_segment_ids"]
+    return {
+        "inputs": tok[:, :-1], "targets": tok[:, 1:], "positions": pos[:, :-1],
+        "segment_ids": seg[:, :-1],
+        "loss_mask": ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)).astype(np.float32),
+    }
+
+
+def make_dataset(cfg: DataConfig, split: str, *, seq_len: int, batch_size: int, seed: int,
+                 train: bool, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """Packed batches of `batch_size // process_count` rows for this process."""
+    if batch_size % process_count:
+        raise ConfigError(f"batch size {batch_size} is not divisible by {process_count} processes")
+    tok = get_tokenizer(cfg)
+    ds = grain.MapDataset.source(source(cfg, split))
+    if train:
+        ds = ds.shuffle(seed=seed).repeat(None)
+    ds = ds[process_index::process_count]
+    key = cfg.text_key
+    ds = ds.map(lambda ex: {"tokens": tok.encode(ex[key], bos=True, eos=True)})
+    ds = grain_exp.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"tokens": seq_len + 1})
+    ds = ds.batch(batch_size // process_count, drop_remainder=True)
+    return ds.map(_to_model_batch)

@@ -1,0 +1,85 @@
+"""Run metrics: WORKDIR/metrics.jsonl (one JSON object per logged step), tensorboard event files
+(tensorboardX, no TensorFlow), a tqdm progress bar, and a PNG of the loss curves at the end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+from tqdm import tqdm
+
+
+def _plain(v):
+    a = np.asarray(v)
+    if a.ndim == 0:
+        x = a.item()
+        return x if not isinstance(x, float) or math.isfinite(x) else None
+    return [_plain(x) for x in a]
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def write(self, step: int, metrics: dict) -> dict:
+        row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(k, v, step)
+                elif isinstance(v, list):
+                    for i, x in enumerate(v):
+                        if isinstance(x, (int, float)):
+                            self._tb.add_scalar(f"{k}/layer{i}", x, step)
+        return row
+
+    def close(self):
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def progress(total: int, initial: int, enabled: bool = True):
+    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, desc="train")
+
+
+def plot_losses(workdir: str) -> str | None:
+    """loss_curves.png: training loss per granularity and held-out loss, against step."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_jsonl(path)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    keys = sorted({k for r in rows for k in r if k.startswith("loss_") or k.startswith("eval_loss")})
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), label=key, marker="o" if key.startswith("eval") else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    out = os.path.join(workdir, "loss_curves.png")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,145 @@
+"""The training loop: mesh, sharded state, data, checkpoints, metrics. `run(cfg, workdir)`.
+
+A run resumes from the latest checkpoint in WORKDIR/checkpoints automatically (state and data
+iterator), so killing and restarting a run continues it exactly. A non-finite loss stops the run
+with an error before anything non-finite is saved.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spark import checkpoint, metrics, sharding, train_lib
+from spark.config import Config, ConfigError
+from spark.data.pipeline import make_dataset
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def _check_workdir(workdir: str) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"workdir {workdir!r} is not writable: {e.strerror}") from None
+
+
+def _global_batch(local: dict, batch_sh) -> dict:
+    return {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(v)) for k, v in local.items()}
+
+
+def _eval(cfg: Config, eval_fn, params, batch_sh) -> dict:
+    ds = make_dataset(cfg.data, cfg.data.eval_split, seq_len=cfg.train.seq_len,
+                      batch_size=cfg.train.batch_size, seed=0, train=False,
+                      process_index=jax.process_index(), process_count=jax.process_count())
+    sums: dict = {}
+    for i, local in enumerate(ds):
+        if i >= cfg.train.eval_batches:
+            break
+        out = eval_fn(params, _global_batch(local, batch_sh))
+        for name, (tot, cnt) in out.items():
+            s = sums.setdefault(name, [0.0, 0.0])
+            s[0] += float(tot)
+            s[1] += float(cnt)
+    res = {f"eval_loss_{name}": tot / max(cnt, 1.0) for name, (tot, cnt) in sums.items()}
+    if "eval_loss_F" in res:
+        res["eval_loss"] = res["eval_loss_F"]
+        res["eval_bpb"] = train_lib.bits_per_byte(res["eval_loss"])
+    return res
+
+
+def run(cfg: Config, workdir: str, progress: bool = True, kill_after_step: int | None = None) -> dict:
+    """Train (or resume) to cfg.train.steps. Returns the last logged metrics.
+
+    kill_after_step (crash testing): SIGKILL this process once that step's checkpoint is on disk."""
+    _check_workdir(workdir)
+    t = cfg.train
+    mesh = sharding.make_mesh(cfg.mesh)
+    batch_sh = sharding.batch_sharding(mesh)
+    graphdef = train_lib.graphdef_of(cfg)
+    init_fn = functools.partial(train_lib.init_state, cfg)
+    abstract = jax.eval_shape(init_fn)
+    state_sh = sharding.tree_shardings(mesh, abstract)
+    state_sh["step"] = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    is_main = jax.process_index() == 0
+
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_ckpts)
+    data = make_dataset(cfg.data, cfg.data.train_split, seq_len=t.seq_len, batch_size=t.batch_size,
+                        seed=t.seed, train=True, process_index=jax.process_index(),
+                        process_count=jax.process_count())
+    data_it = iter(data)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+        state, data_state = ckpt.restore(latest, target, cfg)
+        data_it.set_state(data_state)
+    else:
+        state = jax.jit(init_fn, out_shardings=state_sh)()
+    start = int(state["step"])
+
+    step_fn = jax.jit(functools.partial(train_lib.train_step, cfg=cfg, graphdef=graphdef),
+                      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                      donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(train_lib.eval_step, cfg=cfg, graphdef=graphdef))
+    writer = metrics.MetricsWriter(workdir, enabled=is_main)
+    bar = metrics.progress(t.steps, start, enabled=progress and is_main)
+    tokens_per_step = t.batch_size * t.seq_len
+    last, t_log, steps_since = {}, time.perf_counter(), 0
+    try:
+        for step in range(start, t.steps):
+            state, m = step_fn(state, _global_batch(next(data_it), batch_sh))
+            steps_since += 1
+            done = step + 1
+            logging = done % t.log_every == 0 or done == t.steps
+            saving = done % t.ckpt_every == 0 or done == t.steps
+            if logging or saving:
+                loss = float(m["loss"])
+                if not np.isfinite(loss):
+                    raise TrainingError(
+                        f"non-finite loss ({loss}) at step {done}; stopping. The last good checkpoint "
+                        f"(step {ckpt.latest_step()}) is intact in {workdir}/checkpoints")
+            if logging:
+                elapsed = time.perf_counter() - t_log
+                row = {**m, "tokens_per_s": tokens_per_step * steps_since / elapsed}
+                if done % t.eval_every == 0 or done == t.steps:
+                    row.update(_eval(cfg, eval_fn, state["params"], batch_sh))
+                last = writer.write(done, row)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+                t_log, steps_since = time.perf_counter(), 0
+            if saving:
+                ckpt.save(done, state, data_it.get_state(), cfg)
+                if done == kill_after_step:
+                    ckpt.wait()
+                    os.kill(os.getpid(), signal.SIGKILL)
+            bar.update(1)
+    finally:
+        bar.close()
+        ckpt.close()
+        writer.close()
+    if is_main:
+        metrics.plot_losses(workdir)
+    return last
+
+
+def load_params(cfg: Config, workdir: str, step: int | None = None):
+    """Parameters (pure dict) of a checkpoint in WORKDIR/checkpoints; the latest when step is None."""
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise checkpoint.CheckpointError(f"no checkpoint found in {workdir}/checkpoints")
+    abstract = jax.eval_shape(functools.partial(train_lib.init_state, cfg))
+    state, _ = ckpt.restore(step, abstract, cfg)
+    ckpt.close()
+    return jax.tree.map(jnp.asarray, state["params"]), step

@@ -1,0 +1,136 @@
+"""Pure training functions: init_state, train_step, eval_step (jit them with shardings).
+
+The train state is a plain dict pytree {step, params, opt_state}; params is the NNX state as a
+pure dict, merged back into a module inside the loss (`nnx.merge(graphdef, params)`), so jit,
+grad and checkpointing see ordinary arrays.
+
+MatFormer joint training (train.matformer_mode):
+  'sum'    the loss is the sum over all granularities (one forward per granularity);
+  'sample' one granularity per step, drawn from the step number (lax.switch over static widths);
+  'off'    full width only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from spark.config import Config
+from spark.model import Transformer
+
+
+def granularities(cfg: Config) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, per-layer widths) trained jointly, smallest first ('F/8', ..., 'F'); 'F' only when off."""
+    m = cfg.model
+    divisors = [1] if cfg.train.matformer_mode == "off" else sorted(m.matformer.divisors, reverse=True)
+    return [("F" if d == 1 else f"F/{d}", m.granularity_widths(d)) for d in divisors]
+
+
+def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+    t = cfg.train
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=t.lr, warmup_steps=t.warmup_steps,
+        decay_steps=max(t.steps, t.warmup_steps + 1), end_value=t.lr * t.min_lr_ratio)
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+    return optax.chain(
+        optax.clip_by_global_norm(t.grad_clip),
+        optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
+
+
+def learning_rate(cfg: Config, step):
+    t = cfg.train
+    return optax.warmup_cosine_decay_schedule(
+        0.0, t.lr, t.warmup_steps, max(t.steps, t.warmup_steps + 1), t.lr * t.min_lr_ratio)(step)
+
+
+def init_model(cfg: Config, seed: int):
+    return Transformer(cfg.model, nnx.Rngs(seed))
+
+
+def init_state(cfg: Config) -> dict:
+    """Fresh parameters and optimizer state (a function of the config and seed only)."""
+    params = nnx.to_pure_dict(nnx.state(init_model(cfg, cfg.train.seed)))
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": make_optimizer(cfg).init(params)}
+
+
+def graphdef_of(cfg: Config):
+    return nnx.split(nnx.eval_shape(lambda: init_model(cfg, 0)))[0]
+
+
+def token_loss(logits_BTV, targets_BT, mask_BT):
+    """Sum of masked next-token cross-entropies (nats) and the number of counted tokens."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
+    return jnp.sum(ce * mask_BT), jnp.sum(mask_BT)
+
+
+def _forward(graphdef, params, batch, widths):
+    model = nnx.merge(graphdef, params)
+    logits, _, stats = model(batch["inputs"], batch["positions"], widths=widths,
+                             segment_ids_BT=batch["segment_ids"], return_aux=True)
+    total, count = token_loss(logits, batch["targets"], batch["loss_mask"])
+    return total / jnp.maximum(count, 1.0), stats
+
+
+def loss_fn(params, graphdef, batch, cfg: Config, step):
+    """Scalar training loss and metrics (per-granularity losses, per-layer Spark statistics)."""
+    grans = granularities(cfg)
+    metrics = {}
+    if cfg.train.matformer_mode == "sample" and len(grans) > 1:
+        branches = [lambda p, w=w: _forward(graphdef, p, batch, w) for _, w in grans]
+        index = jax.random.randint(jax.random.fold_in(jax.random.key(cfg.train.seed), step), (), 0, len(grans))
+        loss, stats = jax.lax.switch(index, branches, params)
+        metrics["granularity"] = index
+    else:
+        losses = []
+        for name, w in grans:
+            li, stats = _forward(graphdef, params, batch, w)  # stats of the last (= full) width
+            losses.append(li)
+            metrics[f"loss_{name}"] = li
+        loss = sum(losses)
+    for key, per_layer in stats.items():
+        metrics[key] = per_layer
+    return loss, metrics
+
+
+def train_step(state: dict, batch: dict, *, cfg: Config, graphdef) -> tuple[dict, dict]:
+    """One optimizer step over the batch, accumulating gradients over train.grad_accum slices."""
+    accum = cfg.train.grad_accum
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def micro(carry, mb):
+        (loss, metrics), grads = grad_fn(state["params"], graphdef, mb, cfg, state["step"])
+        carry = jax.tree.map(jnp.add, carry, (loss, grads))
+        return carry, metrics
+
+    if accum == 1:
+        (loss, metrics), grads = grad_fn(state["params"], graphdef, batch, cfg, state["step"])
+    else:
+        mbs = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+        zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
+        (loss, grads), metrics = jax.lax.scan(micro, zeros, mbs)
+        loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+        metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+    updates, opt_state = make_optimizer(cfg).update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
+               "lr": learning_rate(cfg, state["step"])}
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+
+def eval_step(params, batch, *, cfg: Config, graphdef) -> dict:
+    """Summed held-out cross-entropy (nats) and token count, per granularity."""
+    out = {}
+    model = nnx.merge(graphdef, params)
+    for name, w in granularities(cfg):
+        logits, _ = model(batch["inputs"], batch["positions"], widths=w, segment_ids_BT=batch["segment_ids"])
+        out[name] = token_loss(logits, batch["targets"], batch["loss_mask"])
+    return out
+
+
+def bits_per_byte(nats_per_token: float, bytes_per_token: float = 1.0) -> float:
+    return nats_per_token / (math.log(2.0) * bytes_per_token)

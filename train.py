@@ -1,0 +1,52 @@
+"""Train a model: python train.py --config configs/cpu_demo.py --workdir runs/demo [--config.train.steps=200]
+
+Resumes from WORKDIR's latest checkpoint. Multi-host (TPU pods, multi-node GPU): pass
+--coordinator_address HOST:PORT --num_processes N --process_id I (or --distributed on TPU VMs,
+where jax finds them itself) on every host.
+"""
+
+import argparse
+import sys
+
+from spark.cli import load_config_file, main_guard, override, split_overrides
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    rest, overrides = split_overrides(argv)
+    ap = argparse.ArgumentParser(description="Train a Spark/MatFormer transformer.")
+    ap.add_argument("--config", required=True, help="configs/*.py file with get_config()")
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--no_progress", action="store_true")
+    ap.add_argument("--kill_after_step", type=int, help="crash testing: SIGKILL after this step's checkpoint")
+    ap.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() with defaults")
+    ap.add_argument("--coordinator_address")
+    ap.add_argument("--num_processes", type=int)
+    ap.add_argument("--process_id", type=int)
+    args = ap.parse_args(rest)
+
+    cfg = load_config_file(args.config)
+    for key, raw in overrides:
+        cfg = override(cfg, key, raw)
+
+    import jax
+
+    if args.coordinator_address:
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    elif args.distributed:
+        jax.distributed.initialize()
+
+    from spark.train import TrainingError, run
+
+    try:
+        last = run(cfg, args.workdir, progress=not args.no_progress, kill_after_step=args.kill_after_step)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if last and jax.process_index() == 0:
+        keys = [k for k in ("loss", "eval_loss", "eval_bpb", "tokens_per_s") if k in last]
+        print("final: " + ", ".join(f"{k}={last[k]:.4g}" for k in keys))
+
+
+if __name__ == "__main__":
+    main_guard(main)
