@@ -265,3 +265,21 @@ class Config:
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     mesh: MeshConfig = MeshConfig()
+
+
+def from_dict(cls, d: dict):
+    """Rebuild a (nested) config dataclass from `dataclasses.asdict` output (e.g. saved JSON)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    kw = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        v, tp = d[f.name], hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            v = from_dict(tp, v)
+        elif isinstance(v, list):
+            v = tuple(v)
+        kw[f.name] = v
+    return cls(**kw)

@@ -105,11 +105,13 @@ def run(cfg: Config, workdir: str, progress: bool = True, kill_after_step: int |
             logging = done % t.log_every == 0 or done == t.steps
             saving = done % t.ckpt_every == 0 or done == t.steps
             if logging or saving:
-                loss = float(m["loss"])
-                if not np.isfinite(loss):
+                # the loss was computed before this step's update; the new parameters must be finite too
+                loss, pnorm = float(m["loss"]), float(m["param_norm"])
+                if not (np.isfinite(loss) and np.isfinite(pnorm)):
+                    ckpt.wait()
                     raise TrainingError(
-                        f"non-finite loss ({loss}) at step {done}; stopping. The last good checkpoint "
-                        f"(step {ckpt.latest_step()}) is intact in {workdir}/checkpoints")
+                        f"non-finite loss ({loss}) or parameters (norm {pnorm}) at step {done}; stopping. "
+                        f"The last good checkpoint (step {ckpt.latest_step()}) is intact in {workdir}/checkpoints")
             if logging:
                 elapsed = time.perf_counter() - t_log
                 row = {**m, "tokens_per_s": tokens_per_step * steps_since / elapsed}

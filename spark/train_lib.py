@@ -117,7 +117,8 @@ def train_step(state: dict, batch: dict, *, cfg: Config, graphdef) -> tuple[dict
         metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
     updates, opt_state = make_optimizer(cfg).update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
+               "param_norm": optax.tree.norm(params),
                "lr": learning_rate(cfg, state["step"])}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 

@@ -1,0 +1,139 @@
+"""Training: exact resume after SIGKILL, 1-device == 8-device mesh, non-finite stop, CLI errors."""
+
+import dataclasses
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from spark import checkpoint, sharding, train_lib
+from spark.cli import load_config_file, override
+from spark.config import Config, MeshConfig, ModelConfig
+from spark.train import TrainingError, run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    from spark.data import stdlib
+
+    d = str(tmp_path_factory.mktemp("tfds"))
+    stdlib.prepare(d)
+    return d
+
+
+def _train_cli(workdir, data_dir, *extra, check=True):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, "--workdir", str(workdir),
+           f"--config.data.data_dir={data_dir}", "--config.train.log_every=1", "--no_progress", *extra]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _losses(workdir):
+    rows = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def test_resume_after_sigkill_is_exact(tmp_path, data_dir):
+    _train_cli(tmp_path / "a", data_dir)
+    r = _train_cli(tmp_path / "b", data_dir, "--kill_after_step=4", check=False)
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert max(_losses(tmp_path / "b")) == 4
+    _train_cli(tmp_path / "b", data_dir)
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert sorted(b) == list(range(1, 9))
+    for step in range(5, 9):  # bitwise equal: same data order, same state
+        assert a[step] == b[step], (step, a[step], b[step])
+    assert os.path.exists(tmp_path / "a" / "loss_curves.png")
+
+
+def _loss_and_grads(cfg, batch, mesh_cfg):
+    mesh = sharding.make_mesh(mesh_cfg, jax.devices()[: int(np.prod([mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]))])
+    graphdef = train_lib.graphdef_of(cfg)
+    state = train_lib.init_state(cfg)
+    params = jax.device_put(state["params"], sharding.tree_shardings(mesh, state["params"]))
+    batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+    fn = jax.jit(jax.value_and_grad(functools.partial(train_lib.loss_fn, cfg=cfg, step=0), has_aux=True),
+                 static_argnums=1)
+    (loss, _), grads = fn(params, graphdef, batch)
+    return float(loss), jax.tree.map(np.asarray, grads)
+
+
+@pytest.mark.parametrize("kind", ["dense", "spark"])
+def test_eight_device_mesh_matches_one_device(kind, data_dir):
+    cfg = load_config_file(TINY)
+    if kind == "dense":
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, ffn_kind="geglu", attn_kind="dense"))
+    from spark.data.pipeline import make_dataset
+
+    ds = make_dataset(dataclasses.replace(cfg.data, data_dir=data_dir), "train", seq_len=32, batch_size=8,
+                      seed=0, train=True)
+    batch = next(iter(ds))
+    l1, g1 = _loss_and_grads(cfg, batch, MeshConfig(1, 1, 1))
+    l8, g8 = _loss_and_grads(cfg, batch, MeshConfig(2, 4, 1))
+    l8t, g8t = _loss_and_grads(cfg, batch, MeshConfig(2, 1, 4))
+    assert abs(l1 - l8) / l1 < 1e-5 and abs(l1 - l8t) / l1 < 1e-5
+    # float32 reductions run in another order on 8 devices: relative error of the whole gradient
+    # ≤ 1e-5, of each leaf ≤ 1e-4 (a wrong sharding gives O(1) errors)
+    def rel(a, b):
+        return np.linalg.norm(a - b) / (np.linalg.norm(a) + 1e-12)
+
+    flat = lambda g: np.concatenate([x.ravel() for x in jax.tree.leaves(g)])  # noqa: E731
+    assert rel(flat(g1), flat(g8)) < 1e-5 and rel(flat(g1), flat(g8t)) < 1e-5
+    for a, b, c in zip(jax.tree.leaves(g1), jax.tree.leaves(g8), jax.tree.leaves(g8t), strict=True):
+        assert rel(a, b) < 1e-4 and rel(a, c) < 1e-4
+
+
+def test_nonfinite_loss_stops_and_last_checkpoint_restores(tmp_path, data_dir):
+    cfg = load_config_file(TINY)
+    for k, v in [("data.data_dir", data_dir), ("train.lr", "1e30"), ("train.ckpt_every", "1"),
+                 ("train.log_every", "1")]:
+        cfg = override(cfg, k, v)
+    with pytest.raises(TrainingError, match="non-finite loss .* last good checkpoint \\(step (\\d+)\\)"):
+        run(cfg, str(tmp_path), progress=False)
+    ck = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+    step = ck.latest_step()
+    assert step is not None and step >= 1
+    state, _ = ck.restore(step, jax.eval_shape(functools.partial(train_lib.init_state, cfg)), cfg)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--config.train.stepz=3"], "unknown config key 'train.stepz'"),
+    (["--config.train.steps=abc"], "--config.train.steps expects int"),
+    (["--config.data.name=no_such_dataset"], "cannot open dataset 'no_such_dataset'"),
+    (["--workdir=/proc/forbidden"], "is not writable"),
+])
+def test_cli_bad_inputs_give_one_line_errors(tmp_path, data_dir, extra, msg):
+    r = _train_cli(tmp_path / "w", data_dir, *extra, check=False)
+    assert r.returncode != 0
+    assert msg in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_checkpoint_from_another_config_is_an_error(tmp_path, data_dir):
+    _train_cli(tmp_path, data_dir, "--config.train.steps=2", "--config.train.ckpt_every=2")
+    r = _train_cli(tmp_path, data_dir, "--config.train.steps=4", "--config.model.d_model=48", check=False)
+    assert r.returncode != 0 and "written by another config (model differs in: d_model" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_configs_build_and_count_parameters():
+    from spark.model import count_params
+
+    for name in ("tiny", "cpu_demo", "dense_demo", "gemma2_2b", "spark_gemma2_2b"):
+        cfg = load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
+        assert isinstance(cfg, Config) and count_params(cfg.model) > 0
+    dense = load_config_file(os.path.join(ROOT, "configs", "dense_demo.py")).model
+    spark = load_config_file(os.path.join(ROOT, "configs", "cpu_demo.py")).model
+    assert count_params(dense) == count_params(spark)
+    assert isinstance(ModelConfig(), ModelConfig)
