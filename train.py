@@ -6,6 +6,7 @@ where jax finds them itself) on every host.
 """
 
 import argparse
+import os
 import sys
 
 from spark.cli import load_config_file, main_guard, override, split_overrides
@@ -32,6 +33,8 @@ def main(argv=None):
     import jax
 
     if args.coordinator_address:
+        if jax.config.jax_platforms in (None, "", "cpu") and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU multi-process
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     elif args.distributed:
         jax.distributed.initialize()

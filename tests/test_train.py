@@ -137,3 +137,36 @@ def test_configs_build_and_count_parameters():
     spark = load_config_file(os.path.join(ROOT, "configs", "cpu_demo.py")).model
     assert count_params(dense) == count_params(spark)
     assert isinstance(ModelConfig(), ModelConfig)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path, data_dir):
+    """2 processes x 2 CPU devices (gloo collectives on loopback) == 1 process x 4 devices."""
+    base = [sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, f"--config.data.data_dir={data_dir}",
+            "--config.train.log_every=1", "--config.train.steps=4", "--no_progress"]
+
+    def env(n_dev):
+        return {**os.environ, "JAX_PLATFORMS": "cpu",
+                "XLA_FLAGS": f"--xla_force_host_platform_device_count={n_dev}"}
+
+    r = subprocess.run(base + ["--workdir", str(tmp_path / "one")], env=env(4), cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    port = _free_port()
+    procs = [subprocess.Popen(base + ["--workdir", str(tmp_path / "two"), f"--coordinator_address=127.0.0.1:{port}",
+                                      "--num_processes=2", f"--process_id={i}"],
+                              env=env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:] + outs[1][1][-3000:]
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        assert abs(one[step] - two[step]) / abs(one[step]) < 1e-5, (step, one[step], two[step])

@@ -1,4 +1,4 @@
-"""Data pipeline: tfds array_record source -> grain: shuffle, shard per process, tokenize, pack.
+"""Data pipeline: tfds array_record source -> grain: shuffle, tokenize, pack, this process's rows.
 
 Batches are dicts of numpy arrays [B, T]: inputs, targets, positions, segment_ids, loss_mask.
 Documents are concatenated (BOS ... EOS) and split into rows of T + 1 tokens by grain's
@@ -46,16 +46,21 @@ def _to_model_batch(b: dict) -> dict:
 
 def make_dataset(cfg: DataConfig, split: str, *, seq_len: int, batch_size: int, seed: int,
                  train: bool, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """Packed batches of `batch_size // process_count` rows for this process."""
+    """This process's rows [i·B/P, (i+1)·B/P) of each global batch of `batch_size` packed rows.
+
+    Every process packs the same global stream and keeps its own rows, so the global batch (and
+    hence the run) does not depend on the number of processes; the cost is that each host
+    tokenizes the whole stream, which is small next to a train step for this tokenizer."""
     if batch_size % process_count:
         raise ConfigError(f"batch size {batch_size} is not divisible by {process_count} processes")
     tok = get_tokenizer(cfg)
     ds = grain.MapDataset.source(source(cfg, split))
     if train:
         ds = ds.shuffle(seed=seed).repeat(None)
-    ds = ds[process_index::process_count]
     key = cfg.text_key
     ds = ds.map(lambda ex: {"tokens": tok.encode(ex[key], bos=True, eos=True)})
     ds = grain_exp.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"tokens": seq_len + 1})
-    ds = ds.batch(batch_size // process_count, drop_remainder=True)
-    return ds.map(_to_model_batch)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    rows = batch_size // process_count
+    lo = process_index * rows
+    return ds.map(lambda b: _to_model_batch({k: v[lo:lo + rows] for k, v in b.items()}))
