@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import jax
 import orbax.checkpoint as ocp
@@ -29,7 +30,7 @@ class Checkpointer:
     def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                             create=True)
-        self._mngr = ocp.CheckpointManager(directory, options=opts,
+        self._mngr = ocp.CheckpointManager(os.path.abspath(directory), options=opts,
                                            item_names=("state", "data", "config"))
 
     def latest_step(self) -> int | None:

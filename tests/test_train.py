@@ -29,11 +29,11 @@ def data_dir(tmp_path_factory):
     return d
 
 
-def _train_cli(workdir, data_dir, *extra, check=True):
+def _train_cli(workdir, data_dir, *extra, check=True, cwd=ROOT):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, "--workdir", str(workdir),
            f"--config.data.data_dir={data_dir}", "--config.train.log_every=1", "--no_progress", *extra]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -121,8 +121,10 @@ def test_cli_bad_inputs_give_one_line_errors(tmp_path, data_dir, extra, msg):
 
 
 def test_checkpoint_from_another_config_is_an_error(tmp_path, data_dir):
-    _train_cli(tmp_path, data_dir, "--config.train.steps=2", "--config.train.ckpt_every=2")
-    r = _train_cli(tmp_path, data_dir, "--config.train.steps=4", "--config.model.d_model=48", check=False)
+    # a relative workdir (orbax wants absolute paths: the wrapper resolves them)
+    _train_cli("w", data_dir, "--config.train.steps=2", "--config.train.ckpt_every=1", cwd=tmp_path)
+    assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == ["1", "2"]
+    r = _train_cli("w", data_dir, "--config.train.steps=4", "--config.model.d_model=48", check=False, cwd=tmp_path)
     assert r.returncode != 0 and "written by another config (model differs in: d_model" in r.stderr
     assert "Traceback" not in r.stderr
 
