@@ -4,7 +4,7 @@
 
 Byte-level, 4 layers, d_model 128, Spark FFN (8% of 576 neurons) and Spark attention (≤ 32 keys
 per query), MatFormer granularities F/8..F trained jointly (sum of losses). Same parameter count
-as configs/dense_demo.py. Expected: a few minutes on 2 CPU cores; see README for measured losses.
+as configs/dense_demo.py. Expected: about 6 minutes on 2 CPU cores; see README for measured losses.
 """
 
 from spark.config import Config, ModelConfig, SparkConfig, TrainConfig
@@ -18,6 +18,6 @@ def model_config(**kw) -> ModelConfig:
 
 
 def get_config() -> Config:
-    train = TrainConfig(steps=600, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=50, log_every=25,
+    train = TrainConfig(steps=400, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=40, log_every=25,
                         eval_every=200, eval_batches=8, ckpt_every=200)
     return Config(model=model_config(), train=train)

@@ -58,7 +58,8 @@ def progress(total: int, initial: int, enabled: bool = True):
 
 
 def plot_losses(workdir: str) -> str | None:
-    """loss_curves.png: training loss per granularity and held-out loss, against step."""
+    """loss_curves.png: training loss per granularity (mean over each log interval) and held-out
+    loss per granularity, against step."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return None
@@ -69,7 +70,7 @@ def plot_losses(workdir: str) -> str | None:
 
     rows = read_jsonl(path)
     fig, ax = plt.subplots(figsize=(7, 4))
-    keys = sorted({k for r in rows for k in r if k.startswith("loss_") or k.startswith("eval_loss")})
+    keys = sorted({k for r in rows for k in r if k.startswith("loss_") or k.startswith("eval_loss_")})
     for key in keys:
         pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
         if pts:

@@ -96,10 +96,11 @@ def run(cfg: Config, workdir: str, progress: bool = True, kill_after_step: int |
     writer = metrics.MetricsWriter(workdir, enabled=is_main)
     bar = metrics.progress(t.steps, start, enabled=progress and is_main)
     tokens_per_step = t.batch_size * t.seq_len
-    last, t_log, steps_since = {}, time.perf_counter(), 0
+    last, t_log, steps_since, acc = {}, time.perf_counter(), 0, None
     try:
         for step in range(start, t.steps):
             state, m = step_fn(state, _global_batch(next(data_it), batch_sh))
+            acc = m if acc is None else jax.tree.map(jnp.add, acc, m)  # on device: no sync per step
             steps_since += 1
             done = step + 1
             logging = done % t.log_every == 0 or done == t.steps
@@ -114,12 +115,13 @@ def run(cfg: Config, workdir: str, progress: bool = True, kill_after_step: int |
                         f"The last good checkpoint (step {ckpt.latest_step()}) is intact in {workdir}/checkpoints")
             if logging:
                 elapsed = time.perf_counter() - t_log
-                row = {**m, "tokens_per_s": tokens_per_step * steps_since / elapsed}
+                mean = jax.tree.map(lambda x, n=steps_since: x / n, acc)  # averaged over the log interval
+                row = {**mean, "lr": m["lr"], "tokens_per_s": tokens_per_step * steps_since / elapsed}
                 if done % t.eval_every == 0 or done == t.steps:
                     row.update(_eval(cfg, eval_fn, state["params"], batch_sh))
                 last = writer.write(done, row)
-                bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
-                t_log, steps_since = time.perf_counter(), 0
+                bar.set_postfix(loss=f"{last.get('loss_F', last['loss']):.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+                t_log, steps_since, acc = time.perf_counter(), 0, None
             if saving:
                 ckpt.save(done, state, data_it.get_state(), cfg)
                 if done == kill_after_step:

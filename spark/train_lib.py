@@ -68,27 +68,32 @@ def token_loss(logits_BTV, targets_BT, mask_BT):
     return jnp.sum(ce * mask_BT), jnp.sum(mask_BT)
 
 
-def _forward(graphdef, params, batch, widths):
+def _forward(graphdef, params, batch, widths, norm):
     model = nnx.merge(graphdef, params)
     logits, _, stats = model(batch["inputs"], batch["positions"], widths=widths,
                              segment_ids_BT=batch["segment_ids"], return_aux=True)
-    total, count = token_loss(logits, batch["targets"], batch["loss_mask"])
-    return total / jnp.maximum(count, 1.0), stats
+    total, _ = token_loss(logits, batch["targets"], batch["loss_mask"])
+    return total / norm, stats
 
 
-def loss_fn(params, graphdef, batch, cfg: Config, step):
-    """Scalar training loss and metrics (per-granularity losses, per-layer Spark statistics)."""
+def loss_fn(params, graphdef, batch, cfg: Config, step, norm=None):
+    """Scalar training loss and metrics (per-granularity losses, per-layer Spark statistics).
+
+    Cross-entropy is summed over the batch's counted targets and divided by `norm` (default: their
+    number), so micro-batches that share the full batch's count add up to the full-batch loss."""
     grans = granularities(cfg)
+    if norm is None:
+        norm = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
     metrics = {}
     if cfg.train.matformer_mode == "sample" and len(grans) > 1:
-        branches = [lambda p, w=w: _forward(graphdef, p, batch, w) for _, w in grans]
+        branches = [lambda p, w=w: _forward(graphdef, p, batch, w, norm) for _, w in grans]
         index = jax.random.randint(jax.random.fold_in(jax.random.key(cfg.train.seed), step), (), 0, len(grans))
         loss, stats = jax.lax.switch(index, branches, params)
         metrics["granularity"] = index
     else:
         losses = []
         for name, w in grans:
-            li, stats = _forward(graphdef, params, batch, w)  # stats of the last (= full) width
+            li, stats = _forward(graphdef, params, batch, w, norm)  # stats of the last (= full) width
             losses.append(li)
             metrics[f"loss_{name}"] = li
         loss = sum(losses)
@@ -102,19 +107,19 @@ def train_step(state: dict, batch: dict, *, cfg: Config, graphdef) -> tuple[dict
     accum = cfg.train.grad_accum
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+    norm = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+
     def micro(carry, mb):
-        (loss, metrics), grads = grad_fn(state["params"], graphdef, mb, cfg, state["step"])
-        carry = jax.tree.map(jnp.add, carry, (loss, grads))
-        return carry, metrics
+        (loss, metrics), grads = grad_fn(state["params"], graphdef, mb, cfg, state["step"], norm)
+        return jax.tree.map(jnp.add, carry, (loss, grads)), metrics
 
     if accum == 1:
-        (loss, metrics), grads = grad_fn(state["params"], graphdef, batch, cfg, state["step"])
-    else:
+        (loss, metrics), grads = grad_fn(state["params"], graphdef, batch, cfg, state["step"], norm)
+    else:  # the sum over micro-batches is exactly the full-batch loss and gradient
         mbs = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
         zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
         (loss, grads), metrics = jax.lax.scan(micro, zeros, mbs)
-        loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
-        metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+        metrics = {k: (jnp.sum(v, 0) if k.startswith("loss_") else jnp.mean(v, 0)) for k, v in metrics.items()}
     updates, opt_state = make_optimizer(cfg).update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),

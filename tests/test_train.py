@@ -172,3 +172,27 @@ def test_two_processes_match_one_process(tmp_path, data_dir):
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
     for step in one:
         assert abs(one[step] - two[step]) / abs(one[step]) < 1e-5, (step, one[step], two[step])
+
+
+def _one_step(cfg, batch):
+    graphdef = train_lib.graphdef_of(cfg)
+    step = jax.jit(functools.partial(train_lib.train_step, cfg=cfg, graphdef=graphdef))
+    return step(train_lib.init_state(cfg), batch)
+
+
+def test_grad_accumulation_and_sampled_granularity(data_dir):
+    from spark.data.pipeline import make_dataset
+
+    cfg = override(load_config_file(TINY), "data.data_dir", data_dir)
+    batch = next(iter(make_dataset(cfg.data, "train", seq_len=32, batch_size=8, seed=0, train=True)))
+    s1, m1 = _one_step(cfg, batch)
+    s2, m2 = _one_step(override(cfg, "train.grad_accum", "2"), batch)
+    assert abs(float(m1["loss"]) - float(m2["loss"])) <= 1e-5 * abs(float(m1["loss"]))
+    assert abs(float(m1["grad_norm"]) - float(m2["grad_norm"])) <= 1e-5 * float(m1["grad_norm"])
+    assert abs(float(m1["loss_F/8"]) - float(m2["loss_F/8"])) <= 1e-5 * float(m1["loss_F/8"])
+    # 'sample' mode trains one granularity per step: its loss is that granularity's loss
+    cfg_s = override(cfg, "train.matformer_mode", "sample")
+    _, ms = _one_step(cfg_s, batch)
+    names = [n for n, _ in train_lib.granularities(cfg)]
+    chosen = names[int(ms["granularity"])]
+    assert abs(float(ms["loss"]) - float(m1[f"loss_{chosen}"])) < 1e-5
