@@ -62,7 +62,7 @@ def main(argv=None):
     sampler = SamplerConfig(args.temperature, args.top_k, args.top_p)
     widths = cfg.model.granularity_widths(args.granularity)
     params, step = load_params(cfg, args.workdir, step)
-    tok = get_tokenizer(cfg.data)
+    tok = get_tokenizer(cfg.data, args.workdir)
     encoded = [tok.encode(p, bos=True) for p in prompts]
     t = max(len(e) for e in encoded)
     arr = np.full((len(encoded), t), tok.pad_id, np.int32)

@@ -205,10 +205,15 @@ class DataConfig:
     train_split: str = "train"
     eval_split: str = "validation"
     text_key: str = "text"
-    tokenizer: Literal["byte"] = "byte"
+    tokenizer: Literal["byte", "sentencepiece"] = "byte"
+    spm_vocab_size: int = 2048  # when training a SentencePiece model
+    spm_model: str | None = None  # None: WORKDIR/tokenizer.model, trained on the train split if missing
+    spm_train_chars: int = 5_000_000  # characters of the train split the SentencePiece model sees
 
     def __post_init__(self):
-        _check(self.tokenizer == "byte", f"data.tokenizer must be 'byte', got {self.tokenizer!r}")
+        _check(self.tokenizer in ("byte", "sentencepiece"),
+               f"data.tokenizer must be 'byte' or 'sentencepiece', got {self.tokenizer!r}")
+        _check(self.spm_vocab_size >= 300, f"data.spm_vocab_size must be >= 300, got {self.spm_vocab_size}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ import numpy as np
 
 from spark import checkpoint, metrics, sharding, train_lib
 from spark.config import Config, ConfigError
-from spark.data.pipeline import make_dataset
+from spark.data.pipeline import get_tokenizer, make_dataset
 
 
 class TrainingError(RuntimeError):
@@ -40,14 +40,16 @@ def _global_batch(local: dict, batch_sh) -> dict:
     return {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(v)) for k, v in local.items()}
 
 
-def _eval(cfg: Config, eval_fn, params, batch_sh) -> dict:
+def _eval(cfg: Config, eval_fn, params, batch_sh, tok) -> dict:
     ds = make_dataset(cfg.data, cfg.data.eval_split, seq_len=cfg.train.seq_len,
                       batch_size=cfg.train.batch_size, seed=0, train=False,
-                      process_index=jax.process_index(), process_count=jax.process_count())
+                      process_index=jax.process_index(), process_count=jax.process_count(), tokenizer=tok)
     sums: dict = {}
+    n_bytes = 0.0  # UTF-8 bytes of this process's counted targets
     for i, local in enumerate(ds):
         if i >= cfg.train.eval_batches:
             break
+        n_bytes += float(np.sum(tok.bytes_per_id[local["targets"]] * local["loss_mask"]))
         out = eval_fn(params, _global_batch(local, batch_sh))
         for name, (tot, cnt) in out.items():
             s = sums.setdefault(name, [0.0, 0.0])
@@ -56,7 +58,12 @@ def _eval(cfg: Config, eval_fn, params, batch_sh) -> dict:
     res = {f"eval_loss_{name}": tot / max(cnt, 1.0) for name, (tot, cnt) in sums.items()}
     if "eval_loss_F" in res:
         res["eval_loss"] = res["eval_loss_F"]
-        res["eval_bpb"] = train_lib.bits_per_byte(res["eval_loss"])
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            n_bytes = float(np.sum(multihost_utils.process_allgather(np.float32(n_bytes))))
+        tokens = sums["F"][1]
+        res["eval_bpb"] = train_lib.bits_per_byte(res["eval_loss"], n_bytes / max(tokens, 1.0))
     return res
 
 
@@ -75,10 +82,14 @@ def run(cfg: Config, workdir: str, progress: bool = True, kill_after_step: int |
     state_sh["step"] = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     is_main = jax.process_index() == 0
 
+    tok = get_tokenizer(cfg.data, workdir)
+    if tok.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) must equal the tokenizer's vocabulary "
+                          f"({tok.vocab_size})")
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_ckpts)
     data = make_dataset(cfg.data, cfg.data.train_split, seq_len=t.seq_len, batch_size=t.batch_size,
                         seed=t.seed, train=True, process_index=jax.process_index(),
-                        process_count=jax.process_count())
+                        process_count=jax.process_count(), tokenizer=tok)
     data_it = iter(data)
     latest = ckpt.latest_step()
     if latest is not None:
@@ -118,7 +129,7 @@ def run(cfg: Config, workdir: str, progress: bool = True, kill_after_step: int |
                 mean = jax.tree.map(lambda x, n=steps_since: x / n, acc)  # averaged over the log interval
                 row = {**mean, "lr": m["lr"], "tokens_per_s": tokens_per_step * steps_since / elapsed}
                 if done % t.eval_every == 0 or done == t.steps:
-                    row.update(_eval(cfg, eval_fn, state["params"], batch_sh))
+                    row.update(_eval(cfg, eval_fn, state["params"], batch_sh, tok))
                 last = writer.write(done, row)
                 bar.set_postfix(loss=f"{last.get('loss_F', last['loss']):.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
                 t_log, steps_since, acc = time.perf_counter(), 0, None

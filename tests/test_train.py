@@ -196,3 +196,21 @@ def test_grad_accumulation_and_sampled_granularity(data_dir):
     names = [n for n, _ in train_lib.granularities(cfg)]
     chosen = names[int(ms["granularity"])]
     assert abs(float(ms["loss"]) - float(m1[f"loss_{chosen}"])) < 1e-5
+
+
+def test_sentencepiece_tokenizer_is_trained_into_the_workdir_and_sampled(tmp_path, data_dir):
+    extra = ["--config.data.tokenizer=sentencepiece", "--config.data.spm_vocab_size=640",
+             "--config.data.spm_train_chars=300000", "--config.model.vocab_size=640",
+             "--config.train.steps=2", "--config.train.eval_every=2", "--config.train.ckpt_every=2"]
+    _train_cli(tmp_path, data_dir, *extra)
+    assert os.path.exists(tmp_path / "tokenizer.model")
+    last = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")][-1]
+    # bits per byte divides by the bytes each token stands for (> 1 for a subword vocabulary)
+    assert last["eval_bpb"] < last["eval_loss"] / np.log(2)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--workdir", str(tmp_path),
+                        "--prompt", "import os", "--max_new_tokens", "5", "--json"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(json.loads(r.stdout)["text"]) == 1
+    bad = _train_cli(tmp_path / "v", data_dir, *extra[:-4], "--config.train.steps=2", check=False)
+    assert bad.returncode != 0 and "must equal the tokenizer's vocabulary (640)" in bad.stderr

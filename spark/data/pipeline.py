@@ -9,6 +9,8 @@ The iterator's state (`get_state`/`set_state`) is saved with each checkpoint.
 
 from __future__ import annotations
 
+import os
+
 import grain
 import grain.experimental as grain_exp
 import numpy as np
@@ -16,11 +18,34 @@ import tensorflow_datasets as tfds
 
 from spark.config import ConfigError, DataConfig
 from spark.data import stdlib
-from spark.data.tokenizer import ByteTokenizer
+from spark.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, train_sentencepiece
 
 
-def get_tokenizer(cfg: DataConfig):
-    return ByteTokenizer()
+def get_tokenizer(cfg: DataConfig, workdir: str | None = None):
+    """The run's tokenizer. SentencePiece: data.spm_model, else WORKDIR/tokenizer.model, trained
+    on the train split (by process 0; the others wait) when it does not exist yet."""
+    if cfg.tokenizer == "byte":
+        return ByteTokenizer()
+    path = cfg.spm_model or (os.path.join(workdir, "tokenizer.model") if workdir else None)
+    if path is None:
+        raise ConfigError("data.tokenizer='sentencepiece' needs data.spm_model or a workdir")
+    if not os.path.exists(path):
+        if cfg.spm_model:
+            raise ConfigError(f"SentencePiece model {path!r} not found")
+        import jax
+        from jax.experimental import multihost_utils
+
+        if jax.process_index() == 0:
+            src = source(cfg, cfg.train_split)
+            texts = (_text(src[i][cfg.text_key]) for i in range(len(src)))
+            train_sentencepiece(texts, path, cfg.spm_vocab_size, cfg.spm_train_chars)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("sentencepiece_trained")
+    return SentencePieceTokenizer(path)
+
+
+def _text(x) -> str:
+    return x.decode("utf-8", errors="replace") if isinstance(x, bytes) else str(x)
 
 
 def source(cfg: DataConfig, split: str):
@@ -45,7 +70,7 @@ def _to_model_batch(b: dict) -> dict:
 
 
 def make_dataset(cfg: DataConfig, split: str, *, seq_len: int, batch_size: int, seed: int,
-                 train: bool, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+                 train: bool, process_index: int = 0, process_count: int = 1, tokenizer=None) -> grain.IterDataset:
     """This process's rows [i·B/P, (i+1)·B/P) of each global batch of `batch_size` packed rows.
 
     Every process packs the same global stream and keeps its own rows, so the global batch (and
@@ -53,7 +78,7 @@ def make_dataset(cfg: DataConfig, split: str, *, seq_len: int, batch_size: int, 
     tokenizes the whole stream, which is small next to a train step for this tokenizer."""
     if batch_size % process_count:
         raise ConfigError(f"batch size {batch_size} is not divisible by {process_count} processes")
-    tok = get_tokenizer(cfg)
+    tok = tokenizer or get_tokenizer(cfg)
     ds = grain.MapDataset.source(source(cfg, split))
     if train:
         ds = ds.shuffle(seed=seed).repeat(None)
