@@ -23,6 +23,7 @@ demo: setup
 
 bench: setup
 	$(BIN)/python bench/sparsity.py --json bench/results/sparsity.json
+	$(BIN)/python bench/train_throughput.py --json bench/results/train_throughput.json
 
 lint: setup
 	$(BIN)/ruff check spark decode tests bench *.py
