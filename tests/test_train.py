@@ -214,3 +214,26 @@ def test_sentencepiece_tokenizer_is_trained_into_the_workdir_and_sampled(tmp_pat
     assert len(json.loads(r.stdout)["text"]) == 1
     bad = _train_cli(tmp_path / "v", data_dir, *extra[:-4], "--config.train.steps=2", check=False)
     assert bad.returncode != 0 and "must equal the tokenizer's vocabulary (640)" in bad.stderr
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, data_dir):
+    _train_cli(tmp_path, data_dir, "--config.train.steps=2", "--config.train.ckpt_every=2")
+    state_dir = tmp_path / "checkpoints" / "2" / "state"
+    for root, _, files in os.walk(state_dir):
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"garbage")
+    r = _train_cli(tmp_path, data_dir, "--config.train.steps=4", check=False)
+    assert r.returncode != 0 and "checkpoint step 2 is unreadable" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_bf16_compute_with_f32_params(data_dir):
+    from spark.data.pipeline import make_dataset
+
+    cfg = override(load_config_file(TINY), "data.data_dir", data_dir)
+    batch = next(iter(make_dataset(cfg.data, "train", seq_len=32, batch_size=8, seed=0, train=True)))
+    s32, m32 = _one_step(cfg, batch)
+    s16, m16 = _one_step(override(cfg, "model.dtype", "bfloat16"), batch)
+    assert jax.tree.leaves(s16["params"])[0].dtype == np.float32  # master weights stay f32
+    assert np.isfinite(float(m16["loss"])) and abs(float(m16["loss"]) / float(m32["loss"]) - 1) < 0.02
