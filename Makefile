@@ -26,7 +26,7 @@ bench: setup
 	$(BIN)/python bench/train_throughput.py --json bench/results/train_throughput.json
 
 lint: setup
-	$(BIN)/ruff check spark decode tests bench *.py
+	$(BIN)/ruff check spark decode tests bench configs *.py
 
 clean:
 	rm -rf $(VENV) .jax_cache
