@@ -106,9 +106,8 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
 
 
 def main_guard(fn):
-    """Run fn(); print user errors as one line on stderr and exit 2 (no traceback)."""
-    from spark.checkpoint import CheckpointError  # noqa: F401 (a ConfigError subclass)
-
+    """Run fn(); print user errors (ConfigError and its subclasses, e.g. CheckpointError) as one
+    line on stderr and exit 2 (no traceback)."""
     try:
         return fn()
     except ConfigError as e:

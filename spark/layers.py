@@ -7,10 +7,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def dtype_of(name: str):
-    return jnp.dtype(name)
-
-
 class RMSNorm(nnx.Module):
     """Gemma RMSNorm: x · rsqrt(mean(x²) + eps) · (1 + w), computed in float32, w initialised to 0."""
 

@@ -30,21 +30,19 @@ def granularities(cfg: Config) -> list[tuple[str, tuple[int, ...]]]:
     return [("F" if d == 1 else f"F/{d}", m.granularity_widths(d)) for d in divisors]
 
 
-def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+def schedule(cfg: Config) -> optax.Schedule:
     t = cfg.train
-    schedule = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=t.lr, warmup_steps=t.warmup_steps,
         decay_steps=max(t.steps, t.warmup_steps + 1), end_value=t.lr * t.min_lr_ratio)
+
+
+def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+    t = cfg.train
     decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
     return optax.chain(
         optax.clip_by_global_norm(t.grad_clip),
-        optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
-
-
-def learning_rate(cfg: Config, step):
-    t = cfg.train
-    return optax.warmup_cosine_decay_schedule(
-        0.0, t.lr, t.warmup_steps, max(t.steps, t.warmup_steps + 1), t.lr * t.min_lr_ratio)(step)
+        optax.adamw(schedule(cfg), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
 
 
 def init_model(cfg: Config, seed: int):
@@ -124,7 +122,7 @@ def train_step(state: dict, batch: dict, *, cfg: Config, graphdef) -> tuple[dict
     params = optax.apply_updates(state["params"], updates)
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
                "param_norm": optax.tree.norm(params),
-               "lr": learning_rate(cfg, state["step"])}
+               "lr": schedule(cfg)(state["step"])}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
 
