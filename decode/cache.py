@@ -23,11 +23,6 @@ class KVCache:
     v: tuple[jax.Array, ...]
     lengths: jax.Array  # [B] int32
 
-    @property
-    def size(self) -> int:
-        """S, the number of slots per row."""
-        return self.k[0].shape[1]
-
 
 def init(cfg, batch: int, max_len: int, slack: int = 8, dtype=None) -> KVCache:
     """An empty cache for `max_len` positions plus `slack` slots (speculative blocks need γ+2)."""

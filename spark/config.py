@@ -24,6 +24,12 @@ def _check(ok: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _check_positive_ints(obj, section: str, names) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        _check(isinstance(v, int) and v >= 1, f"{section}.{name} must be a positive int, got {v!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SparkConfig:
     """Spark Transformer settings (arXiv 2506.06644). Used when ffn_kind/attn_kind == 'spark'.
@@ -102,10 +108,8 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "ffn_dim", "sliding_window"):
-            v = getattr(self, name)
-            _check(isinstance(v, int) and v >= 1, f"model.{name} must be a positive int, got {v!r}")
+        _check_positive_ints(self, "model", ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                                             "head_dim", "ffn_dim", "sliding_window"))
         _check(self.num_heads % self.num_kv_heads == 0,
                f"model.num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})")
         _check(self.ffn_kind in ("geglu", "spark"),
@@ -238,10 +242,8 @@ class TrainConfig:
     keep_ckpts: int = 2
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
-                     "eval_batches", "ckpt_every", "keep_ckpts"):
-            v = getattr(self, name)
-            _check(isinstance(v, int) and v >= 1, f"train.{name} must be a positive int, got {v!r}")
+        _check_positive_ints(self, "train", ("steps", "batch_size", "seq_len", "grad_accum", "log_every",
+                                             "eval_every", "eval_batches", "ckpt_every", "keep_ckpts"))
         _check(self.batch_size % self.grad_accum == 0,
                f"train.grad_accum ({self.grad_accum}) must divide batch_size ({self.batch_size})")
         _check(self.lr > 0, f"train.lr must be positive, got {self.lr}")
