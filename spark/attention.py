@@ -15,6 +15,11 @@ Choices where the paper is silent: each half is scaled by its own width; the sof
 the predictor only (it is monotone, so it does not change which keys are kept); RoPE rotates each
 half on its own by default (`spark.attn_rope='split'`) so both scores depend on relative position
 only, or the whole head before splitting ('full').
+
+Sparse-gather decoding (`sparse=True` with a cache): s1 reads only the first r dims of every
+cached key; the value-gate half of the selected keys and their values are gathered — at most
+ceil(decode_capacity · attn_k) positions per query (overflow keeps the top by s1, counted in
+aux['attn_overflow']). Same function as the masked path.
 """
 
 from __future__ import annotations
@@ -70,8 +75,9 @@ class Attention(nnx.Module):
         self.cfg = cfg
         self.window = cfg.sliding_window if cfg.layer_kind(layer) == "local" else None
 
-    def __call__(self, x_BTD, positions_BT, kv=None, segment_ids_BT=None):
-        """Returns (out_BTD, (k_BSKH, v_BSKH) or None, aux). `kv` is this layer's cache buffers."""
+    def __call__(self, x_BTD, positions_BT, kv=None, segment_ids_BT=None, sparse: bool = False):
+        """Returns (out_BTD, (k_BSKH, v_BSKH) or None, aux). `kv` is this layer's cache buffers;
+        `sparse` selects the sparse-gather Spark path (decode with a cache only)."""
         dt = x_BTD.dtype
         q, k, v = self.qkv(x_BTD, positions_BT)
 
@@ -92,7 +98,9 @@ class Attention(nnx.Module):
         kh = keys.shape[2]
         q = q.reshape(b, t, kh, n // kh, h)
         valid_B11TS = valid[:, None, None]
-        if self.cfg.attn_kind == "spark":
+        if self.cfg.attn_kind == "spark" and sparse and kv is not None:
+            out, aux = self._spark_sparse(q, keys, values, valid_B11TS)
+        elif self.cfg.attn_kind == "spark":
             out, aux = self._spark(q, keys.astype(dt), values.astype(dt), valid_B11TS)
         else:
             out, aux = self._dense(q, keys.astype(dt), values.astype(dt), valid_B11TS)
@@ -124,6 +132,27 @@ class Attention(nnx.Module):
         w = p * jnp.where(keep, jax.nn.softplus(s2), 0.0)
         out = jnp.einsum("BKGTS,BSKH->BTKGH", w.astype(values.dtype), values)
         return out, {"keys_per_query": jnp.mean(jnp.sum(keep, axis=-1, dtype=jnp.float32))}
+
+    def _spark_sparse(self, q, keys_BSKH, values_BSKH, valid):
+        cfg, dt = self.cfg, q.dtype
+        r, h = cfg.attn_rank, cfg.head_dim
+        s1 = softcap(_scores(q[..., :r], keys_BSKH[..., :r].astype(dt), r**-0.5), cfg.attn_logit_softcap)
+        keep = sparsity.keep_k_of_valid(s1, jnp.broadcast_to(valid, s1.shape), cfg.spark.attn_k)
+        cap = sparsity.capacity(cfg.spark.attn_k, s1.shape[-1], cfg.spark.decode_capacity)
+        idx, ok, dropped = sparsity.capacity_indices(s1, keep, cap)  # [B,K,G,T,C]
+        b, kh = idx.shape[:2]
+        bi = jnp.arange(b)[:, None, None, None, None]
+        ki = jnp.arange(kh)[None, :, None, None, None]
+        gather = dict(mode="promise_in_bounds")
+        k2 = keys_BSKH.at[bi, idx, ki, r:].get(**gather).astype(dt)  # [B,K,G,T,C,H-r]
+        v = values_BSKH.at[bi, idx, ki].get(**gather).astype(dt)  # [B,K,G,T,C,H]
+        s2 = jnp.einsum("BTKGE,BKGTCE->BKGTC", q[..., r:], k2, preferred_element_type=jnp.float32)
+        s2 = s2 * (h - r) ** -0.5
+        s1c = jnp.where(ok, jnp.take_along_axis(s1, idx, axis=-1), NEG)
+        w = jax.nn.softmax(s1c, axis=-1) * jnp.where(ok, jax.nn.softplus(s2), 0.0)
+        out = jnp.einsum("BKGTC,BKGTCH->BTKGH", w.astype(dt), v)
+        kept = jnp.sum(ok, axis=-1, dtype=jnp.float32)
+        return out, {"keys_per_query": jnp.mean(kept), "attn_overflow": jnp.sum(dropped, axis=(1, 2, 3))}
 
 
 def spark_scores(q_BTKGH, k_BSKH, cfg):

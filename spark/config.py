@@ -41,6 +41,9 @@ class SparkConfig:
     attn_rope: 'split' rotates q[:r] and q[r:] separately (each score is then a function of the
       relative position alone); 'full' rotates the whole head first and then splits it.
     stop_grad_threshold: stop the gradient through the threshold θ (the paper is silent).
+    decode_capacity: sparse-gather decoding reads at most ceil(decode_capacity · k) neurons or keys
+      per token (a static shape); a token that selects more keeps the top ones by predictor score
+      and the excess is counted as overflow in the decode stats.
     """
 
     ffn_k_frac: float = 0.08
@@ -49,8 +52,10 @@ class SparkConfig:
     attn_rank: int | None = None
     attn_rope: Literal["split", "full"] = "split"
     stop_grad_threshold: bool = False
+    decode_capacity: float = 1.25
 
     def __post_init__(self):
+        _check(self.decode_capacity >= 1.0, f"spark.decode_capacity must be >= 1, got {self.decode_capacity}")
         _check(0.0 < self.ffn_k_frac < 1.0, f"spark.ffn_k_frac must be in (0, 1), got {self.ffn_k_frac}")
         _check(self.attn_k >= 1, f"spark.attn_k must be >= 1, got {self.attn_k}")
         _check(self.attn_rope in ("split", "full"),
@@ -81,6 +86,7 @@ class ModelConfig:
     layer_ffn_dims overrides the width layer by layer (used by extracted MatFormer submodels).
     gate_sparsity: Gemma-3n-style statistical top-k on the GeGLU gate, one sparsity per layer
     (0.95 keeps 5% of the gate; 0 is dense). None: off.
+    max_seq_len: the context: the longest prompt + generation the decoders accept.
     """
 
     vocab_size: int = 259
@@ -94,6 +100,7 @@ class ModelConfig:
     layer_ffn_dims: tuple[int, ...] | None = None
     layer_pattern: tuple[LayerKind, ...] = ("local", "global")
     sliding_window: int = 4096
+    max_seq_len: int = 8192
     attn_logit_softcap: float | None = 50.0
     final_logit_softcap: float | None = 30.0
     query_pre_attn_scalar: float | None = None  # None: head_dim (scale 1/sqrt(head_dim))
@@ -109,7 +116,7 @@ class ModelConfig:
 
     def __post_init__(self):
         _check_positive_ints(self, "model", ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
-                                             "head_dim", "ffn_dim", "sliding_window"))
+                                             "head_dim", "ffn_dim", "sliding_window", "max_seq_len"))
         _check(self.num_heads % self.num_kv_heads == 0,
                f"model.num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})")
         _check(self.ffn_kind in ("geglu", "spark"),

@@ -7,10 +7,18 @@ leading-axis slice and the rows a sparse decode gathers are contiguous in memory
 GeGLU:     out = (gelu(x·Wgᵀ) ⊙ x·Wuᵀ) · Wd                 Wg, Wu, Wd: [F, D]
 Spark FFN: out = (gelu(TopK(x[:r]·K1ᵀ)) ⊙ x[r:]·K2ᵀ) · V     K1: [F, r], K2: [F, D−r], V: [F, D]
 TopK is the soft statistical top-k over the width in use, keeping spark.ffn_k_frac of it.
+
+Sparse-gather decoding (`sparse=True`, for decode steps of a few tokens): the predictor runs
+densely, the threshold picks the active neurons, and only their rows of K2 and V are read — a
+static buffer of ceil(decode_capacity · k) rows per token (sparsity.capacity_indices: ascending
+indices, overflow keeps the top by predictor score and is counted in aux['ffn_overflow']).
+Neuron-major rows make every gathered row contiguous; this beat a fused [F, 2D−r] layout
+(measured in bench/decode.py's notes: the fused rows have to be split again).
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -31,7 +39,8 @@ class GeGLU(nnx.Module):
         self.w_down = nnx.Param(normal_init(rngs, (f, d), f, pd))
         self.sparsity = 0.0 if cfg.gate_sparsity is None else float(cfg.gate_sparsity[layer])
 
-    def __call__(self, x_BTD, width: int):
+    def __call__(self, x_BTD, width: int, sparse: bool = False):
+        del sparse  # GeGLU has no sparse-gather path; gate sparsity stays a mask
         dt = x_BTD.dtype
         gate = jnp.einsum("BTD,FD->BTF", x_BTD, self.w_gate[:width].astype(dt))
         up = jnp.einsum("BTD,FD->BTF", x_BTD, self.w_up[:width].astype(dt))
@@ -53,19 +62,40 @@ class SparkFFN(nnx.Module):
         self.rank = r
         self.k_frac = cfg.spark.ffn_k_frac
         self.stop_grad = cfg.spark.stop_grad_threshold
+        self.capacity_factor = cfg.spark.decode_capacity
 
     def predictor(self, x_BTD, width: int):
         """Pre-activation predictor scores x[:r]·K1ᵀ over the first `width` neurons."""
         w = self.w_pred[:width].astype(x_BTD.dtype)
         return jnp.einsum("BTR,FR->BTF", x_BTD[..., : self.rank], w)
 
-    def __call__(self, x_BTD, width: int):
+    def __call__(self, x_BTD, width: int, sparse: bool = False):
+        if sparse:
+            return self.sparse_decode(x_BTD, width)
         dt = x_BTD.dtype
         act = gelu(sparsity.soft_topk(self.predictor(x_BTD, width), self.k_frac,
                                       stop_gradient=self.stop_grad))
         up = jnp.einsum("BTE,FE->BTF", x_BTD[..., self.rank :], self.w_up[:width].astype(dt))
         out = jnp.einsum("BTF,FD->BTD", act * up, self.w_down[:width].astype(dt))
         return out, {"ffn_density": _density(act)}
+
+    def sparse_decode(self, x_BTD, width: int):
+        """Same function as __call__ (forward only), reading only the selected rows of K2 and V."""
+        dt = x_BTD.dtype
+        pred = self.predictor(x_BTD, width)
+        theta = sparsity.threshold(pred, self.k_frac)
+        keep = pred.astype(jnp.float32) > theta
+        cap = sparsity.capacity(self.k_frac * width, width, self.capacity_factor)
+        idx_BTC, ok_BTC, dropped_BT = sparsity.capacity_indices(pred, keep, cap)
+        pre = jnp.take_along_axis(pred, idx_BTC, axis=-1).astype(jnp.float32) - theta
+        act = jnp.where(ok_BTC, gelu(jax.nn.relu(pre)), 0.0).astype(dt)
+        gather = dict(mode="promise_in_bounds", indices_are_sorted=True)
+        up_rows = self.w_up[...].at[idx_BTC].get(**gather).astype(dt)  # [B,T,C,D-r]
+        up = jnp.einsum("BTE,BTCE->BTC", x_BTD[..., self.rank :], up_rows)
+        down_rows = self.w_down[...].at[idx_BTC].get(**gather).astype(dt)  # [B,T,C,D]
+        out = jnp.einsum("BTC,BTCD->BTD", act * up, down_rows)
+        active = jnp.sum(ok_BTC, axis=-1, dtype=jnp.float32)
+        return out, {"ffn_density": jnp.mean(active) / width, "ffn_overflow": jnp.sum(dropped_BT, axis=1)}
 
 
 def make_ffn(cfg, layer: int, rngs: nnx.Rngs):

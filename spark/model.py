@@ -29,10 +29,10 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, layer, rngs)
         self.ffn = make_ffn(cfg, layer, rngs)
 
-    def __call__(self, x_BTD, positions_BT, kv, width: int, segment_ids_BT=None):
-        a, kv, aux_a = self.attn(self.pre_attn_norm(x_BTD), positions_BT, kv, segment_ids_BT)
+    def __call__(self, x_BTD, positions_BT, kv, width: int, segment_ids_BT=None, sparse: bool = False):
+        a, kv, aux_a = self.attn(self.pre_attn_norm(x_BTD), positions_BT, kv, segment_ids_BT, sparse)
         h = x_BTD + self.post_attn_norm(a)
-        f, aux_f = self.ffn(self.pre_ffw_norm(h), width)
+        f, aux_f = self.ffn(self.pre_ffw_norm(h), width, sparse)
         return h + self.post_ffw_norm(f), kv, {**aux_a, **aux_f}
 
 
@@ -45,15 +45,21 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg.rms_eps, pd)
 
     def __call__(self, tokens_BT, positions_BT, cache: KVCache | None = None, widths=None,
-                 segment_ids_BT=None, return_aux: bool = False):
-        """Returns (logits_BTV float32, cache), plus a dict of per-layer stats [L] if return_aux.
+                 segment_ids_BT=None, return_aux: bool = False, sparse: bool = False, logits_at_B=None):
+        """Returns (logits_BTV float32, cache), plus a dict of per-layer stats [L, ...] if return_aux.
 
         With a cache, the block's K/V are written at `positions_BT` (contiguous per row) and
         `cache.lengths` becomes last position + 1. `widths` is a static tuple of per-layer FFN
-        widths (MatFormer Mix'n'Match); None is full width.
+        widths (MatFormer Mix'n'Match); None is full width. `sparse` runs the Spark layers'
+        sparse-gather decode path (same function, for blocks of a few tokens). `logits_at_B`
+        computes the logits at one block index per row only (logits [B, 1, V]): a prefill needs
+        just the last prompt token's.
         """
         x = self.embed_tokens(tokens_BT)
-        logits, cache, stats = self.apply_layers(x, positions_BT, cache, widths, segment_ids_BT)
+        x, cache, stats = self.apply_layers(x, positions_BT, cache, widths, segment_ids_BT, sparse)
+        if logits_at_B is not None:
+            x = jnp.take_along_axis(x, logits_at_B[:, None, None], axis=1)
+        logits = self.logits(x)
         return (logits, cache, stats) if return_aux else (logits, cache)
 
     def embed_tokens(self, tokens_BT):
@@ -61,29 +67,30 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
         return x * jnp.asarray(self.cfg.d_model**0.5, dt)
 
-    def apply_layers(self, x_BTD, positions_BT, cache=None, widths=None, segment_ids_BT=None):
-        """Everything after the embedding lookup: -> (logits_BTV, cache, per-layer stats)."""
-        cfg = self.cfg
-        widths = cfg.check_widths(widths)
+    def logits(self, x_BTD):
+        """Final norm, tied output embedding, final softcap -> float32 logits."""
+        x = self.final_norm(x_BTD)
+        emb = self.embed[...].astype(x.dtype)
+        logits = jnp.einsum("BTD,VD->BTV", x, emb, preferred_element_type=jnp.float32)
+        return softcap(logits, self.cfg.final_logit_softcap)
+
+    def apply_layers(self, x_BTD, positions_BT, cache=None, widths=None, segment_ids_BT=None, sparse=False):
+        """The blocks between embedding and output: -> (x_BTD, cache, per-layer stats)."""
+        widths = self.cfg.check_widths(widths)
         x = x_BTD
         new_k, new_v, auxes = [], [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv, aux = layer(x, positions_BT, kv, widths[i], segment_ids_BT)
+            x, kv, aux = layer(x, positions_BT, kv, widths[i], segment_ids_BT, sparse)
             auxes.append(aux)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
-        x = self.final_norm(x)
-        emb = self.embed[...].astype(x.dtype)
-        logits = jnp.einsum("BTD,VD->BTV", x, emb, preferred_element_type=jnp.float32)
-        logits = softcap(logits, cfg.final_logit_softcap)
         if cache is not None:
             lengths = positions_BT[:, -1].astype(jnp.int32) + 1
             cache = KVCache(k=tuple(new_k), v=tuple(new_v), lengths=lengths)
-        keys = sorted({key for a in auxes for key in a})
-        stats = {key: jnp.stack([a.get(key, jnp.float32(jnp.nan)) for a in auxes]) for key in keys}
-        return logits, cache, stats
+        stats = {key: jnp.stack([a[key] for a in auxes]) for key in auxes[0]}
+        return x, cache, stats
 
 
 def count_params(cfg: ModelConfig) -> int:

@@ -8,6 +8,8 @@ may be a traced value under jit (it only enters through Φ⁻¹).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtri
@@ -75,3 +77,34 @@ def keep_k_of_valid(scores, valid, k: int):
     sf = scores.astype(jnp.float32)
     row_max = jnp.max(jnp.where(valid, sf, -jnp.inf), axis=-1, keepdims=True)
     return keep | (valid & (sf >= row_max))
+
+
+def capacity_indices(scores, keep, capacity: int):
+    """Indices of the kept entries of each row, in a static buffer of `capacity` slots.
+
+    scores, keep: [..., n]. Returns (idx [..., capacity] int32 ascending, slot_ok [..., capacity]
+    bool, dropped [...] int32). Unused slots point at entry n − 1 (a valid row to read, masked by
+    slot_ok). A row that keeps more than `capacity` entries keeps the `capacity` with the highest
+    scores (the top_k runs only when some row overflows) and reports the excess in `dropped`.
+    """
+    n = keep.shape[-1]
+    lead = keep.shape[:-1]
+    keep2 = keep.reshape(-1, n)
+    count = jnp.sum(keep2, axis=-1, dtype=jnp.int32)
+
+    def trim(k2):
+        s = jnp.where(k2, scores.reshape(-1, n).astype(jnp.float32), -jnp.inf)
+        _, top = jax.lax.top_k(s, capacity)
+        rows = jnp.arange(k2.shape[0])[:, None]
+        return k2 & jnp.zeros_like(k2).at[rows, top].set(True)
+
+    keep2 = jax.lax.cond(jnp.any(count > capacity), trim, lambda k2: k2, keep2)
+    idx = jax.vmap(lambda m: jnp.nonzero(m, size=capacity, fill_value=n - 1)[0])(keep2).astype(jnp.int32)
+    slot_ok = jnp.arange(capacity) < jnp.minimum(count, capacity)[:, None]
+    dropped = jnp.maximum(count - capacity, 0)
+    return idx.reshape(*lead, capacity), slot_ok.reshape(*lead, capacity), dropped.reshape(lead)
+
+
+def capacity(k: float, n: int, factor: float) -> int:
+    """Static slot count for sparse-gather decoding: ceil(factor · k), at most n."""
+    return int(min(n, max(1, math.ceil(k * factor))))

@@ -10,14 +10,15 @@ import pytest
 from flax import nnx
 
 from decode import cache as kv_cache
-from decode.generate import generate
+from decode.generate import decode, generate, start, summarize
 from decode.sampling import SamplerConfig
 from spark.config import ModelConfig, SparkConfig
 from spark.model import Transformer
 
 TINY = ModelConfig(vocab_size=61, d_model=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
                    ffn_dim=64, sliding_window=5)
-SPARK = dataclasses.replace(TINY, ffn_kind="spark", attn_kind="spark", spark=SparkConfig(ffn_k_frac=0.25, attn_k=4))
+SPARK = dataclasses.replace(TINY, ffn_kind="spark", attn_kind="spark", spark=SparkConfig(ffn_k_frac=0.25, attn_k=4,
+                                                                                  decode_capacity=4.0))
 CASES = {"dense": (TINY, None), "spark": (SPARK, None), "spark_mixnmatch": (SPARK, (12, 96, 24, 48))}
 
 
@@ -40,16 +41,20 @@ def test_prefill_then_decode_equals_full_forward(name):
     assert cache.lengths.tolist() == [t, t]
 
 
-def _gen(model, prompts, max_new=8):
-    graphdef, params = nnx.split(model)
+def _batch(prompts):
     t = max(len(x) for x in prompts)
     arr = np.zeros((len(prompts), t), np.int32)
     for i, x in enumerate(prompts):
         arr[i, : len(x)] = x
-    lengths = jnp.asarray([len(x) for x in prompts], jnp.int32)
-    out, n = generate(graphdef, params, jnp.asarray(arr), lengths, jax.random.key(0), max_new_tokens=max_new,
-                      sampler=SamplerConfig(temperature=0.0), eos_id=-1, pad_id=0)
-    return np.asarray(out), np.asarray(n)
+    return jnp.asarray(arr), jnp.asarray([len(x) for x in prompts], jnp.int32)
+
+
+def _gen(model, prompts, max_new=8, eos_id=-1, full=False, temperature=0.0, **kw):
+    graphdef, params = nnx.split(model)
+    arr, lengths = _batch(prompts)
+    out, n, stats = generate(graphdef, params, arr, lengths, jax.random.key(0), max_new_tokens=max_new,
+                             sampler=SamplerConfig(temperature=temperature), eos_id=eos_id, pad_id=0, **kw)
+    return (np.asarray(out), np.asarray(n), stats) if full else (np.asarray(out), np.asarray(n))
 
 
 @pytest.mark.parametrize("cfg", [TINY, SPARK], ids=["dense", "spark"])
@@ -76,3 +81,46 @@ def test_generation_is_one_compiled_call_with_a_while_loop():
     assert "stablehlo.while" in text
     jaxpr = jax.make_jaxpr(lambda p, x, n, k: generate(graphdef, p, x, n, k, **kw))(*args[1:])
     assert "while" in str(jaxpr)
+
+
+PROMPTS = [[5, 9, 3, 7, 1, 2, 8, 4, 6], [11, 12, 13]]
+
+
+def test_eos_stops_each_row_and_pads():
+    model = Transformer(TINY, nnx.Rngs(2))
+    free, _ = _gen(model, PROMPTS, max_new=10, temperature=1.0)
+    j = next(j for j in range(1, 10) if free[0, j] not in free[0, :j])  # a token row 0 first emits at step j
+    eos = int(free[0, j])
+    out, n = _gen(model, PROMPTS, max_new=10, eos_id=eos, temperature=1.0)
+    assert n[0] == j + 1 and out[0, : j + 1].tolist() == free[0, : j + 1].tolist()
+    assert (out[0, j + 1:] == 0).all()
+    hits = np.flatnonzero(free[1] == eos)
+    assert n[1] == (hits[0] + 1 if len(hits) else 10)
+
+
+def test_start_then_donated_decode_equals_generate():
+    model = Transformer(SPARK, nnx.Rngs(4))
+    graphdef, params = nnx.split(model)
+    arr, lengths = _batch(PROMPTS)
+    kw = dict(sampler=SamplerConfig(temperature=1.0, top_k=20), eos_id=-1, pad_id=0)
+    want, n_want, _ = generate(graphdef, params, arr, lengths, jax.random.key(7), max_new_tokens=9, **kw)
+    state = start(graphdef, params, arr, lengths, jax.random.key(7), max_new_tokens=9)
+    state = decode(graphdef, params, state, max_steps=4, **kw)  # two calls: 4 + 5 steps
+    state = decode(graphdef, params, state, max_steps=100, **kw)
+    np.testing.assert_array_equal(np.asarray(state.tokens_BN), np.asarray(want))
+    assert int(state.step) == 9
+    assert summarize(state)["ffn_overflow"].shape == (2,)
+
+
+def test_sparse_generation_matches_masked_and_reports_stats():
+    model = Transformer(SPARK, nnx.Rngs(5))  # capacity 4k: nothing overflows
+    sparse, _, stats = _gen(model, PROMPTS, max_new=10, full=True)
+    masked, _, stats_m = _gen(model, PROMPTS, max_new=10, full=True, sparse=False)
+    np.testing.assert_array_equal(sparse, masked)
+    assert stats["ffn_overflow"].tolist() == [0, 0] and stats["attn_overflow"].tolist() == [0, 0]
+    assert "ffn_overflow" not in stats_m
+    assert stats["ffn_density"].shape == (4,) and 0.1 < float(stats["ffn_density"].mean()) < 0.45
+    assert int(stats["steps"]) == 10
+    tight = dataclasses.replace(SPARK, spark=dataclasses.replace(SPARK.spark, decode_capacity=1.0))
+    _, _, stats_t = _gen(Transformer(tight, nnx.Rngs(5)), PROMPTS, max_new=10, full=True)
+    assert int(stats_t["ffn_overflow"].sum()) > 0  # a tight capacity overflows, and says so

@@ -42,7 +42,8 @@ def test_causality_by_gradient(name):
     t0 = 6
 
     def loss(x):
-        logits, _, _ = model.apply_layers(x, pos, widths=widths)
+        h, _, _ = model.apply_layers(x, pos, widths=widths)
+        logits = model.logits(h)
         return jnp.sum(logits[:, t0] ** 2)
 
     g = jax.grad(loss)(x)

@@ -1,0 +1,121 @@
+"""Sparse-gather Spark decoding computes the masked dense function, and overflow is counted."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from decode import cache as kv_cache
+from spark import sparsity
+from spark.attention import Attention, spark_scores, visible_mask
+from spark.config import ModelConfig, SparkConfig
+from spark.ffn import SparkFFN
+from spark.layers import gelu
+from spark.model import Transformer
+
+FFN_CFG = ModelConfig(vocab_size=61, d_model=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+                      ffn_dim=512, ffn_kind="spark", spark_ffn_dim=512, spark=SparkConfig(ffn_k_frac=0.08))
+
+
+def _ffn(capacity):
+    cfg = dataclasses.replace(FFN_CFG, spark=dataclasses.replace(FFN_CFG.spark, decode_capacity=capacity))
+    return SparkFFN(cfg, 0, nnx.Rngs(3))
+
+
+def test_capacity_indices_sorted_padded_and_top_on_overflow():
+    scores = jnp.array([[5.0, 1.0, 4.0, 3.0, 2.0, 0.0], [0.0, 9.0, 0.0, 0.0, 0.0, 8.0]])
+    keep = jnp.array([[1, 1, 1, 1, 0, 0], [0, 1, 0, 0, 0, 1]], bool)
+    idx, ok, dropped = sparsity.capacity_indices(scores, keep, 3)
+    assert idx.tolist() == [[0, 2, 3], [1, 5, 5]]  # row 0 drops its lowest kept score (index 1)
+    assert ok.tolist() == [[True, True, True], [True, True, False]]
+    assert dropped.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("width", [512, 256, 64])
+def test_sparse_ffn_equals_masked_dense(width):
+    ffn = _ffn(capacity=3.0)
+    x = jax.random.normal(jax.random.key(0), (2, 3, 64))
+    dense, _ = ffn(x, width)
+    sparse, aux = ffn(x, width, sparse=True)
+    assert aux["ffn_overflow"].tolist() == [0, 0]
+    assert 0.04 < float(aux["ffn_density"]) < 0.14
+    np.testing.assert_allclose(np.asarray(sparse), np.asarray(dense), atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_ffn_overflow_is_counted_and_keeps_top_by_predictor():
+    ffn = _ffn(capacity=1.0)
+    x = jax.random.normal(jax.random.key(1), (2, 4, 64))
+    out, aux = ffn(x, 512, sparse=True)
+    pred = np.asarray(ffn.predictor(x, 512), np.float64)
+    theta = np.asarray(sparsity.threshold(jnp.asarray(pred, jnp.float32), 0.08), np.float64)
+    cap = sparsity.capacity(0.08 * 512, 512, 1.0)
+    up = np.einsum("BTE,FE->BTF", np.asarray(x[..., ffn.rank:]), np.asarray(ffn.w_up[...]))
+    expect_out = np.zeros(out.shape)
+    expect_dropped = np.zeros(2, int)
+    for b in range(2):
+        for t in range(4):
+            kept = np.flatnonzero(pred[b, t] > theta[b, t, 0])
+            expect_dropped[b] += max(len(kept) - cap, 0)
+            kept = kept[np.argsort(-pred[b, t, kept])[:cap]]
+            act = np.asarray(gelu(jnp.asarray(pred[b, t, kept] - theta[b, t, 0])))
+            expect_out[b, t] = (act * up[b, t, kept]) @ np.asarray(ffn.w_down[...])[kept]
+    assert expect_dropped.sum() > 0, "the test needs an overflow to have power"
+    assert aux["ffn_overflow"].tolist() == expect_dropped.tolist()
+    np.testing.assert_allclose(np.asarray(out), expect_out, atol=1e-5, rtol=1e-4)
+
+
+ATTN_CFG = ModelConfig(vocab_size=61, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16,
+                       ffn_dim=64, attn_kind="spark", spark=SparkConfig(attn_k=4, decode_capacity=1.0))
+
+
+def test_sparse_attention_overflow_is_counted():
+    attn = Attention(ATTN_CFG, 0, nnx.Rngs(0))
+    b, s = 2, 16
+    x = jax.random.normal(jax.random.key(2), (b, s + 1, 32))
+    pos = jnp.broadcast_to(jnp.arange(s + 1), (b, s + 1))
+    run = nnx.jit(lambda m, x, p, kv, sparse: m(x, p, kv=kv, sparse=sparse), static_argnums=4)
+    _, kv, _ = run(attn, x[:, :s], pos[:, :s], (jnp.zeros((b, 24, 2, 16)),) * 2, False)
+    masked, _, _ = run(attn, x[:, s:], pos[:, s:], kv, False)
+    out, _, aux = run(attn, x[:, s:], pos[:, s:], kv, True)
+    # independent count: keys the statistical selection keeps beyond the capacity of 4
+    q, k, _ = attn.qkv(x, pos)
+    s1, _ = spark_scores(q[:, s:].reshape(b, 1, 2, 2, 16), k, ATTN_CFG)
+    valid = visible_mask(pos[:, s:], pos, None)[:, None, None]
+    keep = sparsity.keep_k_of_valid(s1, jnp.broadcast_to(valid, s1.shape), 4)
+    expect = np.maximum(np.asarray(keep.sum(-1)) - 4, 0).sum(axis=(1, 2, 3))
+    assert expect.sum() > 0, "the test needs an overflow to have power"
+    assert aux["attn_overflow"].tolist() == expect.tolist()
+    assert float(aux["keys_per_query"]) == pytest.approx(np.minimum(np.asarray(keep.sum(-1)), 4).mean())
+    assert not np.allclose(np.asarray(out), np.asarray(masked), atol=1e-4)  # dropping keys changes the output
+
+
+SPARK = ModelConfig(vocab_size=61, d_model=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
+                    ffn_dim=64, sliding_window=5, ffn_kind="spark", attn_kind="spark",
+                    spark=SparkConfig(ffn_k_frac=0.25, attn_k=4, decode_capacity=4.0))
+
+
+@pytest.mark.parametrize("widths", [None, (12, 96, 24, 48)], ids=["full", "mixnmatch"])
+def test_sparse_decode_equals_full_forward(widths):
+    model = Transformer(SPARK, nnx.Rngs(0))
+    b, t, p = 2, 14, 5  # past the window (5) and past attn_k (4) visible keys
+    tokens = jax.random.randint(jax.random.key(1), (b, t), 0, SPARK.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    full, _ = model(tokens, pos, widths=widths)
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def step(params, tok, pos, cache):
+        return nnx.merge(graphdef, params)(tok, pos, cache=cache, widths=widths, sparse=True, return_aux=True)
+
+    cache = kv_cache.init(SPARK, b, t)
+    logits, cache = model(tokens[:, :p], pos[:, :p], cache=cache, widths=widths)
+    steps, overflow = [logits], 0
+    for i in range(p, t):
+        logits, cache, stats = step(params, tokens[:, i:i + 1], pos[:, i:i + 1], cache)
+        steps.append(logits)
+        overflow += int(stats["ffn_overflow"].sum() + stats["attn_overflow"].sum())
+    assert overflow == 0
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, 1)), np.asarray(full), atol=1e-4, rtol=1e-4)
