@@ -1,6 +1,10 @@
 """The KV cache every decoder runs on: a plain pytree passed into the model and returned.
 
-k[i], v[i]: layer i's keys/values, [B, S, K, H] (keys stored after RoPE).
+k[i]: layer i's keys, [B, K, S, H] (after RoPE). v[i]: its values, [B, K, S, H] — or [B, K, H, S]
+  for dense attention (`values_transposed`), whose p·V product then reads V in the matrix-vector
+  form XLA:CPU runs fastest; Spark attention gathers value rows, so it keeps [B, K, S, H].
+  (Measured on the CI CPU at S = 4160, K = 4, H = 256, one query: [B, S, K, H] 21.6 ms per layer,
+  K [B, K, S, H] + V [B, K, H, S] 2.9 ms; bench/decode.py has the model-level numbers.)
 lengths: [B] int32, the number of committed positions per row.
 
 The forward writes a block's K/V at its per-row positions and then attends over cache slots
@@ -24,19 +28,29 @@ class KVCache:
     lengths: jax.Array  # [B] int32
 
 
+def values_transposed(cfg) -> bool:
+    return cfg.attn_kind == "dense"
+
+
 def init(cfg, batch: int, max_len: int, slack: int = 8, dtype=None) -> KVCache:
     """An empty cache for `max_len` positions plus `slack` slots (speculative blocks need γ+2)."""
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (batch, max_len + slack, cfg.num_kv_heads, cfg.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-    return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+    s, kh, h = max_len + slack, cfg.num_kv_heads, cfg.head_dim
+    v_shape = (batch, kh, h, s) if values_transposed(cfg) else (batch, kh, s, h)
+    return KVCache(k=tuple(jnp.zeros((batch, kh, s, h), dtype) for _ in range(cfg.num_layers)),
+                   v=tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers)),
                    lengths=jnp.zeros((batch,), jnp.int32))
 
 
-def write_block(buf_BSKH, new_BTKH, start_B):
-    """Write each row's block at its own start slot (the block is contiguous in positions)."""
+def write_block(buf, new_BTKH, start_B, transposed: bool = False):
+    """Write each row's block at its own start slot (the block is contiguous in positions).
 
-    def one(buf_SKH, new_TKH, start):
-        return jax.lax.dynamic_update_slice(buf_SKH, new_TKH.astype(buf_SKH.dtype), (start, 0, 0))
+    buf is [B, K, S, H], or [B, K, H, S] when `transposed`."""
+    new = new_BTKH.astype(buf.dtype).transpose(0, 2, 3, 1) if transposed else (
+        new_BTKH.astype(buf.dtype).transpose(0, 2, 1, 3))
 
-    return jax.vmap(one)(buf_BSKH, new_BTKH, start_B)
+    def one(buf_row, new_row, start):
+        idx = (0, 0, start) if transposed else (0, start, 0)
+        return jax.lax.dynamic_update_slice(buf_row, new_row, idx)
+
+    return jax.vmap(one)(buf, new, start_B)

@@ -59,8 +59,14 @@ def _rope_qk(q, k, positions_BT, theta, split_at: int | None):
     return rot(q), rot(k)
 
 
-def _scores(q_BTKGH, k_BSKH, scale):
-    s = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+def _project(x_BTD, w_DNH):
+    """x·W as a 2-D matmul ([D, N·H]): XLA:CPU runs the 3-D einsum form 2-4x slower at T=1."""
+    d, n, h = w_DNH.shape
+    return jnp.einsum("BTD,DF->BTF", x_BTD, w_DNH.reshape(d, n * h)).reshape(*x_BTD.shape[:2], n, h)
+
+
+def _scores(q_BTKGH, k_BKSH, scale):
+    s = jnp.einsum("BTKGH,BKSH->BKGTS", q_BTKGH, k_BKSH, preferred_element_type=jnp.float32)
     return s * scale
 
 
@@ -76,26 +82,28 @@ class Attention(nnx.Module):
         self.window = cfg.sliding_window if cfg.layer_kind(layer) == "local" else None
 
     def __call__(self, x_BTD, positions_BT, kv=None, segment_ids_BT=None, sparse: bool = False):
-        """Returns (out_BTD, (k_BSKH, v_BSKH) or None, aux). `kv` is this layer's cache buffers;
+        """Returns (out_BTD, (k, v) cache buffers or None, aux). `kv` is this layer's cache buffers;
         `sparse` selects the sparse-gather Spark path (decode with a cache only)."""
         dt = x_BTD.dtype
         q, k, v = self.qkv(x_BTD, positions_BT)
 
         if kv is None:
-            keys, values = k, v
+            keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
+            v_t = False
             valid = visible_mask(positions_BT, positions_BT, self.window, segment_ids_BT, segment_ids_BT)
             new_kv = None
         else:
             start_B = positions_BT[:, 0]
+            v_t = kv_cache.values_transposed(self.cfg)
             keys = kv_cache.write_block(kv[0], k, start_B)
-            values = kv_cache.write_block(kv[1], v, start_B)
-            b, s = keys.shape[:2]
+            values = kv_cache.write_block(kv[1], v, start_B, transposed=v_t)
+            b, s = keys.shape[0], keys.shape[2]
             k_pos_BS = jnp.broadcast_to(jnp.arange(s, dtype=positions_BT.dtype), (b, s))
             valid = visible_mask(positions_BT, k_pos_BS, self.window)
             new_kv = (keys, values)
 
         b, t, n, h = q.shape
-        kh = keys.shape[2]
+        kh = keys.shape[1]
         q = q.reshape(b, t, kh, n // kh, h)
         valid_B11TS = valid[:, None, None]
         if self.cfg.attn_kind == "spark" and sparse and kv is not None:
@@ -103,26 +111,26 @@ class Attention(nnx.Module):
         elif self.cfg.attn_kind == "spark":
             out, aux = self._spark(q, keys.astype(dt), values.astype(dt), valid_B11TS)
         else:
-            out, aux = self._dense(q, keys.astype(dt), values.astype(dt), valid_B11TS)
-        out = out.reshape(b, t, n, h).astype(dt)
-        return jnp.einsum("BTNH,NHD->BTD", out, self.w_o[...].astype(dt)), new_kv, aux
+            out, aux = self._dense(q, keys.astype(dt), values.astype(dt), valid_B11TS, v_t)
+        out = out.reshape(b, t, n * h).astype(dt)
+        w_o = self.w_o[...].astype(dt).reshape(n * h, -1)  # 2-D: XLA:CPU's 3-D dot is 2.5x slower at T=1
+        return jnp.einsum("BTF,FD->BTD", out, w_o), new_kv, aux
 
     def qkv(self, x_BTD, positions_BT):
         """Projected q [B,T,N,H], k and v [B,T,K,H], with RoPE applied to q and k."""
         cfg, dt = self.cfg, x_BTD.dtype
-        q = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.w_q[...].astype(dt))
-        k = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.w_k[...].astype(dt))
-        v = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.w_v[...].astype(dt))
+        q, k, v = (_project(x_BTD, w[...].astype(dt)) for w in (self.w_q, self.w_k, self.w_v))
         split = cfg.attn_rank if cfg.attn_kind == "spark" and cfg.spark.attn_rope == "split" else None
         q, k = _rope_qk(q, k, positions_BT, cfg.rope_theta, split)
         return q, k, v
 
-    def _dense(self, q, keys, values, valid):
+    def _dense(self, q, keys, values, valid, values_transposed: bool):
         cfg = self.cfg
         scalar = cfg.query_pre_attn_scalar or cfg.head_dim
         s = softcap(_scores(q, keys, scalar**-0.5), cfg.attn_logit_softcap)
         p = jax.nn.softmax(jnp.where(valid, s, NEG), axis=-1)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(values.dtype), values)
+        spec = "BKGTS,BKHS->BTKGH" if values_transposed else "BKGTS,BKSH->BTKGH"
+        out = jnp.einsum(spec, p.astype(values.dtype), values)
         return out, {}
 
     def _spark(self, q, keys, values, valid):
@@ -130,13 +138,13 @@ class Attention(nnx.Module):
         keep = sparsity.keep_k_of_valid(s1, jnp.broadcast_to(valid, s1.shape), self.cfg.spark.attn_k)
         p = jax.nn.softmax(jnp.where(keep, s1, NEG), axis=-1)
         w = p * jnp.where(keep, jax.nn.softplus(s2), 0.0)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", w.astype(values.dtype), values)
+        out = jnp.einsum("BKGTS,BKSH->BTKGH", w.astype(values.dtype), values)
         return out, {"keys_per_query": jnp.mean(jnp.sum(keep, axis=-1, dtype=jnp.float32))}
 
-    def _spark_sparse(self, q, keys_BSKH, values_BSKH, valid):
+    def _spark_sparse(self, q, keys_BKSH, values_BKSH, valid):
         cfg, dt = self.cfg, q.dtype
         r, h = cfg.attn_rank, cfg.head_dim
-        s1 = softcap(_scores(q[..., :r], keys_BSKH[..., :r].astype(dt), r**-0.5), cfg.attn_logit_softcap)
+        s1 = softcap(_scores(q[..., :r], keys_BKSH[..., :r].astype(dt), r**-0.5), cfg.attn_logit_softcap)
         keep = sparsity.keep_k_of_valid(s1, jnp.broadcast_to(valid, s1.shape), cfg.spark.attn_k)
         cap = sparsity.capacity(cfg.spark.attn_k, s1.shape[-1], cfg.spark.decode_capacity)
         idx, ok, dropped = sparsity.capacity_indices(s1, keep, cap)  # [B,K,G,T,C]
@@ -144,8 +152,8 @@ class Attention(nnx.Module):
         bi = jnp.arange(b)[:, None, None, None, None]
         ki = jnp.arange(kh)[None, :, None, None, None]
         gather = dict(mode="promise_in_bounds")
-        k2 = keys_BSKH.at[bi, idx, ki, r:].get(**gather).astype(dt)  # [B,K,G,T,C,H-r]
-        v = values_BSKH.at[bi, idx, ki].get(**gather).astype(dt)  # [B,K,G,T,C,H]
+        k2 = keys_BKSH.at[bi, ki, idx, r:].get(**gather).astype(dt)  # [B,K,G,T,C,H-r]
+        v = values_BKSH.at[bi, ki, idx].get(**gather).astype(dt)  # [B,K,G,T,C,H]
         s2 = jnp.einsum("BTKGE,BKGTCE->BKGTC", q[..., r:], k2, preferred_element_type=jnp.float32)
         s2 = s2 * (h - r) ** -0.5
         s1c = jnp.where(ok, jnp.take_along_axis(s1, idx, axis=-1), NEG)
@@ -155,9 +163,9 @@ class Attention(nnx.Module):
         return out, {"keys_per_query": jnp.mean(kept), "attn_overflow": jnp.sum(dropped, axis=(1, 2, 3))}
 
 
-def spark_scores(q_BTKGH, k_BSKH, cfg):
+def spark_scores(q_BTKGH, k_BKSH, cfg):
     """Spark attention's predictor scores s1 (softcapped) and value-gate scores s2, [B,K,G,T,S]."""
     r, h = cfg.attn_rank, cfg.head_dim
-    s1 = softcap(_scores(q_BTKGH[..., :r], k_BSKH[..., :r], r**-0.5), cfg.attn_logit_softcap)
-    s2 = _scores(q_BTKGH[..., r:], k_BSKH[..., r:], (h - r) ** -0.5)
+    s1 = softcap(_scores(q_BTKGH[..., :r], k_BKSH[..., :r], r**-0.5), cfg.attn_logit_softcap)
+    s2 = _scores(q_BTKGH[..., r:], k_BKSH[..., r:], (h - r) ** -0.5)
     return s1, s2

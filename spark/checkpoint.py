@@ -36,6 +36,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self._mngr.all_steps())
+
     def save(self, step: int, state, data_state: dict, cfg) -> None:
         self._mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),

@@ -100,6 +100,8 @@ def capacity_indices(scores, keep, capacity: int):
 
     keep2 = jax.lax.cond(jnp.any(count > capacity), trim, lambda k2: k2, keep2)
     idx = jax.vmap(lambda m: jnp.nonzero(m, size=capacity, fill_value=n - 1)[0])(keep2).astype(jnp.int32)
+    # Materialise the indices: fused into a gather, XLA:CPU recomputes them for every gathered element.
+    idx = jax.lax.optimization_barrier(idx)
     slot_ok = jnp.arange(capacity) < jnp.minimum(count, capacity)[:, None]
     dropped = jnp.maximum(count - capacity, 0)
     return idx.reshape(*lead, capacity), slot_ok.reshape(*lead, capacity), dropped.reshape(lead)

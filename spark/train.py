@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spark import checkpoint, metrics, sharding, train_lib
-from spark.config import Config, ConfigError
+from spark.config import Config, ConfigError, from_dict
 from spark.data.pipeline import get_tokenizer, make_dataset
 
 
@@ -146,6 +146,31 @@ def run(cfg: Config, workdir: str, progress: bool = True, kill_after_step: int |
     if is_main:
         metrics.plot_losses(workdir)
     return last
+
+
+def load_checkpoint(workdir: str, step: int | None = None):
+    """(config, params, step) of a training workdir's checkpoint (the latest when step is None).
+
+    Every way this can fail for a user (no such directory, no checkpoint, unreadable files) raises
+    a one-line CheckpointError."""
+    ckdir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckdir):
+        raise checkpoint.CheckpointError(f"no checkpoints in {workdir!r} (expected {ckdir}/)")
+    ck = checkpoint.Checkpointer(ckdir, async_save=False)
+    try:
+        step = ck.latest_step() if step is None else step
+        if step is None:
+            raise checkpoint.CheckpointError(f"no checkpoint found in {ckdir!r}")
+        if step not in ck.all_steps():
+            raise checkpoint.CheckpointError(f"no checkpoint step {step} in {ckdir!r} (have {ck.all_steps()})")
+        try:
+            cfg = from_dict(Config, ck.saved_config(step))
+        except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable files
+            raise checkpoint.CheckpointError(f"checkpoint step {step} is unreadable: {type(e).__name__}: {e}") from None
+    finally:
+        ck.close()
+    params, step = load_params(cfg, workdir, step)
+    return cfg, params, step
 
 
 def load_params(cfg: Config, workdir: str, step: int | None = None):

@@ -22,19 +22,27 @@ SPARK = dataclasses.replace(TINY, ffn_kind="spark", attn_kind="spark", spark=Spa
 CASES = {"dense": (TINY, None), "spark": (SPARK, None), "spark_mixnmatch": (SPARK, (12, 96, 24, 48))}
 
 
+@pytest.mark.parametrize("block", [1, 3], ids=["token", "block3"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_prefill_then_decode_equals_full_forward(name):
+def test_prefill_then_decode_equals_full_forward(name, block):
+    """Token by token, and in blocks of 3 (a speculative verify) that cross the window edge."""
     cfg, widths = CASES[name]
     model = Transformer(cfg, nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
     b, t, p = 2, 16, 6  # 16 > sliding window 5; Spark keeps 4 keys once more are visible
     tokens = jax.random.randint(jax.random.key(1), (b, t), 0, cfg.vocab_size)
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    full, _ = model(tokens, pos, widths=widths)
-    cache = kv_cache.init(cfg, b, t)
-    logits, cache = model(tokens[:, :p], pos[:, :p], cache=cache, widths=widths)
+
+    @jax.jit
+    def fwd(params, tok, pos, cache):
+        return nnx.merge(graphdef, params)(tok, pos, cache=cache, widths=widths)
+
+    full, _ = fwd(params, tokens, pos, None)
+    logits, cache = fwd(params, tokens[:, :p], pos[:, :p], kv_cache.init(cfg, b, t))
     steps = [logits]
-    for i in range(p, t):
-        logits, cache = model(tokens[:, i:i + 1], pos[:, i:i + 1], cache=cache, widths=widths)
+    for i in range(p, t, block):
+        j = min(i + block, t)
+        logits, cache = fwd(params, tokens[:, i:j], pos[:, i:j], cache)
         steps.append(logits)
     got = jnp.concatenate(steps, axis=1)
     np.testing.assert_allclose(np.asarray(got), np.asarray(full), atol=1e-4, rtol=1e-4)

@@ -63,7 +63,7 @@ def test_prefill_into_empty_cache_equals_forward(name):
     np.testing.assert_allclose(np.asarray(pre), np.asarray(full), atol=1e-5, rtol=1e-5)
     assert cache.lengths.tolist() == [14, 14]
     # the cache holds the block's keys at their positions and nothing past them
-    assert float(jnp.abs(cache.k[0][:, :14]).sum()) > 0 and float(jnp.abs(cache.k[0][:, 14:]).sum()) == 0
+    assert float(jnp.abs(cache.k[0][:, :, :14]).sum()) > 0 and float(jnp.abs(cache.k[0][:, :, 14:]).sum()) == 0
 
 
 def test_spark_ffn_param_count_equals_geglu_at_gemma2_2b():
@@ -116,7 +116,7 @@ def test_spark_attention_keeps_about_k_keys_and_never_zero():
     q, keys, _ = attn.qkv(x, pos)
     b, t, n, h = q.shape
     q = q.reshape(b, t, cfg.num_kv_heads, n // cfg.num_kv_heads, h)
-    s1, _ = spark_scores(q, keys, cfg)
+    s1, _ = spark_scores(q, keys.transpose(0, 2, 1, 3), cfg)
     valid = jnp.broadcast_to(visible_mask(pos, pos, None)[:, None, None], s1.shape)
     from spark.sparsity import keep_k_of_valid
 

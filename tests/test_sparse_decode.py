@@ -77,12 +77,12 @@ def test_sparse_attention_overflow_is_counted():
     x = jax.random.normal(jax.random.key(2), (b, s + 1, 32))
     pos = jnp.broadcast_to(jnp.arange(s + 1), (b, s + 1))
     run = nnx.jit(lambda m, x, p, kv, sparse: m(x, p, kv=kv, sparse=sparse), static_argnums=4)
-    _, kv, _ = run(attn, x[:, :s], pos[:, :s], (jnp.zeros((b, 24, 2, 16)),) * 2, False)
+    _, kv, _ = run(attn, x[:, :s], pos[:, :s], (jnp.zeros((b, 2, 24, 16)),) * 2, False)
     masked, _, _ = run(attn, x[:, s:], pos[:, s:], kv, False)
     out, _, aux = run(attn, x[:, s:], pos[:, s:], kv, True)
     # independent count: keys the statistical selection keeps beyond the capacity of 4
     q, k, _ = attn.qkv(x, pos)
-    s1, _ = spark_scores(q[:, s:].reshape(b, 1, 2, 2, 16), k, ATTN_CFG)
+    s1, _ = spark_scores(q[:, s:].reshape(b, 1, 2, 2, 16), k.transpose(0, 2, 1, 3), ATTN_CFG)
     valid = visible_mask(pos[:, s:], pos, None)[:, None, None]
     keep = sparsity.keep_k_of_valid(s1, jnp.broadcast_to(valid, s1.shape), 4)
     expect = np.maximum(np.asarray(keep.sum(-1)) - 4, 0).sum(axis=(1, 2, 3))

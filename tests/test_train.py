@@ -20,15 +20,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    from spark.data import stdlib
-
-    d = str(tmp_path_factory.mktemp("tfds"))
-    stdlib.prepare(d)
-    return d
-
-
 def _train_cli(workdir, data_dir, *extra, check=True, cwd=ROOT):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, "--workdir", str(workdir),
            f"--config.data.data_dir={data_dir}", "--config.train.log_every=1", "--no_progress", *extra]

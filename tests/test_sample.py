@@ -1,0 +1,95 @@
+"""sample.py on a tiny trained checkpoint: text and JSON output, --checkpoint, widths, and a
+one-line error (exit != 0, no traceback) for every bad input a user can give."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, data_dir):
+    w = str(tmp_path_factory.mktemp("sample_run"))
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny.py"),
+           "--workdir", w, f"--config.data.data_dir={data_dir}", "--config.train.steps=4",
+           "--config.train.ckpt_every=4", "--config.train.eval_every=4", "--config.model.max_seq_len=48",
+           "--no_progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return w
+
+
+def _sample(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+
+
+def test_text_output(workdir):
+    r = _sample("--workdir", workdir, "--prompt", "def ", "--prompt", "import", "--max_new_tokens", "6")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "--- 'def '\ndef " in r.stdout and "--- 'import'\nimport" in r.stdout
+    assert "tokens in" in r.stderr
+
+
+def test_json_output_and_checkpoint_path_and_widths(workdir):
+    common = ["--prompt", "def ", "--prompt", "class A", "--max_new_tokens", "8", "--temperature", "0", "--json"]
+    r = _sample("--workdir", workdir, *common, "--widths", "48,96")  # tiny Spark F = 96: layer 0 at F/2
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert len(out["text"]) == 2 and out["tokens_per_s"] > 0
+    st = out["stats"]
+    assert st["widths"] == [48, 96] and st["new_tokens"] == [8, 8] and st["checkpoint_step"] == 4
+    assert len(st["ffn_overflow"]) == 2 and len(st["attn_overflow"]) == 2  # per row
+    assert len(st["ffn_density"]) == 2 and len(st["keys_per_query"]) == 2  # per layer
+    r2 = _sample("--checkpoint", os.path.join(workdir, "checkpoints", "4"), *common, "--widths", "48,96")
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    assert json.loads(r2.stdout)["text"] == out["text"]  # greedy: the same checkpoint gives the same text
+
+
+@pytest.fixture(scope="module")
+def corrupt_workdir(workdir, tmp_path_factory):
+    w = str(tmp_path_factory.mktemp("corrupt"))
+    shutil.copytree(workdir, w, dirs_exist_ok=True)
+    for root, _, files in os.walk(os.path.join(w, "checkpoints", "4", "state")):
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"garbage")
+    return w
+
+
+BAD = {
+    "empty prompt": (["--prompt", ""], "empty prompt"),
+    "no prompt": ([], "give at least one --prompt"),
+    "too long": (["--prompt", "x" * 45, "--max_new_tokens", "8"], "exceeds the model's context of 48"),
+    "widths count": (["--prompt", "a", "--widths", "96"], "widths needs one value per layer (2)"),
+    "widths value": (["--prompt", "a", "--widths", "50,96"], "width 50 of layer 0 is not a MatFormer granularity"),
+    "widths syntax": (["--prompt", "a", "--widths", "a,b"], "--widths must be comma-separated integers"),
+    "granularity": (["--prompt", "a", "--granularity", "3"], "granularity 1/3 is not one of"),
+    "temperature": (["--prompt", "a", "--temperature", "-1"], "temperature must be >= 0"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_inputs_give_one_line_errors(workdir, name):
+    extra, msg = BAD[name]
+    r = _sample("--workdir", workdir, *extra)
+    assert r.returncode != 0 and msg in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_checkpoints_give_one_line_errors(workdir, corrupt_workdir, tmp_path):
+    cases = [(["--workdir", str(tmp_path / "missing")], "no checkpoints in"),
+             (["--checkpoint", os.path.join(workdir, "checkpoints", "9")], "not found"),
+             (["--checkpoint", workdir], "--checkpoint must be WORKDIR/checkpoints/STEP"),
+             (["--workdir", corrupt_workdir], "checkpoint step 4 is unreadable")]
+    os.makedirs(tmp_path / "empty" / "checkpoints")
+    cases.append((["--workdir", str(tmp_path / "empty")], "no checkpoint found"))
+    for args, msg in cases:
+        r = _sample(*args, "--prompt", "a")
+        assert r.returncode != 0 and msg in r.stderr, (args, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr
