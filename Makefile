@@ -24,6 +24,8 @@ demo: setup
 bench: setup
 	$(BIN)/python bench/sparsity.py --json bench/results/sparsity.json
 	$(BIN)/python bench/train_throughput.py --json bench/results/train_throughput.json
+	$(BIN)/python bench/decode_layouts.py --json bench/results/decode_layouts.json
+	$(BIN)/python bench/decode.py --rounds 5 --json bench/results/decode.json
 
 lint: setup
 	$(BIN)/ruff check spark decode tests bench configs *.py
