@@ -15,7 +15,7 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
-from spark.config import ConfigError
+from spark.config import ConfigError, from_dict
 
 
 class CheckpointError(ConfigError):
@@ -55,8 +55,12 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint step {step} is unreadable: {type(e).__name__}: {e}") from None
         ours = config_json(cfg)
         for section in ("model",):
-            if saved.get(section) != ours[section]:
-                diff = sorted(k for k in ours[section] if saved.get(section, {}).get(k) != ours[section][k])
+            try:  # fields added since the checkpoint was written take their defaults
+                theirs = config_json(from_dict(type(getattr(cfg, section)), saved.get(section, {})))
+            except Exception:  # noqa: BLE001 - an invalid saved config differs everywhere
+                theirs = {}
+            if theirs != ours[section]:
+                diff = sorted(k for k in ours[section] if theirs.get(k) != ours[section][k])
                 raise CheckpointError(f"checkpoint at step {step} was written by another config "
                                       f"({section} differs in: {', '.join(diff)})")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
