@@ -25,6 +25,7 @@ Reported per prompt length (medians over rounds):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -36,24 +37,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import interleaved, write_json  # noqa: E402
 from decode import generate as gen  # noqa: E402
 from decode.sampling import SamplerConfig  # noqa: E402
-from spark.config import SparkConfig  # noqa: E402
+from spark.cli import load_config_file  # noqa: E402
 from spark.model import Transformer  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL_LAYERS = 26
+BANDWIDTH_FLOATS = 256 * 1024 * 1024  # 1 GiB of float32, summed to measure read bandwidth
 
 
 def model_configs(layers: int, dtype: str):
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "gemma2_2b.py")
-    spec = importlib.util.spec_from_file_location("gemma2_2b", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    """The dense and Spark 2B model configs (configs/gemma2_2b.py, spark_gemma2_2b.py), `layers` deep."""
     kw = dict(num_layers=layers, dtype=dtype, param_dtype=dtype)
-    dense = mod.model_config(**kw)
-    spark = mod.model_config(ffn_kind="spark", attn_kind="spark", **kw,
-                             spark=SparkConfig(ffn_k_frac=0.08, ffn_rank=1024, attn_k=256, attn_rank=128))
-    return {"dense": dense, "spark": spark}
+    return {name: dataclasses.replace(load_config_file(os.path.join(ROOT, "configs", f"{file}.py")).model, **kw)
+            for name, file in (("dense", "gemma2_2b"), ("spark", "spark_gemma2_2b"))}
 
 
 def build(cfgs, seed: int):
@@ -124,7 +120,7 @@ def run(args):
     ffn_j = jax.jit(ffn_stack, static_argnames=("graphdef", "sparse"))
     head_j = jax.jit(head, static_argnames=("graphdef",))
     xs = [jax.random.normal(jax.random.key(i), (1, 1, cfgs["dense"].d_model)) for i in range(4)]
-    big = jnp.ones((256 * 1024 * 1024,), jnp.float32)  # 1 GiB
+    big = jnp.ones((BANDWIDTH_FLOATS,), jnp.float32)
     bw_fn = jax.jit(jnp.sum)
 
     variants = {"bandwidth": (bw_fn, [(big,)], 3)}
@@ -162,7 +158,7 @@ def run(args):
 
 def summarize(args, cfgs, split, res, stats):
     med = {k: v["median_s"] for k, v in res.items()}
-    bw = 4 * big_size() / med["bandwidth"]
+    bw = 4 * BANDWIDTH_FLOATS / med["bandwidth"]
     out = {"layers": args.layers, "dtype": args.dtype, "new_tokens": args.new_tokens, "rounds": args.rounds,
            "note": f"Gemma-2-2B per-layer shapes, {args.layers} of {FULL_LAYERS} layers, vocab 256000, random "
                    "weights, batch 1; 26-layer figures are projections from the measured layer and head times",
@@ -192,10 +188,6 @@ def summarize(args, cfgs, split, res, stats):
             b = bytes_per_token(cfgs[n], p, visible, density, kpq)
             out["bandwidth_fraction"][n][t] = b / bw / per_tok[n]
     return out
-
-
-def big_size() -> int:
-    return 256 * 1024 * 1024
 
 
 def print_table(r):

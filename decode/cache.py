@@ -3,8 +3,8 @@
 k[i]: layer i's keys, [B, K, S, H] (after RoPE). v[i]: its values, [B, K, S, H] — or [B, K, H, S]
   for dense attention (`values_transposed`), whose p·V product then reads V in the matrix-vector
   form XLA:CPU runs fastest; Spark attention gathers value rows, so it keeps [B, K, S, H].
-  (Measured on the CI CPU at S = 4160, K = 4, H = 256, one query: [B, S, K, H] 21.6 ms per layer,
-  K [B, K, S, H] + V [B, K, H, S] 2.9 ms; bench/decode.py has the model-level numbers.)
+  (One query over S = 4160 slots, K = 4, H = 256 on the CI CPU: [B, S, K, H] is 10.9× slower
+  than K [B, K, S, H] + V [B, K, H, S]; `python bench/decode_layouts.py`.)
 lengths: [B] int32, the number of committed positions per row.
 
 The forward writes a block's K/V at its per-row positions and then attends over cache slots
@@ -46,8 +46,7 @@ def write_block(buf, new_BTKH, start_B, transposed: bool = False):
     """Write each row's block at its own start slot (the block is contiguous in positions).
 
     buf is [B, K, S, H], or [B, K, H, S] when `transposed`."""
-    new = new_BTKH.astype(buf.dtype).transpose(0, 2, 3, 1) if transposed else (
-        new_BTKH.astype(buf.dtype).transpose(0, 2, 1, 3))
+    new = new_BTKH.astype(buf.dtype).transpose((0, 2, 3, 1) if transposed else (0, 2, 1, 3))
 
     def one(buf_row, new_row, start):
         idx = (0, 0, start) if transposed else (0, start, 0)

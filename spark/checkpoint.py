@@ -45,14 +45,15 @@ class Checkpointer:
             config=ocp.args.JsonSave(config_json(cfg))))
 
     def saved_config(self, step: int) -> dict:
-        return self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        """The config JSON saved with `step`; CheckpointError if it cannot be read."""
+        try:
+            return self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable files
+            raise CheckpointError(f"checkpoint step {step} is unreadable: {type(e).__name__}: {e}") from None
 
     def restore(self, step: int, abstract_state, cfg) -> tuple[object, dict]:
         """(state, data_state) of `step`; raises CheckpointError on a config mismatch or corruption."""
-        try:
-            saved = self.saved_config(step)
-        except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable files
-            raise CheckpointError(f"checkpoint step {step} is unreadable: {type(e).__name__}: {e}") from None
+        saved = self.saved_config(step)
         ours = config_json(cfg)
         for section in ("model",):
             try:  # fields added since the checkpoint was written take their defaults

@@ -163,23 +163,8 @@ def load_checkpoint(workdir: str, step: int | None = None):
             raise checkpoint.CheckpointError(f"no checkpoint found in {ckdir!r}")
         if step not in ck.all_steps():
             raise checkpoint.CheckpointError(f"no checkpoint step {step} in {ckdir!r} (have {ck.all_steps()})")
-        try:
-            cfg = from_dict(Config, ck.saved_config(step))
-        except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable files
-            raise checkpoint.CheckpointError(f"checkpoint step {step} is unreadable: {type(e).__name__}: {e}") from None
+        cfg = from_dict(Config, ck.saved_config(step))
+        state, _ = ck.restore(step, jax.eval_shape(functools.partial(train_lib.init_state, cfg)), cfg)
     finally:
         ck.close()
-    params, step = load_params(cfg, workdir, step)
-    return cfg, params, step
-
-
-def load_params(cfg: Config, workdir: str, step: int | None = None):
-    """Parameters (pure dict) of a checkpoint in WORKDIR/checkpoints; the latest when step is None."""
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise checkpoint.CheckpointError(f"no checkpoint found in {workdir}/checkpoints")
-    abstract = jax.eval_shape(functools.partial(train_lib.init_state, cfg))
-    state, _ = ckpt.restore(step, abstract, cfg)
-    ckpt.close()
-    return jax.tree.map(jnp.asarray, state["params"]), step
+    return cfg, jax.tree.map(jnp.asarray, state["params"]), step
