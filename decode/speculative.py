@@ -1,0 +1,279 @@
+"""Self-speculative decoding with MatFormer drafts, on device: one jitted `lax.while_loop`.
+
+    tokens_BN, num_new_B, stats = generate(graphdef, params, prompts_BT, prompt_lengths_B, key,
+                                           max_new_tokens=N, sampler=..., eos_id=..., pad_id=...,
+                                           draft_widths=cfg.granularity_widths(8), gamma=4)
+
+The draft is the same checkpoint at smaller FFN widths (any MatFormer granularity or Mix'n'Match
+tuple; Spark layers use their sparse-gather path). A round, per row (Leviathan et al. 2023):
+
+1. draft up to γ tokens d_1..d_γ ~ q_i at positions L+1..L+γ, where L = cache length and `pending`
+   (the last emitted token, whose K/V is not yet cached) sits at L. With `adaptive_threshold` h a
+   row stops drafting once 1 − Π_i c_i > h, c_i = the draft's top probability at step i (its own
+   estimate that the target agrees; SpecDec++'s threshold rule with a free estimator).
+2. verify [pending, d_1..d_γ] in one target forward → p_1..p_{γ+1};
+3. accept d_i while u_i·q_i(d_i) ≤ p_i(d_i) (n = accepted count), then emit t ~ norm(max(p_{n+1} −
+   q_{n+1}, 0)), with q_{n+1} := 0 past the drafted tokens (the bonus token ~ p), falling back to
+   p_{n+1} when the residual has no mass;
+4. commit: L += n + 1, pending = t. K/V past the new length is garbage that the attention mask
+   never reads and the next round overwrites: rollback is that integer.
+
+p and q are `sampling.processed_logprobs` of the logits (temperature, top-k, top-p; float32), the
+distributions the plain sampler draws from, so the output is distributed exactly as plain sampling
+from the target (tests/test_speculative.py checks it by chi-square on every continuation); at
+temperature 0 it is the target's greedy output token for token.
+
+Draft caches (`draft_cache`): "shared" — the draft reads the target's committed K/V and writes only
+its speculative slots, which the verify overwrites (no draft prefill, no extra memory); "separate"
+— the draft keeps its own cache (its own prefill). The draft never runs its last proposal d_γ, so
+after a full acceptance its cache misses one position; every round therefore starts the separate
+draft on the 2-token block [last committed token, pending] at [L−1, L] (rewriting a slot is harmless).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from decode import cache as kv_cache
+from decode.cache import KVCache
+from decode.sampling import SamplerConfig, processed_logprobs, sample
+from spark.config import ConfigError
+
+DRAFT_CACHES = ("shared", "separate")
+
+
+@flax.struct.dataclass
+class SpecState:
+    rounds: jax.Array  # int32 []: rounds run (the loop counter)
+    tokens_BN: jax.Array  # int32 [B, N + γ + 1]: emitted tokens (γ + 1 slack for the window write)
+    num_B: jax.Array  # int32 [B]: tokens emitted so far
+    pending_B: jax.Array  # int32 [B]: last emitted token, its K/V not yet cached
+    last_B: jax.Array  # int32 [B]: the token before it (the separate draft re-reads it)
+    done_B: jax.Array  # bool [B]
+    cache: KVCache  # the target's; cache.lengths = position of `pending`
+    draft_cache: KVCache | None  # separate mode only
+    key: jax.Array
+    stats: dict  # per row [B]: rounds, drafted, accepted
+
+
+def check_args(gamma: int, draft_cache: str, adaptive_threshold: float | None):
+    if gamma < 1:
+        raise ConfigError(f"gamma must be >= 1, got {gamma}")
+    if draft_cache not in DRAFT_CACHES:
+        raise ConfigError(f"draft_cache must be one of {DRAFT_CACHES}, got {draft_cache!r}")
+    if adaptive_threshold is not None and not 0.0 <= adaptive_threshold <= 1.0:
+        raise ConfigError(f"adaptive_threshold must be in [0, 1], got {adaptive_threshold}")
+
+
+# ---------------------------------------------------------------- accept / reject (pure, per block)
+
+def uniforms(key, shape):
+    """u in (0, 1]: u·q ≤ p is then false whenever p = 0, also for u's smallest draw."""
+    return 1.0 - jax.random.uniform(key, shape)
+
+
+def residual(p_BV, q_BV):
+    """norm(max(p − q, 0)), or p where that has no mass (p == q up to rounding)."""
+    r = jnp.maximum(p_BV - q_BV, 0.0)
+    mass = jnp.sum(r, -1, keepdims=True)
+    return jnp.where(mass > 0, r / jnp.where(mass > 0, mass, 1.0), p_BV)
+
+
+def correction_dist(p_BTV, q_BTV, n_B):
+    """The distribution of the token emitted after n accepted drafts: the residual at block index n
+    (q is zero past the drafted tokens, so after a full acceptance this is p_{n+1}: the bonus)."""
+    at = lambda x: jnp.take_along_axis(x, n_B[:, None, None], axis=1)[:, 0]  # noqa: E731
+    return residual(at(p_BTV), at(q_BTV))
+
+
+def accept(key, logp_BTV, logq_BGV, drafts_BG, drafted_BG):
+    """One verify block: -> (n_B accepted drafts, t_B the token emitted after them).
+
+    logp_BTV: target log-probs at block indices 0..γ (T = γ + 1); logq_BGV: the draft's, from
+    which drafts_BG were sampled; drafted_BG: which of the γ slots a row actually drafted."""
+    k_u, k_t = jax.random.split(key)
+    p = jnp.exp(logp_BTV)
+    q = jnp.where(drafted_BG[..., None], jnp.exp(logq_BGV), 0.0)
+    pick = lambda x: jnp.take_along_axis(x, drafts_BG[..., None], -1)[..., 0]  # noqa: E731
+    ok_BG = drafted_BG & (uniforms(k_u, drafts_BG.shape) * pick(q) <= pick(p[:, :-1]))
+    n_B = jnp.sum(jnp.cumprod(ok_BG, axis=1), axis=1).astype(jnp.int32)
+    q_BTV = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)
+    dist = correction_dist(p, q_BTV, n_B)
+    t_B = jax.random.categorical(k_t, jnp.log(dist), -1).astype(jnp.int32)
+    return n_B, t_B
+
+
+def emit_window(drafts_BG, n_B, t_B, room_B, eos_id, pad_id):
+    """The γ+1 tokens a round emits per row: d_1..d_n, t, cut after EOS and at `room` tokens.
+
+    -> (window_BW padded with pad_id, count_B, hit_eos_B)."""
+    g = drafts_BG.shape[1]
+    j = jnp.arange(g + 1)
+    w = jnp.concatenate([drafts_BG, t_B[:, None]], axis=1)
+    w = jnp.where(j == n_B[:, None], t_B[:, None], w)
+    valid = j <= n_B[:, None]
+    is_eos = valid & (w == eos_id)
+    first_eos = jnp.where(jnp.any(is_eos, 1), jnp.argmax(is_eos, 1), g + 1)
+    count = jnp.minimum(jnp.minimum(n_B + 1, first_eos + 1), room_B)
+    hit_eos = first_eos < count
+    return jnp.where(j < count[:, None], w, pad_id), count.astype(jnp.int32), hit_eos
+
+
+# ---------------------------------------------------------------- draft, verify, round
+
+def _confidence(logits_BV, logq_BV, sampler):
+    """The draft's own estimate that the target keeps its token: its top probability (at T=1 when
+    greedy, where the processed q is one-hot)."""
+    if sampler.temperature == 0.0:
+        return jnp.max(jax.nn.softmax(logits_BV.astype(jnp.float32), -1), -1)
+    return jnp.exp(jnp.max(logq_BV, -1))
+
+
+def draft(model, s: SpecState, key, *, gamma, sampler, draft_widths, adaptive_threshold, sparse, separate):
+    """Up to γ draft tokens per row (a while_loop: stops early once no row is drafting).
+
+    -> (drafts_BG, logq_BGV, drafted_BG, target cache with the draft's slots written | unchanged,
+    draft cache | None)."""
+    b = s.pending_B.shape[0]
+    pos0 = s.cache.lengths
+    cache = s.draft_cache if separate else s.cache
+    if separate:  # [last, pending] at [L-1, L]: refills the slot a full acceptance left unwritten
+        tok, pos = jnp.stack([s.last_B, s.pending_B], 1), jnp.stack([pos0 - 1, pos0], 1)
+        logits, cache = model(tok, pos, cache=cache, widths=draft_widths, sparse=sparse,
+                              logits_at_B=jnp.ones((b,), jnp.int32))
+    else:
+        logits, cache = model(s.pending_B[:, None], pos0[:, None], cache=cache, widths=draft_widths,
+                              sparse=sparse)
+    v = logits.shape[-1]
+    keys = jax.random.split(key, gamma)
+
+    def pick(i, logits_BV, drafts, logq, drafted, active, confidence):
+        d, lq = sample(keys[i], logits_BV, sampler)
+        drafts = drafts.at[:, i].set(jnp.where(active, d, 0))
+        logq = logq.at[:, i].set(lq)
+        drafted = drafted.at[:, i].set(active)
+        confidence = confidence * _confidence(logits_BV, lq, sampler)
+        if adaptive_threshold is not None:
+            active = active & (1.0 - confidence <= adaptive_threshold)
+        return drafts, logq, drafted, active, confidence
+
+    init = (jnp.zeros((b, gamma), jnp.int32), jnp.zeros((b, gamma, v), jnp.float32),
+            jnp.zeros((b, gamma), bool), ~s.done_B, jnp.ones((b,), jnp.float32))
+    carry = pick(0, logits[:, 0], *init)
+
+    def body(c):
+        i, cache, (drafts, logq, drafted, active, confidence) = c
+        tok = jax.lax.dynamic_slice_in_dim(drafts, i - 1, 1, axis=1)
+        logits, cache = model(tok, (pos0 + i)[:, None], cache=cache, widths=draft_widths, sparse=sparse)
+        return i + 1, cache, pick(i, logits[:, 0], drafts, logq, drafted, active, confidence)
+
+    cond = lambda c: (c[0] < gamma) & jnp.any(c[2][3])  # noqa: E731
+    _, cache, (drafts, logq, drafted, _, _) = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, carry))
+    if separate:
+        return drafts, logq, drafted, s.cache, cache
+    return drafts, logq, drafted, cache, None
+
+
+def committed_lengths(lengths_B, count_B):
+    """Rollback: the cache keeps `count` of the block's γ+1 slots (pending + accepted drafts)."""
+    return lengths_B + count_B
+
+
+def verify(model, cache, pending_B, drafts_BG, *, sampler, widths, sparse):
+    """One target forward over [pending, d_1..d_γ] -> (logp_BTV processed, float32; cache)."""
+    b, g = drafts_BG.shape
+    block = jnp.concatenate([pending_B[:, None], drafts_BG], axis=1)
+    pos = cache.lengths[:, None] + jnp.arange(g + 1, dtype=jnp.int32)
+    logits, cache = model(block, pos, cache=cache, widths=widths, sparse=sparse)
+    logp = processed_logprobs(logits.reshape(b * (g + 1), -1), sampler)
+    return logp.reshape(b, g + 1, -1), cache
+
+
+def spec_round(model, s: SpecState, *, gamma, sampler, eos_id, pad_id, widths, draft_widths,
+               adaptive_threshold, sparse, separate) -> SpecState:
+    k_draft, k_accept = jax.random.split(jax.random.fold_in(s.key, s.rounds))
+    lengths = s.cache.lengths
+    drafts, logq, drafted, cache, dcache = draft(
+        model, s, k_draft, gamma=gamma, sampler=sampler, draft_widths=draft_widths,
+        adaptive_threshold=adaptive_threshold, sparse=sparse, separate=separate)
+    logp, cache = verify(model, cache.replace(lengths=lengths), s.pending_B, drafts, sampler=sampler,
+                         widths=widths, sparse=sparse)
+    n, t = accept(k_accept, logp, logq, drafts, drafted)
+
+    live = ~s.done_B
+    max_new = s.tokens_BN.shape[1] - gamma - 1
+    window, count, hit_eos = emit_window(drafts, n, t, jnp.where(live, max_new - s.num_B, 0), eos_id, pad_id)
+    tokens = jax.vmap(lambda row, w, at: jax.lax.dynamic_update_slice(row, w, (at,)))(s.tokens_BN, window, s.num_B)
+    num = s.num_B + count
+    new_lengths = jnp.where(live, committed_lengths(lengths, count), lengths)
+    before_t = jnp.take_along_axis(drafts, jnp.maximum(n - 1, 0)[:, None], 1)[:, 0]
+    last = jnp.where(live, jnp.where(n > 0, before_t, s.pending_B), s.last_B)
+    stats = {"rounds": s.stats["rounds"] + live,
+             "drafted": s.stats["drafted"] + jnp.where(live, jnp.sum(drafted, 1), 0),
+             "accepted": s.stats["accepted"] + jnp.where(live, n, 0)}
+    return SpecState(rounds=s.rounds + 1, tokens_BN=tokens, num_B=num, pending_B=jnp.where(live, t, s.pending_B),
+                     last_B=last, done_B=s.done_B | hit_eos | (num >= max_new),
+                     cache=cache.replace(lengths=new_lengths),
+                     draft_cache=None if dcache is None else dcache.replace(lengths=new_lengths),
+                     key=s.key, stats=stats)
+
+
+def spec_prefill(model, prompts_BT, prompt_lengths_B, key, *, max_new_tokens, gamma, sampler, eos_id, pad_id,
+                 widths, draft_widths, sparse, separate) -> SpecState:
+    """Prefill the target (and the separate draft), emit the first token from the target."""
+    b, t = prompts_BT.shape
+    size, slack = t + max_new_tokens, gamma + 2
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    lengths = prompt_lengths_B.astype(jnp.int32)
+    logits, cache = model(prompts_BT, positions, cache=kv_cache.init(model.cfg, b, size, slack), widths=widths,
+                          logits_at_B=lengths - 1)
+    dcache = None
+    if separate:
+        _, dcache = model(prompts_BT, positions, cache=kv_cache.init(model.cfg, b, size, slack),
+                          widths=draft_widths, logits_at_B=lengths - 1)
+        dcache = dcache.replace(lengths=lengths)
+    k_first, key = jax.random.split(key)
+    first, _ = sample(k_first, logits[:, 0], sampler)
+    tokens = jnp.full((b, max_new_tokens + gamma + 1), pad_id, jnp.int32).at[:, 0].set(first)
+    last = jnp.take_along_axis(prompts_BT, (lengths - 1)[:, None], 1)[:, 0].astype(jnp.int32)
+    zeros = jnp.zeros((b,), jnp.int32)
+    return SpecState(rounds=jnp.int32(0), tokens_BN=tokens, num_B=jnp.ones((b,), jnp.int32), pending_B=first,
+                     last_B=last, done_B=(first == eos_id) | (max_new_tokens <= 1),
+                     cache=cache.replace(lengths=lengths), draft_cache=dcache, key=key,
+                     stats={"rounds": zeros, "drafted": zeros, "accepted": zeros})
+
+
+def summarize(s: SpecState) -> dict:
+    """Per-row rounds / drafted / accepted [B]; batch acceptance_rate and tokens_per_round."""
+    st = s.stats
+    acc = jnp.sum(st["accepted"]) / jnp.maximum(jnp.sum(st["drafted"]), 1)
+    per_round = jnp.sum(s.num_B - 1) / jnp.maximum(jnp.sum(st["rounds"]), 1)
+    return st | {"acceptance_rate": acc, "tokens_per_round": per_round}
+
+
+_STATIC = ("graphdef", "max_new_tokens", "sampler", "eos_id", "pad_id", "widths", "draft_widths", "gamma",
+           "adaptive_threshold", "draft_cache", "sparse")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def generate(graphdef, params, prompts_BT, prompt_lengths_B, key, *, max_new_tokens: int, sampler: SamplerConfig,
+             eos_id: int, pad_id: int, draft_widths, gamma: int, widths=None, adaptive_threshold=None,
+             draft_cache: str = "shared", sparse: bool = True):
+    """Speculative sampling from the target (`widths`, None = full) with a MatFormer draft.
+
+    Returns (new_tokens [B, max_new_tokens] padded with pad_id after EOS, num_new [B], stats), like
+    decode.generate.generate; stats from `summarize`."""
+    check_args(gamma, draft_cache, adaptive_threshold)
+    model = nnx.merge(graphdef, params)
+    draft_widths, widths = model.cfg.check_widths(draft_widths), model.cfg.check_widths(widths)
+    kw = dict(gamma=gamma, sampler=sampler, eos_id=eos_id, pad_id=pad_id, widths=widths, draft_widths=draft_widths,
+              sparse=sparse, separate=draft_cache == "separate")
+    s = spec_prefill(model, prompts_BT, prompt_lengths_B, key, max_new_tokens=max_new_tokens, **kw)
+    cond = lambda s: (s.rounds < max_new_tokens) & ~jnp.all(s.done_B)  # noqa: E731
+    s = jax.lax.while_loop(cond, lambda s: spec_round(model, s, adaptive_threshold=adaptive_threshold, **kw), s)
+    return s.tokens_BN[:, :max_new_tokens], s.num_B, summarize(s)

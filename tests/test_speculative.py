@@ -1,0 +1,294 @@
+"""Speculative decoding is lossless: the accept/reject kernel and the whole on-device loop emit
+exactly the target's distribution (chi-square), broken variants are caught (power checks), greedy
+output equals plain greedy decoding, rollback leaves a cache equal to a fresh forward."""
+
+import dataclasses
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy import stats
+
+from decode import generate as plain
+from decode import speculative as spec
+from decode.sampling import SamplerConfig, processed_logprobs
+from spark.config import ConfigError, ModelConfig, SparkConfig
+from spark.model import Transformer
+
+ALPHA = 1e-4  # a correct sampler passes at p > ALPHA (fixed seeds: deterministic)
+POWER = 1e-6  # a broken one must fail at p < POWER
+
+
+def chisquare_pvalue(observed, expected_probs, n):
+    """Chi-square goodness of fit, bins with expected count < 5 merged into one. An outcome of
+    probability zero observed is impossible under the null: p-value 0."""
+    observed, expected = np.asarray(observed, float), np.asarray(expected_probs, float) * n
+    if observed[expected_probs == 0].sum() > 0:
+        return 0.0
+    small = expected < 5
+    obs = np.append(observed[~small], observed[small].sum())
+    exp = np.append(expected[~small], expected[small].sum())
+    keep = exp > 0
+    return stats.chisquare(obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()).pvalue
+
+
+# ---------------------------------------------------------------- the kernel, one position
+
+V = 8
+P_LOGITS = np.log(np.array([0.30, 0.20, 0.15, 0.12, 0.10, 0.08, 0.05, 1e-9]))
+
+
+def _one_position(p, q, n=60_000, seed=0):
+    """Draft d ~ q, verify once (γ = 1): -> (first emitted token [n], accepted [n], drafts [n])."""
+    k_d, k_a = jax.random.split(jax.random.key(seed))
+    logq = jnp.broadcast_to(jnp.log(jnp.asarray(q, jnp.float32)), (n, 1, V))
+    logp = jnp.broadcast_to(jnp.log(jnp.asarray(p, jnp.float32)), (n, 2, V))
+    d = jax.random.categorical(k_d, logq[:, 0])[:, None].astype(jnp.int32)
+    acc_n, t = spec.accept(k_a, logp, logq, d, jnp.ones((n, 1), bool))
+    first = np.where(np.asarray(acc_n) == 1, np.asarray(d[:, 0]), np.asarray(t))
+    return first, np.asarray(acc_n), np.asarray(d[:, 0])
+
+
+def _probs(logits, **sampler):
+    return np.exp(np.asarray(processed_logprobs(jnp.asarray(logits, jnp.float32)[None], SamplerConfig(**sampler))[0]))
+
+
+KERNEL_CASES = {
+    "generic": (_probs(P_LOGITS), _probs(P_LOGITS[::-1] * 0.5)),
+    "q_equals_p": (_probs(P_LOGITS), _probs(P_LOGITS)),
+    "one_hot_q": (_probs(P_LOGITS), np.eye(V)[2]),
+    "disjoint": (np.array([0.5, 0.3, 0.2, 0, 0, 0, 0, 0]), np.array([0, 0, 0, 0, 0.4, 0.4, 0.2, 0])),
+    "draft_outside_top_p": (_probs(P_LOGITS, top_p=0.7), _probs(P_LOGITS * 0.2)),
+}
+
+
+@pytest.mark.parametrize("case", list(KERNEL_CASES))
+def test_accept_kernel_emits_p(case):
+    p, q = KERNEL_CASES[case]
+    n = 60_000
+    first, accepted, drafts = _one_position(p, q, n)
+    assert chisquare_pvalue(np.bincount(first, minlength=V), p, n) > ALPHA
+    beta = np.minimum(p, q).sum()  # acceptance probability Σ min(p, q)
+    assert stats.binomtest(int(accepted.sum()), n, min(beta, 1.0)).pvalue > ALPHA
+    if case == "q_equals_p":
+        assert accepted.all()
+    if case == "disjoint":
+        assert not accepted.any()
+    if case == "draft_outside_top_p":
+        outside = p[drafts] == 0
+        assert outside.sum() > 1000 and not accepted[outside].any()
+
+
+def test_kernel_power_residual_p_fails():
+    """The same chi-square catches the classic bug (correction drawn from p, not max(p − q, 0))."""
+    p, q = KERNEL_CASES["generic"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(spec, "residual", lambda p, q: p)
+        first, _, _ = _one_position(p, q, 60_000)
+    assert chisquare_pvalue(np.bincount(first, minlength=V), p, 60_000) < POWER
+
+
+def test_residual_falls_back_to_p_when_p_equals_q():
+    p = jnp.asarray([[0.5, 0.5, 0.0]])
+    np.testing.assert_allclose(spec.residual(p, p), p)
+
+
+# ---------------------------------------------------------------- end to end, every continuation
+
+TOY = ModelConfig(vocab_size=4, d_model=16, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, ffn_dim=32,
+                  sliding_window=16)
+TOY_SAMPLER = SamplerConfig(temperature=0.8, top_k=3)
+GAMMA, LENGTH, TRIALS = 2, 5, 60_000  # LENGTH ≥ γ + 2: a round boundary and a bonus token inside
+PROMPT = [1, 3]
+
+
+@functools.lru_cache(maxsize=1)
+def _toy():
+    model = Transformer(TOY, nnx.Rngs(3))
+    graphdef, params = nnx.split(model)
+    return graphdef, params
+
+
+def _exact_continuation_probs():
+    """P(x_1..x_L | prompt) for all V^L continuations, from teacher-forced target forwards."""
+    graphdef, params = _toy()
+    conts = np.array(list(itertools.product(range(TOY.vocab_size), repeat=LENGTH)), np.int32)
+    seqs = jnp.asarray(np.concatenate([np.tile(PROMPT, (len(conts), 1)), conts], 1))
+    pos = jnp.broadcast_to(jnp.arange(seqs.shape[1]), seqs.shape)
+    logits, _ = nnx.merge(graphdef, params)(seqs, pos)
+    p = len(PROMPT)
+    logp = processed_logprobs(logits[:, p - 1 : -1].reshape(-1, TOY.vocab_size), TOY_SAMPLER)
+    logp = logp.reshape(len(conts), LENGTH, -1)
+    chosen = jnp.take_along_axis(logp, jnp.asarray(conts)[..., None], -1)[..., 0]
+    return np.exp(np.asarray(jnp.sum(chosen, 1), np.float64)), conts
+
+
+def _spec_continuations(seed=0, **kw):
+    """TRIALS independent rows of the real jitted loop (a fresh trace, so monkeypatches apply)."""
+    graphdef, params = _toy()
+    run = jax.jit(functools.partial(
+        spec.generate.__wrapped__, graphdef, max_new_tokens=LENGTH, sampler=TOY_SAMPLER, eos_id=-1, pad_id=0,
+        draft_widths=TOY.granularity_widths(8), gamma=GAMMA, **kw))
+    prompts = jnp.asarray(np.tile(PROMPT, (TRIALS, 1)), jnp.int32)
+    out, num, st = run(params, prompts, jnp.full((TRIALS,), len(PROMPT), jnp.int32), jax.random.key(seed))
+    assert (np.asarray(num) == LENGTH).all()
+    return np.asarray(out), st
+
+
+def _pvalue(out):
+    probs, conts = _exact_continuation_probs()
+    index = {tuple(c): i for i, c in enumerate(conts)}
+    observed = np.bincount([index[tuple(r)] for r in out], minlength=len(conts))
+    return chisquare_pvalue(observed, probs, len(out))
+
+
+E2E_MODES = {"shared": dict(draft_cache="shared"), "separate": dict(draft_cache="separate"),
+             "adaptive": dict(draft_cache="shared", adaptive_threshold=0.5)}
+
+
+@pytest.mark.parametrize("mode", list(E2E_MODES))
+def test_end_to_end_matches_target_distribution(mode):
+    out, st = _spec_continuations(**E2E_MODES[mode])
+    assert _pvalue(out) > ALPHA
+    rate = float(st["acceptance_rate"])
+    assert 0.2 < rate < 0.98, rate  # both branches (accept, reject) exercised
+
+
+def _broken_bonus(p_BTV, q_BTV, n_B):
+    """Bonus token drawn from p_γ (one position early) instead of p_{γ+1}."""
+    g = p_BTV.shape[1] - 1
+    idx = jnp.where(n_B == g, g - 1, n_B)
+    p = jnp.take_along_axis(p_BTV, idx[:, None, None], 1)[:, 0]
+    q = jnp.where((n_B == g)[:, None], 0.0, jnp.take_along_axis(q_BTV, idx[:, None, None], 1)[:, 0])
+    return spec.residual(p, q)
+
+
+BROKEN = {
+    "residual_is_p": ("residual", lambda p, q: p),
+    "bonus_wrong_position": ("correction_dist", _broken_bonus),
+    "stale_length_after_rollback": ("committed_lengths", lambda lengths, count: lengths + GAMMA + 1),
+}
+
+
+@pytest.mark.parametrize("bug", list(BROKEN))
+def test_end_to_end_power_broken_variants_fail(bug, monkeypatch):
+    name, fn = BROKEN[bug]
+    if bug == "bonus_wrong_position":
+        monkeypatch.setattr(spec, "residual", spec.residual)  # _broken_bonus calls the real one
+    monkeypatch.setattr(spec, name, fn)
+    out, _ = _spec_continuations()
+    assert _pvalue(out) < POWER
+
+
+# ---------------------------------------------------------------- greedy, ragged, rollback
+
+SMALL = ModelConfig(vocab_size=61, d_model=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, ffn_dim=64,
+                    sliding_window=5)
+SPARK = dataclasses.replace(SMALL, ffn_kind="spark", attn_kind="spark",
+                            spark=SparkConfig(ffn_k_frac=0.25, attn_k=4, decode_capacity=4.0))
+GREEDY = SamplerConfig(temperature=0.0)
+
+
+def _batch(prompts):
+    arr = np.zeros((len(prompts), max(map(len, prompts))), np.int32)
+    for i, x in enumerate(prompts):
+        arr[i, : len(x)] = x
+    return jnp.asarray(arr), jnp.asarray([len(x) for x in prompts], jnp.int32)
+
+
+PROMPTS = [[5, 9, 2, 44, 17, 3, 8], [11, 4, 30], [7, 7, 1, 60, 2]]
+
+
+GREEDY_CASES = {"dense-shared": (SMALL, "shared", [(1, None), (8, None), (8, 0.3)]),
+                "dense-separate": (SMALL, "separate", [(1, None), (8, None), (8, 0.3)]),
+                "spark-shared": (SPARK, "shared", [(8, None)])}
+
+
+@pytest.mark.parametrize("case", list(GREEDY_CASES))
+def test_greedy_equals_plain_greedy(case):
+    """Draft = full width (every round fully accepted: bonus path), F/8 (rejections, rollback),
+    F/8 adaptive; the Spark model drafts and verifies on its sparse-gather path."""
+    cfg, draft_cache, drafts = GREEDY_CASES[case]
+    graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)))
+    prompts, lengths = _batch(PROMPTS)
+    kw = dict(max_new_tokens=20, sampler=GREEDY, eos_id=-1, pad_id=0)
+    ref, _, _ = plain.generate(graphdef, params, prompts, lengths, jax.random.key(0), **kw)
+    for divisor, adaptive in drafts:
+        out, num, st = spec.generate(graphdef, params, prompts, lengths, jax.random.key(1), gamma=3,
+                                     draft_widths=cfg.granularity_widths(divisor), draft_cache=draft_cache,
+                                     adaptive_threshold=adaptive, **kw)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(ref), err_msg=f"F/{divisor} {adaptive}")
+        assert np.asarray(num).tolist() == [20] * 3
+        rate = float(st["acceptance_rate"])
+        assert rate == 1.0 if divisor == 1 else rate < 1.0
+
+
+def test_ragged_batch_rows_equal_alone_and_eos():
+    graphdef, params = nnx.split(Transformer(SMALL, nnx.Rngs(0)))
+    kw = dict(max_new_tokens=12, sampler=GREEDY, pad_id=0, gamma=4, draft_widths=SMALL.granularity_widths(8))
+    prompts, lengths = _batch(PROMPTS)
+    out, num, st = spec.generate(graphdef, params, prompts, lengths, jax.random.key(0), eos_id=-1, **kw)
+    assert len(set(np.asarray(st["accepted"]).tolist())) > 1  # rows really accepted different counts
+    for i in range(len(PROMPTS)):  # batch of one (same padded shape: one compile)
+        alone, _, _ = spec.generate(graphdef, params, prompts[i : i + 1], lengths[i : i + 1], jax.random.key(0),
+                                    eos_id=-1, **kw)
+        np.testing.assert_array_equal(np.asarray(out[i]), np.asarray(alone[0]))
+    # EOS: stop each row at its first occurrence of a token it emits, pad after it
+    eos = int(out[0, 5])
+    out_e, num_e, _ = spec.generate(graphdef, params, prompts, lengths, jax.random.key(0), eos_id=eos, **kw)
+    for row, ref, n in zip(np.asarray(out_e), np.asarray(out), np.asarray(num_e), strict=True):
+        hits = np.flatnonzero(ref == eos)
+        expect = hits[0] + 1 if len(hits) else 12
+        assert n == expect
+        np.testing.assert_array_equal(row[:n], ref[:n])
+        assert (row[n:] == 0).all()
+
+
+@pytest.mark.parametrize("draft_cache", spec.DRAFT_CACHES)
+def test_rollback_cache_equals_fresh_forward(draft_cache):
+    """After a round with a rejection, the next-token logits from the rolled-back cache equal a
+    fresh forward over the committed tokens (target; and the separate draft's cache too)."""
+    cfg = SMALL
+    graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)))
+    prompts, lengths = _batch(PROMPTS)
+    dw, widths = cfg.granularity_widths(8), cfg.check_widths(None)
+    kw = dict(gamma=4, sampler=SamplerConfig(1.0), eos_id=-1, pad_id=0, widths=widths, draft_widths=dw,
+              sparse=True, separate=draft_cache == "separate")
+
+    @jax.jit
+    def one_round(params):
+        model = nnx.merge(graphdef, params)
+        s = spec.spec_prefill(model, prompts, lengths, jax.random.key(2), max_new_tokens=16, **kw)
+        return spec.spec_round(model, s, adaptive_threshold=None, **kw)
+
+    s = one_round(params)
+    accepted = np.asarray(s.stats["accepted"])
+    assert (accepted < 4).any()  # a rejection happened
+    model = nnx.merge(graphdef, params)
+    pos_B = s.cache.lengths
+    seqs = [list(PROMPTS[b]) + np.asarray(s.tokens_BN[b, : s.num_B[b]]).tolist() for b in range(len(PROMPTS))]
+    assert [len(x) for x in seqs] == (np.asarray(pos_B) + 1).tolist()
+    checks = [(s.cache, widths, s.pending_B[:, None], pos_B[:, None])]
+    if s.draft_cache is not None:  # the draft re-reads [last, pending]: fills the slot of a full acceptance
+        checks.append((s.draft_cache, dw, jnp.stack([s.last_B, s.pending_B], 1), pos_B[:, None] + jnp.arange(-1, 1)))
+    for cache, w, tok, pos in checks:
+        got, _ = model(tok, pos, cache=cache, widths=w)
+        for b, seq in enumerate(seqs):
+            ref, _ = model(jnp.asarray([seq]), jnp.arange(len(seq))[None], widths=w)
+            np.testing.assert_allclose(np.asarray(got[b, -1]), np.asarray(ref[0, -1]), atol=1e-4, rtol=1e-4)
+
+
+def test_bad_arguments():
+    graphdef, params = nnx.split(Transformer(SMALL, nnx.Rngs(0)))
+    prompts, lengths = _batch(PROMPTS)
+    kw = dict(max_new_tokens=4, sampler=GREEDY, eos_id=-1, pad_id=0, draft_widths=SMALL.granularity_widths(8))
+    for bad, msg in [(dict(gamma=0), "gamma"), (dict(gamma=2, draft_cache="x"), "draft_cache"),
+                     (dict(gamma=2, adaptive_threshold=1.5), "adaptive_threshold")]:
+        with pytest.raises(ConfigError, match=msg):
+            spec.generate(graphdef, params, prompts, lengths, jax.random.key(0), **(kw | bad))
+    with pytest.raises(ConfigError, match="widths"):
+        spec.generate(graphdef, params, prompts, lengths, jax.random.key(0), **(kw | dict(draft_widths=(8,), gamma=2)))
