@@ -4,10 +4,14 @@
     python sample.py --checkpoint runs/demo/checkpoints/400 --prompt_file prompts.txt --json
     python sample.py --workdir runs/demo --prompt 'import ' --granularity 4      (MatFormer F/4)
     python sample.py --workdir runs/demo --prompt 'import ' --widths 72,576,144,288  (Mix'n'Match)
+    python sample.py --workdir runs/demo --prompt 'def ' --speculative --draft_granularity 8 --gamma 3
+                     [--adaptive_threshold 0.5] [--draft_cache separate]  (decode/speculative.py)
 
 Spark models decode with the sparse-gather path unless --no_sparse. --json prints one object:
 text (list), prompts, tokens_per_s, stats (per row: new_tokens, ffn_overflow, attn_overflow;
-per layer: ffn_density, keys_per_query; checkpoint_step, widths, seconds).
+per layer: ffn_density, keys_per_query; checkpoint_step, widths, seconds). With --speculative the
+stats are acceptance_rate, tokens_per_round, rounds (and per row: rounds_per_row, drafted,
+accepted), draft_widths, gamma.
 """
 
 import argparse
@@ -37,6 +41,15 @@ def parse_args(argv):
     widths.add_argument("--granularity", type=int, default=None, help="MatFormer divisor: 1 full, 8 = F/8")
     widths.add_argument("--widths", help="comma-separated FFN width per layer (Mix'n'Match)")
     ap.add_argument("--no_sparse", action="store_true", help="Spark models: masked dense decode instead")
+    sp = ap.add_argument_group("speculative decoding (the draft is this checkpoint at smaller FFN widths)")
+    sp.add_argument("--speculative", action="store_true")
+    drafts = sp.add_mutually_exclusive_group()
+    drafts.add_argument("--draft_granularity", type=int, default=None, help="MatFormer divisor (default 8)")
+    drafts.add_argument("--draft_widths", help="comma-separated draft FFN width per layer")
+    sp.add_argument("--gamma", type=int, default=None, help="tokens drafted per round (at most when adaptive; 3)")
+    sp.add_argument("--adaptive_threshold", type=float, default=None,
+                    help="stop drafting once the estimated chance of a rejection exceeds this")
+    sp.add_argument("--draft_cache", default=None, choices=["shared", "separate"], help="default shared")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     return ap.parse_args(argv)
 
@@ -69,25 +82,39 @@ def resolve_checkpoint(args) -> tuple[str, int | None]:
     return os.path.dirname(head), int(step)
 
 
-def pick_widths(model_cfg, args):
-    if args.widths:
+def pick_widths(model_cfg, widths: str | None, granularity: int | None, flag: str = "--widths"):
+    if widths:
         try:
-            widths = tuple(int(w) for w in args.widths.split(","))
+            parsed = tuple(int(w) for w in widths.split(","))
         except ValueError:
-            raise ConfigError(f"--widths must be comma-separated integers, got {args.widths!r}") from None
-        return model_cfg.check_widths(widths)
-    return model_cfg.granularity_widths(args.granularity or 1)
+            raise ConfigError(f"{flag} must be comma-separated integers, got {widths!r}") from None
+        return model_cfg.check_widths(parsed)
+    return model_cfg.granularity_widths(granularity or 1)
+
+
+def check_speculative_flags(args):
+    flags = ("draft_granularity", "draft_widths", "gamma", "adaptive_threshold", "draft_cache")
+    used = [f"--{f}" for f in flags if getattr(args, f) is not None]
+    if used and not args.speculative:
+        raise ConfigError(f"{', '.join(used)} need --speculative")
+    args.gamma = 3 if args.gamma is None else args.gamma
+    args.draft_cache = args.draft_cache or "shared"
+    from decode.speculative import check_args
+
+    check_args(args.gamma, args.draft_cache, args.adaptive_threshold)
 
 
 def main(argv=None):
     args = parse_args(argv)
     prompts = read_prompts(args)
+    check_speculative_flags(args)
     workdir, step = resolve_checkpoint(args)
 
     import jax
     import jax.numpy as jnp
     import numpy as np
 
+    from decode import speculative
     from decode.generate import generate
     from decode.sampling import SamplerConfig
     from spark import train_lib
@@ -96,7 +123,9 @@ def main(argv=None):
 
     sampler = SamplerConfig(args.temperature, args.top_k, args.top_p)
     cfg, params, step = load_checkpoint(workdir, step)
-    widths = pick_widths(cfg.model, args)
+    widths = pick_widths(cfg.model, args.widths, args.granularity)
+    draft_widths = (pick_widths(cfg.model, args.draft_widths, args.draft_granularity or 8, "--draft_widths")
+                    if args.speculative else None)
     tok = get_tokenizer(cfg.data, workdir)
     encoded = [tok.encode(p, bos=True) for p in prompts]
     ctx = cfg.model.max_seq_len
@@ -111,9 +140,14 @@ def main(argv=None):
     lengths = jnp.asarray([len(e) for e in encoded], jnp.int32)
     kw = dict(max_new_tokens=args.max_new_tokens, sampler=sampler, eos_id=tok.eos_id, pad_id=tok.pad_id,
               widths=widths, sparse=not args.no_sparse)
+    fn = generate
+    if args.speculative:
+        kw.update(draft_widths=draft_widths, gamma=args.gamma, adaptive_threshold=args.adaptive_threshold,
+                  draft_cache=args.draft_cache)
+        fn = speculative.generate
     run_args = (params, jnp.asarray(arr), lengths, jax.random.key(args.seed))
     # compile first (the static graphdef is baked in), so the timing is the generation only
-    compiled = generate.lower(train_lib.graphdef_of(cfg), *run_args, **kw).compile()
+    compiled = fn.lower(train_lib.graphdef_of(cfg), *run_args, **kw).compile()
     t0 = time.perf_counter()
     out, n_new, stats = jax.block_until_ready(compiled(*run_args))
     dt = time.perf_counter() - t0
@@ -121,6 +155,9 @@ def main(argv=None):
     texts = [tok.decode(row[:n]) for row, n in zip(np.asarray(out), n_new, strict=True)]
     stats = {k: np.asarray(v).tolist() for k, v in stats.items()}
     stats.update(checkpoint_step=step, widths=list(widths), new_tokens=n_new.tolist(), seconds=dt)
+    if args.speculative:  # rounds: all rows together; the per-row counts keep their own names
+        stats.update(rounds_per_row=stats["rounds"], rounds=int(sum(stats["rounds"])),
+                     draft_widths=list(kw["draft_widths"]), gamma=args.gamma)
     if args.json:
         print(json.dumps({"text": texts, "prompts": prompts, "tokens_per_s": float(n_new.sum()) / dt,
                           "stats": stats}))
@@ -129,6 +166,9 @@ def main(argv=None):
             print(f"--- {p!r}\n{p}{txt}")
         print(f"[{int(n_new.sum())} tokens in {dt:.2f}s ({n_new.sum() / dt:.0f} tokens/s) from step {step}]",
               file=sys.stderr)
+        if args.speculative:
+            print(f"[speculative: acceptance {stats['acceptance_rate']:.2f}, {stats['tokens_per_round']:.2f} "
+                  f"tokens/round, {stats['rounds']} rounds]", file=sys.stderr)
 
 
 if __name__ == "__main__":

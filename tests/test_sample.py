@@ -1,6 +1,7 @@
 """sample.py on a tiny trained checkpoint: text and JSON output, --checkpoint, widths, and a
 one-line error (exit != 0, no traceback) for every bad input a user can give."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -8,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+
+from spark.cli import main_guard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,6 +32,17 @@ def _sample(*args):
                           text=True, cwd=ROOT, timeout=300)
 
 
+def _sample_in_process(capsys, *args):
+    """sample.main under the CLI's error guard, in this process (no interpreter start per case):
+    -> (exit code, stderr)."""
+    spec = importlib.util.spec_from_file_location("sample_cli", os.path.join(ROOT, "sample.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as exc:
+        main_guard(lambda: module.main(list(args)))
+    return exc.value.code, capsys.readouterr().err
+
+
 def test_text_output(workdir):
     r = _sample("--workdir", workdir, "--prompt", "def ", "--prompt", "import", "--max_new_tokens", "6")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -46,9 +60,15 @@ def test_json_output_and_checkpoint_path_and_widths(workdir):
     assert st["widths"] == [48, 96] and st["new_tokens"] == [8, 8] and st["checkpoint_step"] == 4
     assert len(st["ffn_overflow"]) == 2 and len(st["attn_overflow"]) == 2  # per row
     assert len(st["ffn_density"]) == 2 and len(st["keys_per_query"]) == 2  # per layer
-    r2 = _sample("--checkpoint", os.path.join(workdir, "checkpoints", "4"), *common, "--widths", "48,96")
+    r2 = _sample("--checkpoint", os.path.join(workdir, "checkpoints", "4"), *common, "--widths", "48,96",
+                 "--speculative", "--draft_granularity", "4", "--gamma", "2")
     assert r2.returncode == 0, r2.stderr[-2000:]
-    assert json.loads(r2.stdout)["text"] == out["text"]  # greedy: the same checkpoint gives the same text
+    out2 = json.loads(r2.stdout)
+    assert out2["text"] == out["text"]  # greedy, speculative or not: the same checkpoint gives the same text
+    st2 = out2["stats"]
+    assert st2["draft_widths"] == [24, 24] and st2["gamma"] == 2 and st2["new_tokens"] == [8, 8]
+    assert 0 <= st2["acceptance_rate"] <= 1 and st2["rounds"] == sum(st2["rounds_per_row"]) > 0
+    assert st2["tokens_per_round"] == pytest.approx(14 / st2["rounds"])  # 2 x (8 - 1 from the prefill)
 
 
 @pytest.fixture(scope="module")
@@ -71,18 +91,27 @@ BAD = {
     "widths syntax": (["--prompt", "a", "--widths", "a,b"], "--widths must be comma-separated integers"),
     "granularity": (["--prompt", "a", "--granularity", "3"], "granularity 1/3 is not one of"),
     "temperature": (["--prompt", "a", "--temperature", "-1"], "temperature must be >= 0"),
+    "draft flag alone": (["--prompt", "a", "--gamma", "2"], "--gamma need --speculative"),
+    "gamma": (["--prompt", "a", "--speculative", "--gamma", "0"], "gamma must be >= 1"),
+    "threshold": (["--prompt", "a", "--speculative", "--adaptive_threshold", "2"], "adaptive_threshold must be"),
+    "draft widths": (["--prompt", "a", "--speculative", "--draft_widths", "50,96"], "width 50 of layer 0"),
 }
 
 
 @pytest.mark.parametrize("name", list(BAD))
-def test_bad_inputs_give_one_line_errors(workdir, name):
+def test_bad_inputs_give_one_line_errors(workdir, name, capsys):
     extra, msg = BAD[name]
-    r = _sample("--workdir", workdir, *extra)
-    assert r.returncode != 0 and msg in r.stderr, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
+    code, err = _sample_in_process(capsys, "--workdir", workdir, *extra)
+    assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, err[-2000:]
 
 
-def test_bad_checkpoints_give_one_line_errors(workdir, corrupt_workdir, tmp_path):
+def test_cli_error_is_one_line_without_traceback(workdir):
+    r = _sample("--workdir", workdir, "--prompt", "a", "--widths", "96")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: widths needs one value per layer (2), got 1"], r.stderr[-2000:]
+
+
+def test_bad_checkpoints_give_one_line_errors(workdir, corrupt_workdir, tmp_path, capsys):
     cases = [(["--workdir", str(tmp_path / "missing")], "no checkpoints in"),
              (["--checkpoint", os.path.join(workdir, "checkpoints", "9")], "not found"),
              (["--checkpoint", workdir], "--checkpoint must be WORKDIR/checkpoints/STEP"),
@@ -90,6 +119,5 @@ def test_bad_checkpoints_give_one_line_errors(workdir, corrupt_workdir, tmp_path
     os.makedirs(tmp_path / "empty" / "checkpoints")
     cases.append((["--workdir", str(tmp_path / "empty")], "no checkpoint found"))
     for args, msg in cases:
-        r = _sample(*args, "--prompt", "a")
-        assert r.returncode != 0 and msg in r.stderr, (args, r.stderr[-2000:])
-        assert "Traceback" not in r.stderr
+        code, err = _sample_in_process(capsys, *args, "--prompt", "a")
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (args, err[-2000:])

@@ -1,0 +1,256 @@
+"""Speculative decoding with MatFormer self-drafts vs plain decoding, batch 1.
+
+    python bench/speculative.py [--workdir runs/demo] [--new_tokens 128] [--rounds 3]
+                                [--temperature 0.8] [--gammas 1,2,3,4,5,6] [--granularities 8,4,2]
+                                [--proj_layers 4] [--json bench/results/speculative.json]
+                                [--png bench/results/speculative.png]
+
+Part 1, measured: the trained demo checkpoint (`make demo` writes runs/demo; trained here first if
+missing), one prompt at a time (batch 1). Variants: plain `decode.generate.generate`, and
+`decode.speculative.generate` for every draft granularity × γ (shared draft cache), adaptive γ
+(γ_max = max γ, thresholds 0.3 / 0.5) per granularity, and the separate draft cache at γ = 3. Every
+variant runs the same prompts and seeds, interleaved round by round in one process; the table gives
+median tokens/s, the ratio to plain, the acceptance rate (accepted / drafted) and tokens per round.
+
+Part 2, a projection (not a measurement of speculative decoding at that size): at the Spark
+Gemma-2-2B shapes (configs/spark_gemma2_2b.py, random weights, `--proj_layers` of 26 layers, a
+1024-token cache) it times one target decode forward (T = 1), one verify forward (T = γ + 1) and
+one draft forward per granularity, each in a loop inside one jit with the cache carried in place,
+and the logit head alone; scales the layers to 26; and combines them with the tokens per round
+and drafted tokens per round measured in part 1:
+    speedup = tokens_per_round · t_target / (drafted_per_round · t_draft + t_verify(γ)).
+The acceptance of a trained 2B model's drafts is not known here, which is why this is a projection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import interleaved, write_json  # noqa: E402
+from decode import cache as kv_cache  # noqa: E402
+from decode import generate as gen  # noqa: E402
+from decode import speculative as spec  # noqa: E402
+from decode.sampling import SamplerConfig  # noqa: E402
+from spark import train_lib  # noqa: E402
+from spark.cli import load_config_file  # noqa: E402
+from spark.data.pipeline import get_tokenizer  # noqa: E402
+from spark.model import Transformer  # noqa: E402
+from spark.train import load_checkpoint  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FULL_LAYERS = 26
+PROMPTS = ["def ", "import os\n", "class ", "    return ", "if __name__ == "]
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", default=os.path.join(ROOT, "runs", "demo"))
+    ap.add_argument("--new_tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--gammas", default="1,2,3,4,5,6")
+    ap.add_argument("--granularities", default="8,4,2")
+    ap.add_argument("--thresholds", default="0.3,0.5")
+    ap.add_argument("--proj_layers", type=int, default=4)
+    ap.add_argument("--proj_reps", type=int, default=8)
+    ap.add_argument("--json")
+    ap.add_argument("--png")
+    return ap.parse_args()
+
+
+def ensure_checkpoint(workdir):
+    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return
+    print(f"no checkpoint in {workdir}: training configs/cpu_demo.py first (about 6 minutes)")
+    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config",
+                    os.path.join(ROOT, "configs", "cpu_demo.py"), "--workdir", workdir], check=True)
+
+
+# ---------------------------------------------------------------- part 1: measured on the demo model
+
+def variants_of(model_cfg, gammas, granularities, thresholds):
+    """name -> speculative kwargs (None: plain decoding)."""
+    out = {"plain": None}
+    for g in granularities:
+        dw = model_cfg.granularity_widths(g)
+        for gamma in gammas:
+            out[f"F/{g} γ={gamma}"] = dict(draft_widths=dw, gamma=gamma)
+        for h in thresholds:
+            out[f"F/{g} adaptive h={h} γmax={max(gammas)}"] = dict(draft_widths=dw, gamma=max(gammas),
+                                                                   adaptive_threshold=h)
+        out[f"F/{g} γ=3 separate"] = dict(draft_widths=dw, gamma=3, draft_cache="separate")
+    return out
+
+
+def measure_demo(args):
+    ensure_checkpoint(args.workdir)
+    cfg, params, step = load_checkpoint(args.workdir, None)
+    tok = get_tokenizer(cfg.data, args.workdir)
+    graphdef = train_lib.graphdef_of(cfg)
+    sampler = SamplerConfig(args.temperature)
+    common = dict(max_new_tokens=args.new_tokens, sampler=sampler, eos_id=-1, pad_id=tok.pad_id)
+    inputs = [(params, jnp.asarray([tok.encode(p, bos=True)], jnp.int32), jnp.asarray([len(tok.encode(p, bos=True))]),
+               jax.random.key(i)) for i, p in enumerate(PROMPTS)]
+    gammas = [int(x) for x in args.gammas.split(",")]
+    grans = [int(x) for x in args.granularities.split(",")]
+    thresholds = [float(x) for x in args.thresholds.split(",") if x]
+    configs = variants_of(cfg.model, gammas, grans, thresholds)
+
+    fns, acc = {}, {}
+    for name, kw in configs.items():
+        fns[name] = _bind(gen.generate if kw is None else spec.generate, graphdef, {**common, **(kw or {})})
+        if kw is not None:  # acceptance stats over all prompts (same seeds as the timing)
+            st = [jax.device_get(fns[name](*x)[2]) for x in inputs]
+            acc[name] = {"acceptance_rate": float(np.mean([s["acceptance_rate"] for s in st])),
+                         "tokens_per_round": float(np.mean([s["tokens_per_round"] for s in st])),
+                         "drafted_per_round": float(np.mean([s["drafted"].sum() / max(s["rounds"].sum(), 1)
+                                                             for s in st]))}
+        print(f"compiled {name}", flush=True)
+    timing = interleaved({n: (f, inputs, len(inputs)) for n, f in fns.items()}, args.rounds)
+    plain_s = timing["plain"]["median_s"]
+    rows = {}
+    for name in configs:
+        s = timing[name]["median_s"]
+        rows[name] = {"tokens_per_s": args.new_tokens / s, "speedup": plain_s / s, **acc.get(name, {}),
+                      "samples_s": timing[name]["samples_s"]}
+    return {"checkpoint": args.workdir, "checkpoint_step": step, "temperature": args.temperature,
+            "new_tokens": args.new_tokens, "configs": rows}
+
+
+def _bind(f, graphdef, kw):
+    def call(params, prompts, lengths, key):
+        return f(graphdef, params, prompts, lengths, key, **kw)
+    return call
+
+
+# ---------------------------------------------------------------- part 2: forward costs at 2B shapes
+
+def forward_costs(layers, gammas, granularities, reps, rounds, prompt_len=1024):
+    """Seconds per forward at the Spark 2B shapes: target T=1, verify T=γ+1, draft T=1 per
+    granularity, each with `layers` layers; and the head alone. Medians of interleaved rounds."""
+    base = load_config_file(os.path.join(ROOT, "configs", "spark_gemma2_2b.py")).model
+    cfg = dataclasses.replace(base, num_layers=layers)
+    graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)))
+    cache = kv_cache.init(cfg, 1, prompt_len + 16)
+    cache = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape, x.dtype) if x.ndim > 1 else x, cache)
+    cache = cache.replace(lengths=jnp.full((1,), prompt_len, jnp.int32))
+
+    def looped(t, widths):
+        @jax.jit
+        def run(params, cache):
+            model = nnx.merge(graphdef, params)
+            pos = prompt_len + jnp.arange(t, dtype=jnp.int32)[None]
+
+            def body(i, carry):
+                cache, acc = carry
+                logits, cache = model((pos + i) % cfg.vocab_size, pos, cache=cache, widths=widths, sparse=True)
+                return cache, acc + logits[0, -1, 0]
+            return jax.lax.fori_loop(0, reps, body, (cache, jnp.float32(0)))[1]
+        return run
+
+    @jax.jit
+    def head(params, x):
+        model = nnx.merge(graphdef, params)
+        return jax.lax.fori_loop(0, reps, lambda i, a: a + model.logits(x + a)[0, 0, 0], jnp.float32(0))
+
+    x = jax.random.normal(jax.random.key(2), (1, 1, cfg.d_model))
+    variants = {"target": (looped(1, None), [(params, cache)], 1), "head": (head, [(params, x)], 1)}
+    for g in gammas:
+        variants[f"verify γ={g}"] = (looped(g + 1, None), [(params, cache)], 1)
+    for gr in granularities:
+        variants[f"draft F/{gr}"] = (looped(1, cfg.granularity_widths(gr)), [(params, cache)], 1)
+    t = interleaved(variants, rounds)
+    per = {k: v["median_s"] / reps for k, v in t.items()}
+    head_s = per.pop("head")
+    scale = FULL_LAYERS / layers
+    return {"layers_measured": layers, "prompt_len": prompt_len, "head_s": head_s,
+            "measured_s": per, "projected_26_layers_s": {k: (v - head_s) * scale + head_s for k, v in per.items()}}
+
+
+def project(demo, costs, gammas, granularities):
+    c = costs["projected_26_layers_s"]
+    out = {}
+    for name, row in demo["configs"].items():
+        if "tokens_per_round" not in row or "separate" in name:
+            continue
+        gr = int(name.split()[0][2:])
+        gamma = int(name.split("γmax=")[1]) if "adaptive" in name else int(name.split("γ=")[1].split()[0])
+        cost = row["drafted_per_round"] * c[f"draft F/{gr}"] + c[f"verify γ={gamma}"]
+        out[name] = row["tokens_per_round"] * c["target"] / cost
+    return out
+
+
+# ---------------------------------------------------------------- report
+
+def plot(png, demo, projected, gammas, granularities):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+    for gr in granularities:
+        ys = [demo["configs"][f"F/{gr} γ={g}"]["speedup"] for g in gammas]
+        axes[0].plot(gammas, ys, marker="o", label=f"draft F/{gr}")
+        axes[1].plot(gammas, [projected[f"F/{gr} γ={g}"] for g in gammas], marker="o", label=f"draft F/{gr}")
+    axes[0].set_title(f"measured: demo model, T={demo['temperature']}, batch 1")
+    axes[1].set_title("projection: Spark Gemma-2-2B shapes, 26 layers")
+    for ax in axes:
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_xlabel("γ (draft tokens per round)")
+        ax.set_ylabel("tokens/s vs plain decoding")
+        ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    fig.savefig(png, dpi=110)
+    print(f"wrote {png}")
+
+
+def main():
+    args = parse_args()
+    t0 = time.time()
+    gammas = [int(x) for x in args.gammas.split(",")]
+    grans = [int(x) for x in args.granularities.split(",")]
+    demo = measure_demo(args)
+    print(f"\nmeasured on {demo['checkpoint']} (step {demo['checkpoint_step']}), batch 1, "
+          f"{demo['new_tokens']} new tokens, temperature {demo['temperature']}, {len(PROMPTS)} prompts")
+    print(f"{'config':34s} {'tok/s':>7s} {'speedup':>8s} {'accept':>7s} {'tok/round':>9s}")
+    for name, r in demo["configs"].items():
+        print(f"{name:34s} {r['tokens_per_s']:7.1f} {r['speedup']:7.2f}x {r.get('acceptance_rate', 1.0):7.2f} "
+              f"{r.get('tokens_per_round', 1.0):9.2f}")
+    costs = forward_costs(args.proj_layers, gammas, grans, args.proj_reps, args.rounds)
+    projected = project(demo, costs, gammas, grans)
+    print(f"\nprojection to Spark Gemma-2-2B (26 layers; forward costs measured with {args.proj_layers} layers, "
+          f"1024-token cache; acceptance from the demo model): ms per forward")
+    for k, v in costs["projected_26_layers_s"].items():
+        print(f"  {k:14s} {1e3 * v:8.1f}")
+    best_proj = max(projected, key=projected.get)
+    print(f"  best projected: {best_proj}: {projected[best_proj]:.2f}x")
+    spec_rows = {k: v for k, v in demo["configs"].items() if k != "plain"}
+    best = max(spec_rows, key=lambda k: spec_rows[k]["speedup"])
+    print(f"\nbest measured: {best}: {spec_rows[best]['speedup']:.2f}x "
+          f"(acceptance {spec_rows[best]['acceptance_rate']:.2f}); total {time.time() - t0:.0f}s")
+    payload = {"speedup_best": spec_rows[best]["speedup"], "best_config": best,
+               "acceptance_rate": {k: v["acceptance_rate"] for k, v in spec_rows.items()},
+               "measured": demo, "projection": {"note": "forward costs measured at 2B shapes; acceptance from the "
+                                                "demo model; not a measured 2B speculative run",
+                                                "costs": costs, "speedup": projected,
+                                                "speedup_best": projected[best_proj], "best_config": best_proj}}
+    write_json(args.json, payload)
+    if args.png:
+        plot(args.png, demo, projected, gammas, grans)
+
+
+if __name__ == "__main__":
+    main()
