@@ -10,7 +10,12 @@
    for dense attention).
 3. The attention projections as 3-D einsums over [D, N, H] / [N, H, D] weights vs the same weights
    reshaped to 2-D (what spark/attention.py does).
-Every group rotates through 4 weight copies (nothing stays in cache) and runs interleaved.
+4. x·Wᵀ for weights stored one row per output — the logit head (V = 256000) and an FFN gate
+   (9216 × 2304) — for blocks of 1, 2, 4 and 7 tokens (decode, speculative verify): formed
+   token-major [T, F] vs output-major [F, T] then transposed after a barrier (what
+   spark/layers.py's rows_matmul does for small blocks).
+Every group rotates through 4 weight copies (2 for the 2.4 GB head; nothing stays in cache) and
+runs interleaved.
 """
 
 from __future__ import annotations
@@ -94,13 +99,29 @@ def projection_variants(key):
                       o_args, 12)}
 
 
+def rows_variants(key):
+    """x·Wᵀ for W stored one row per output: the 256k-vocab head and a 9216-neuron FFN gate."""
+    from spark.layers import rows_matmul
+
+    d, out = 2304, {}
+    heads = [jax.random.normal(k, (256000, d)) * 0.03 for k in jax.random.split(key, 2)]
+    gates = _copies(key, (9216, d))
+    for group, ws, calls in (("head", heads, 2), ("rows", gates, 12)):
+        for t in (1, 2, 4, 7):
+            args = [(jax.random.normal(key, (1, t, d)), w) for w in ws]
+            out[f"{group}/T{t}_token_major"] = (jax.jit(lambda x, w: jnp.einsum("BTD,FD->BTF", x, w)), args, calls)
+            out[f"{group}/T{t}_output_major"] = (jax.jit(rows_matmul), args, calls)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    keys = jax.random.split(jax.random.key(0), 3)
-    variants = {**ffn_variants(keys[0]), **cache_variants(keys[1]), **projection_variants(keys[2])}
+    keys = jax.random.split(jax.random.key(0), 4)
+    variants = {**ffn_variants(keys[0]), **cache_variants(keys[1]), **projection_variants(keys[2]),
+                **rows_variants(keys[3])}
     res = interleaved(variants, args.rounds)
     ms = {n: r["median_s"] * 1e3 for n, r in res.items()}
     ratios = {"ffn_fused_over_separate": ms["ffn/rows_fused"] / ms["ffn/rows_separate"],
@@ -108,12 +129,14 @@ def main(argv=None):
               "cache_BSKH_over_K_BKSH_V_BKHS": ms["cache/BSKH"] / ms["cache/K_BKSH_V_BKHS"],
               "cache_BKSH_over_K_BKSH_V_BKHS": ms["cache/BKSH"] / ms["cache/K_BKSH_V_BKHS"],
               "q_3d_over_2d": ms["proj/q_einsum_3d"] / ms["proj/q_2d"],
-              "o_3d_over_2d": ms["proj/o_einsum_3d"] / ms["proj/o_2d"]}
+              "o_3d_over_2d": ms["proj/o_einsum_3d"] / ms["proj/o_2d"],
+              **{f"{g}_T{t}_token_over_output_major": ms[f"{g}/T{t}_token_major"] / ms[f"{g}/T{t}_output_major"]
+                 for g in ("head", "rows") for t in (1, 2, 4, 7)}}
     print(f"{'variant':28s} {'median ms':>10}")
     for n, v in ms.items():
         print(f"{n:28s} {v:>10.3f}")
     for n, v in ratios.items():
-        print(f"{n:32s} {v:.2f}x")
+        print(f"{n:38s} {v:.2f}x")
     write_json(args.json, {"benchmark": "decode_layouts", "rounds": args.rounds, "median_ms": ms, "ratios": ratios})
 
 

@@ -12,12 +12,13 @@ missing), one prompt at a time (batch 1). Variants: plain `decode.generate.gener
 variant runs the same prompts and seeds, interleaved round by round in one process; the table gives
 median tokens/s, the ratio to plain, the acceptance rate (accepted / drafted) and tokens per round.
 
-Part 2, a projection (not a measurement of speculative decoding at that size): at the Spark
-Gemma-2-2B shapes (configs/spark_gemma2_2b.py, random weights, `--proj_layers` of 26 layers, a
-1024-token cache) it times one target decode forward (T = 1), one verify forward (T = γ + 1) and
-one draft forward per granularity, each in a loop inside one jit with the cache carried in place,
-and the logit head alone; scales the layers to 26; and combines them with the tokens per round
-and drafted tokens per round measured in part 1:
+Part 2, a projection (not a measurement of speculative decoding at that size): at the Gemma-2-2B
+shapes, dense (configs/gemma2_2b.py) and Spark (configs/spark_gemma2_2b.py), random weights,
+`--proj_layers` of 26 layers, a 1024-token cache, it times one target decode forward (T = 1), one
+verify forward (T = γ + 1; Spark both sparse-gather and masked) and one draft forward per
+granularity, each in a loop inside one jit with the cache carried in place, and the logit head
+alone per block size; scales the layers to 26; and combines them with the tokens per round and
+drafted tokens per round measured in part 1:
     speedup = tokens_per_round · t_target / (drafted_per_round · t_draft + t_verify(γ)).
 The acceptance of a trained 2B model's drafts is not known here, which is why this is a projection.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -43,7 +45,8 @@ from decode import generate as gen  # noqa: E402
 from decode import speculative as spec  # noqa: E402
 from decode.sampling import SamplerConfig  # noqa: E402
 from spark import train_lib  # noqa: E402
-from spark.cli import load_config_file  # noqa: E402
+from bench.decode import model_configs  # noqa: E402
+from spark.config import MatFormerConfig  # noqa: E402
 from spark.data.pipeline import get_tokenizer  # noqa: E402
 from spark.model import Transformer  # noqa: E402
 from spark.train import load_checkpoint  # noqa: E402
@@ -100,8 +103,10 @@ def measure_demo(args):
     graphdef = train_lib.graphdef_of(cfg)
     sampler = SamplerConfig(args.temperature)
     common = dict(max_new_tokens=args.new_tokens, sampler=sampler, eos_id=-1, pad_id=tok.pad_id)
-    inputs = [(params, jnp.asarray([tok.encode(p, bos=True)], jnp.int32), jnp.asarray([len(tok.encode(p, bos=True))]),
-               jax.random.key(i)) for i, p in enumerate(PROMPTS)]
+    encoded = [list(tok.encode(p, bos=True)) for p in PROMPTS]
+    width = max(map(len, encoded))  # one padded shape: one compile per variant
+    inputs = [(params, jnp.asarray([e + [tok.pad_id] * (width - len(e))], jnp.int32),
+               jnp.asarray([len(e)], jnp.int32), jax.random.key(i)) for i, e in enumerate(encoded)]
     gammas = [int(x) for x in args.gammas.split(",")]
     grans = [int(x) for x in args.granularities.split(",")]
     thresholds = [float(x) for x in args.thresholds.split(",") if x]
@@ -137,57 +142,80 @@ def _bind(f, graphdef, kw):
 # ---------------------------------------------------------------- part 2: forward costs at 2B shapes
 
 def forward_costs(layers, gammas, granularities, reps, rounds, prompt_len=1024):
-    """Seconds per forward at the Spark 2B shapes: target T=1, verify T=γ+1, draft T=1 per
-    granularity, each with `layers` layers; and the head alone. Medians of interleaved rounds."""
-    base = load_config_file(os.path.join(ROOT, "configs", "spark_gemma2_2b.py")).model
-    cfg = dataclasses.replace(base, num_layers=layers)
-    graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)))
-    cache = kv_cache.init(cfg, 1, prompt_len + 16)
-    cache = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape, x.dtype) if x.ndim > 1 else x, cache)
-    cache = cache.replace(lengths=jnp.full((1,), prompt_len, jnp.int32))
-
-    def looped(t, widths):
-        @jax.jit
-        def run(params, cache):
-            model = nnx.merge(graphdef, params)
-            pos = prompt_len + jnp.arange(t, dtype=jnp.int32)[None]
-
-            def body(i, carry):
-                cache, acc = carry
-                logits, cache = model((pos + i) % cfg.vocab_size, pos, cache=cache, widths=widths, sparse=True)
-                return cache, acc + logits[0, -1, 0]
-            return jax.lax.fori_loop(0, reps, body, (cache, jnp.float32(0)))[1]
-        return run
-
-    @jax.jit
-    def head(params, x):
-        model = nnx.merge(graphdef, params)
-        return jax.lax.fori_loop(0, reps, lambda i, a: a + model.logits(x + a)[0, 0, 0], jnp.float32(0))
-
-    x = jax.random.normal(jax.random.key(2), (1, 1, cfg.d_model))
-    variants = {"target": (looped(1, None), [(params, cache)], 1), "head": (head, [(params, x)], 1)}
-    for g in gammas:
-        variants[f"verify γ={g}"] = (looped(g + 1, None), [(params, cache)], 1)
-    for gr in granularities:
-        variants[f"draft F/{gr}"] = (looped(1, cfg.granularity_widths(gr)), [(params, cache)], 1)
-    t = interleaved(variants, rounds)
-    per = {k: v["median_s"] / reps for k, v in t.items()}
-    head_s = per.pop("head")
+    """Seconds per forward at the 2B shapes, dense and Spark: target T=1, verify T=γ+1 (Spark: on
+    the sparse-gather path and masked), draft T=1 per granularity — each with `layers` layers and
+    the head — and the head alone per block size. Medians of interleaved rounds, then the layers
+    scaled to 26: t26 = (t − head(T))·26/layers + head(T)."""
+    nested = MatFormerConfig(divisors=(8, 4, 2, 1))  # the draft widths (the shapes are what is timed)
+    cfgs = {k: dataclasses.replace(c, matformer=nested)  # f32: bf16 is far slower on XLA:CPU (bench/decode.py)
+            for k, c in model_configs(layers, "float32").items()}
+    variants, heads = {}, {}
+    for kind, cfg in cfgs.items():
+        graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)))
+        cache = kv_cache.init(cfg, 1, prompt_len + 16)
+        cache = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape, x.dtype) if x.ndim > 1 else x,
+                             cache)  # random keys: Spark attention selects ~256 of them, as after a real prefill
+        cache = cache.replace(lengths=jnp.full((1,), prompt_len, jnp.int32))
+        run = functools.partial(_looped_forward, graphdef, reps=reps, start=prompt_len, vocab=cfg.vocab_size)
+        args = [(params, cache)]
+        variants[f"{kind} target"] = (jax.jit(functools.partial(run, t=1, widths=None, sparse=True)), args, 1)
+        for g in gammas:
+            variants[f"{kind} verify γ={g}"] = (jax.jit(functools.partial(run, t=g + 1, widths=None, sparse=True)),
+                                                args, 1)
+            if kind == "spark":
+                variants[f"{kind} verify γ={g} masked"] = (
+                    jax.jit(functools.partial(run, t=g + 1, widths=None, sparse=False)), args, 1)
+        for gr in granularities:
+            variants[f"{kind} draft F/{gr}"] = (
+                jax.jit(functools.partial(run, t=1, widths=cfg.granularity_widths(gr), sparse=True)), args, 1)
+        if kind == "dense":
+            for t in sorted({1, *(g + 1 for g in gammas)}):
+                x = jax.random.normal(jax.random.key(2), (1, t, cfg.d_model))
+                heads[t] = f"head T={t}"
+                variants[heads[t]] = (jax.jit(functools.partial(_looped_head, graphdef, reps=reps)), [(params, x)], 1)
+    per = {k: v["median_s"] / reps for k, v in interleaved(variants, rounds).items()}
+    head_s = {t: per.pop(name) for t, name in heads.items()}
     scale = FULL_LAYERS / layers
-    return {"layers_measured": layers, "prompt_len": prompt_len, "head_s": head_s,
-            "measured_s": per, "projected_26_layers_s": {k: (v - head_s) * scale + head_s for k, v in per.items()}}
+
+    def block(name):
+        return 1 if "verify" not in name else int(name.split("γ=")[1].split()[0]) + 1
+
+    projected = {k: (v - head_s[block(k)]) * scale + head_s[block(k)] for k, v in per.items()}
+    return {"layers_measured": layers, "prompt_len": prompt_len, "head_s": head_s, "measured_s": per,
+            "projected_26_layers_s": projected}
 
 
-def project(demo, costs, gammas, granularities):
+def _looped_forward(graphdef, params, cache, *, t, widths, sparse, reps, start, vocab):
+    """`reps` forwards of a t-token block at the same positions, the cache carried in place."""
+    model = nnx.merge(graphdef, params)
+    pos = start + jnp.arange(t, dtype=jnp.int32)[None]
+
+    def body(i, carry):
+        cache, acc = carry
+        logits, cache = model((pos + i) % vocab, pos, cache=cache, widths=widths, sparse=sparse)
+        return cache, acc + logits[0, -1, 0]
+    return jax.lax.fori_loop(0, reps, body, (cache, jnp.float32(0)))[1]
+
+
+def _looped_head(graphdef, params, x, *, reps):
+    model = nnx.merge(graphdef, params)
+    return jax.lax.fori_loop(0, reps, lambda i, a: a + model.logits(x + a)[0, 0, 0], jnp.float32(0))
+
+
+def project(demo, costs):
+    """Projected speedup per (target kind, demo config): measured tokens and drafts per round,
+    forward costs at 2B shapes (the faster verify mode for Spark)."""
     c = costs["projected_26_layers_s"]
     out = {}
-    for name, row in demo["configs"].items():
-        if "tokens_per_round" not in row or "separate" in name:
-            continue
-        gr = int(name.split()[0][2:])
-        gamma = int(name.split("γmax=")[1]) if "adaptive" in name else int(name.split("γ=")[1].split()[0])
-        cost = row["drafted_per_round"] * c[f"draft F/{gr}"] + c[f"verify γ={gamma}"]
-        out[name] = row["tokens_per_round"] * c["target"] / cost
+    for kind in ("dense", "spark"):
+        for name, row in demo["configs"].items():
+            if "tokens_per_round" not in row or "separate" in name:
+                continue
+            gr = int(name.split()[0][2:])
+            gamma = int(name.split("γmax=")[1]) if "adaptive" in name else int(name.split("γ=")[1].split()[0])
+            verify = min(v for k, v in c.items() if k.startswith(f"{kind} verify γ={gamma}"))
+            cost = row["drafted_per_round"] * c[f"{kind} draft F/{gr}"] + verify
+            out[f"{kind} {name}"] = row["tokens_per_round"] * c[f"{kind} target"] / cost
     return out
 
 
@@ -203,9 +231,11 @@ def plot(png, demo, projected, gammas, granularities):
     for gr in granularities:
         ys = [demo["configs"][f"F/{gr} γ={g}"]["speedup"] for g in gammas]
         axes[0].plot(gammas, ys, marker="o", label=f"draft F/{gr}")
-        axes[1].plot(gammas, [projected[f"F/{gr} γ={g}"] for g in gammas], marker="o", label=f"draft F/{gr}")
+        for kind, ls in (("dense", "-"), ("spark", ":")):
+            axes[1].plot(gammas, [projected[f"{kind} F/{gr} γ={g}"] for g in gammas], marker="o", ls=ls,
+                         label=f"{kind} target, draft F/{gr}")
     axes[0].set_title(f"measured: demo model, T={demo['temperature']}, batch 1")
-    axes[1].set_title("projection: Spark Gemma-2-2B shapes, 26 layers")
+    axes[1].set_title("projection: Gemma-2-2B shapes, 26 layers")
     for ax in axes:
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_xlabel("γ (draft tokens per round)")
@@ -230,13 +260,14 @@ def main():
         print(f"{name:34s} {r['tokens_per_s']:7.1f} {r['speedup']:7.2f}x {r.get('acceptance_rate', 1.0):7.2f} "
               f"{r.get('tokens_per_round', 1.0):9.2f}")
     costs = forward_costs(args.proj_layers, gammas, grans, args.proj_reps, args.rounds)
-    projected = project(demo, costs, gammas, grans)
-    print(f"\nprojection to Spark Gemma-2-2B (26 layers; forward costs measured with {args.proj_layers} layers, "
-          f"1024-token cache; acceptance from the demo model): ms per forward")
-    for k, v in costs["projected_26_layers_s"].items():
-        print(f"  {k:14s} {1e3 * v:8.1f}")
+    projected = project(demo, costs)
+    print(f"\nprojection to Gemma-2-2B shapes, dense and Spark targets (26 layers; forward costs measured with "
+          f"{args.proj_layers} layers + the head, 1024-token cache; tokens per round from the demo model)")
+    print("  ms per forward: " + ", ".join(f"{k} {1e3 * v:.0f}" for k, v in costs["projected_26_layers_s"].items()))
+    for kind in ("dense", "spark"):
+        best_k = max((k for k in projected if k.startswith(kind)), key=projected.get)
+        print(f"  best projected, {kind} target: {best_k[len(kind) + 1:]}: {projected[best_k]:.2f}x")
     best_proj = max(projected, key=projected.get)
-    print(f"  best projected: {best_proj}: {projected[best_proj]:.2f}x")
     spec_rows = {k: v for k, v in demo["configs"].items() if k != "plain"}
     best = max(spec_rows, key=lambda k: spec_rows[k]["speedup"])
     print(f"\nbest measured: {best}: {spec_rows[best]['speedup']:.2f}x "

@@ -135,7 +135,8 @@ def _confidence(logits_BV, logq_BV, sampler):
 
 
 def draft(model, s: SpecState, key, *, gamma, sampler, draft_widths, adaptive_threshold, sparse, separate):
-    """Up to γ draft tokens per row (a while_loop: stops early once no row is drafting).
+    """γ draft tokens per row (unrolled); with an adaptive threshold up to γ, in a while_loop that
+    ends once no row is drafting.
 
     -> (drafts_BG, logq_BGV, drafted_BG, target cache with the draft's slots written | unchanged,
     draft cache | None)."""
@@ -172,8 +173,13 @@ def draft(model, s: SpecState, key, *, gamma, sampler, draft_widths, adaptive_th
         logits, cache = model(tok, (pos0 + i)[:, None], cache=cache, widths=draft_widths, sparse=sparse)
         return i + 1, cache, pick(i, logits[:, 0], drafts, logq, drafted, active, confidence)
 
-    cond = lambda c: (c[0] < gamma) & jnp.any(c[2][3])  # noqa: E731
-    _, cache, (drafts, logq, drafted, _, _) = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, carry))
+    c = (1, cache, carry)
+    if adaptive_threshold is None:  # fixed γ: unrolled (no loop overhead per draft step)
+        for _ in range(1, gamma):
+            c = body(c)
+    else:  # stops as soon as no row is drafting any more
+        c = jax.lax.while_loop(lambda c: (c[0] < gamma) & jnp.any(c[2][3]), body, (jnp.int32(1), *c[1:]))
+    _, cache, (drafts, logq, drafted, _, _) = c
     if separate:
         return drafts, logq, drafted, s.cache, cache
     return drafts, logq, drafted, cache, None
@@ -195,14 +201,14 @@ def verify(model, cache, pending_B, drafts_BG, *, sampler, widths, sparse):
 
 
 def spec_round(model, s: SpecState, *, gamma, sampler, eos_id, pad_id, widths, draft_widths,
-               adaptive_threshold, sparse, separate) -> SpecState:
+               adaptive_threshold, sparse, separate, verify_sparse=None) -> SpecState:
     k_draft, k_accept = jax.random.split(jax.random.fold_in(s.key, s.rounds))
     lengths = s.cache.lengths
     drafts, logq, drafted, cache, dcache = draft(
         model, s, k_draft, gamma=gamma, sampler=sampler, draft_widths=draft_widths,
         adaptive_threshold=adaptive_threshold, sparse=sparse, separate=separate)
     logp, cache = verify(model, cache.replace(lengths=lengths), s.pending_B, drafts, sampler=sampler,
-                         widths=widths, sparse=sparse)
+                         widths=widths, sparse=sparse if verify_sparse is None else verify_sparse)
     n, t = accept(k_accept, logp, logq, drafts, drafted)
 
     live = ~s.done_B
@@ -257,14 +263,17 @@ def summarize(s: SpecState) -> dict:
 
 
 _STATIC = ("graphdef", "max_new_tokens", "sampler", "eos_id", "pad_id", "widths", "draft_widths", "gamma",
-           "adaptive_threshold", "draft_cache", "sparse")
+           "adaptive_threshold", "draft_cache", "sparse", "verify_sparse")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def generate(graphdef, params, prompts_BT, prompt_lengths_B, key, *, max_new_tokens: int, sampler: SamplerConfig,
              eos_id: int, pad_id: int, draft_widths, gamma: int, widths=None, adaptive_threshold=None,
-             draft_cache: str = "shared", sparse: bool = True):
+             draft_cache: str = "shared", sparse: bool = True, verify_sparse: bool | None = None):
     """Speculative sampling from the target (`widths`, None = full) with a MatFormer draft.
+
+    `sparse` runs Spark layers on the sparse-gather path; `verify_sparse` (default: `sparse`) sets it
+    for the (γ+1)-token verify alone, whose gathers grow with the block (bench/speculative.py).
 
     Returns (new_tokens [B, max_new_tokens] padded with pad_id after EOS, num_new [B], stats), like
     decode.generate.generate; stats from `summarize`."""
@@ -275,5 +284,6 @@ def generate(graphdef, params, prompts_BT, prompt_lengths_B, key, *, max_new_tok
               sparse=sparse, separate=draft_cache == "separate")
     s = spec_prefill(model, prompts_BT, prompt_lengths_B, key, max_new_tokens=max_new_tokens, **kw)
     cond = lambda s: (s.rounds < max_new_tokens) & ~jnp.all(s.done_B)  # noqa: E731
-    s = jax.lax.while_loop(cond, lambda s: spec_round(model, s, adaptive_threshold=adaptive_threshold, **kw), s)
+    s = jax.lax.while_loop(cond, lambda s: spec_round(model, s, adaptive_threshold=adaptive_threshold,
+                                                      verify_sparse=verify_sparse, **kw), s)
     return s.tokens_BN[:, :max_new_tokens], s.num_B, summarize(s)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from spark import sparsity
-from spark.layers import gelu, normal_init
+from spark.layers import gelu, normal_init, rows_matmul
 
 
 def _density(h_BTF):
@@ -42,8 +42,8 @@ class GeGLU(nnx.Module):
     def __call__(self, x_BTD, width: int, sparse: bool = False):
         del sparse  # GeGLU has no sparse-gather path; gate sparsity stays a mask
         dt = x_BTD.dtype
-        gate = jnp.einsum("BTD,FD->BTF", x_BTD, self.w_gate[:width].astype(dt))
-        up = jnp.einsum("BTD,FD->BTF", x_BTD, self.w_up[:width].astype(dt))
+        gate = rows_matmul(x_BTD, self.w_gate[:width].astype(dt))
+        up = rows_matmul(x_BTD, self.w_up[:width].astype(dt))
         if self.sparsity > 0.0:
             gate = sparsity.soft_topk(gate, 1.0 - self.sparsity)
         h = gelu(gate) * up
@@ -67,7 +67,7 @@ class SparkFFN(nnx.Module):
     def predictor(self, x_BTD, width: int):
         """Pre-activation predictor scores x[:r]·K1ᵀ over the first `width` neurons."""
         w = self.w_pred[:width].astype(x_BTD.dtype)
-        return jnp.einsum("BTR,FR->BTF", x_BTD[..., : self.rank], w)
+        return rows_matmul(x_BTD[..., : self.rank], w)
 
     def __call__(self, x_BTD, width: int, sparse: bool = False):
         if sparse:
@@ -75,7 +75,7 @@ class SparkFFN(nnx.Module):
         dt = x_BTD.dtype
         act = gelu(sparsity.soft_topk(self.predictor(x_BTD, width), self.k_frac,
                                       stop_gradient=self.stop_grad))
-        up = jnp.einsum("BTE,FE->BTF", x_BTD[..., self.rank :], self.w_up[:width].astype(dt))
+        up = rows_matmul(x_BTD[..., self.rank :], self.w_up[:width].astype(dt))
         out = jnp.einsum("BTF,FD->BTD", act * up, self.w_down[:width].astype(dt))
         return out, {"ffn_density": _density(act)}
 

@@ -47,3 +47,21 @@ def apply_rope(x_BTNH, positions_BT, theta: float):
 def normal_init(rngs: nnx.Rngs, shape, fan_in: int, dtype):
     """Truncation-free normal with std 1/sqrt(fan_in)."""
     return jax.random.normal(rngs.params(), shape, dtype) * (fan_in**-0.5)
+
+
+DECODE_TOKENS = 16  # blocks of at most this many tokens use the row-major product below
+
+
+def rows_matmul(x_BTD, w_FD, out_dtype=None):
+    """x · wᵀ -> [B, T, F] for a weight stored one row per output (FFN neurons, vocabulary).
+
+    For decode-sized blocks (≤ DECODE_TOKENS tokens: a decode step, a speculative verify) the
+    product is formed output-major, [F, B·T], and transposed after a barrier: otherwise XLA:CPU
+    fuses the transpose into the dot and picks a kernel 1.4-2.2× slower for 2-7 tokens
+    (`python bench/decode_layouts.py`, head/* and rows/*). Larger blocks (training, prefill) use the
+    plain token-major einsum."""
+    b, t, d = x_BTD.shape
+    if b * t > DECODE_TOKENS:
+        return jnp.einsum("BTD,FD->BTF", x_BTD, w_FD, preferred_element_type=out_dtype)
+    y_FN = jnp.einsum("FD,ND->FN", w_FD, x_BTD.reshape(b * t, d), preferred_element_type=out_dtype)
+    return jax.lax.optimization_barrier(y_FN).T.reshape(b, t, -1)

@@ -17,7 +17,7 @@ from decode.cache import KVCache
 from spark.attention import Attention
 from spark.config import ModelConfig
 from spark.ffn import make_ffn
-from spark.layers import RMSNorm, normal_init, softcap
+from spark.layers import RMSNorm, normal_init, rows_matmul, softcap
 
 
 class Block(nnx.Module):
@@ -71,8 +71,7 @@ class Transformer(nnx.Module):
         """Final norm, tied output embedding, final softcap -> float32 logits."""
         x = self.final_norm(x_BTD)
         emb = self.embed[...].astype(x.dtype)
-        logits = jnp.einsum("BTD,VD->BTV", x, emb, preferred_element_type=jnp.float32)
-        return softcap(logits, self.cfg.final_logit_softcap)
+        return softcap(rows_matmul(x, emb, jnp.float32), self.cfg.final_logit_softcap)
 
     def apply_layers(self, x_BTD, positions_BT, cache=None, widths=None, segment_ids_BT=None, sparse=False):
         """The blocks between embedding and output: -> (x_BTD, cache, per-layer stats)."""
