@@ -26,6 +26,8 @@ bench: setup
 	$(BIN)/python bench/train_throughput.py --json bench/results/train_throughput.json
 	$(BIN)/python bench/decode_layouts.py --json bench/results/decode_layouts.json
 	$(BIN)/python bench/decode.py --rounds 5 --json bench/results/decode.json
+	$(BIN)/python bench/speculative.py --rounds 5 --json bench/results/speculative.json \
+		--png bench/results/speculative.png
 
 lint: setup
 	$(BIN)/ruff check spark decode tests bench configs *.py

@@ -4,6 +4,7 @@
                                 [--temperature 0.8] [--gammas 1,2,3,4,5,6] [--granularities 8,4,2]
                                 [--proj_layers 4] [--json bench/results/speculative.json]
                                 [--png bench/results/speculative.png]
+    python bench/speculative.py --from_json bench/results/speculative.json   (re-draw the PNG)
 
 Part 1, measured: the trained demo checkpoint (`make demo` writes runs/demo; trained here first if
 missing), one prompt at a time (batch 1). Variants: plain `decode.generate.generate`, and
@@ -21,6 +22,10 @@ alone per block size; scales the layers to 26; and combines them with the tokens
 drafted tokens per round measured in part 1:
     speedup = tokens_per_round · t_target / (drafted_per_round · t_draft + t_verify(γ)).
 The acceptance of a trained 2B model's drafts is not known here, which is why this is a projection.
+
+Part 3, an analytic model (no timing): the same tokens and drafts per round on a bandwidth-bound
+accelerator, where a forward costs the bytes it reads and a (γ+1)-token verify costs one step
+(`bandwidth_model`; dense 2B target).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -40,12 +46,12 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import interleaved, write_json  # noqa: E402
+from bench.decode import model_configs  # noqa: E402
 from decode import cache as kv_cache  # noqa: E402
 from decode import generate as gen  # noqa: E402
 from decode import speculative as spec  # noqa: E402
 from decode.sampling import SamplerConfig  # noqa: E402
 from spark import train_lib  # noqa: E402
-from bench.decode import model_configs  # noqa: E402
 from spark.config import MatFormerConfig  # noqa: E402
 from spark.data.pipeline import get_tokenizer  # noqa: E402
 from spark.model import Transformer  # noqa: E402
@@ -69,6 +75,7 @@ def parse_args():
     ap.add_argument("--proj_reps", type=int, default=8)
     ap.add_argument("--json")
     ap.add_argument("--png")
+    ap.add_argument("--from_json", help="only re-draw the PNG from this results JSON")
     return ap.parse_args()
 
 
@@ -165,9 +172,10 @@ def forward_costs(layers, gammas, granularities, reps, rounds, prompt_len=1024):
             if kind == "spark":
                 variants[f"{kind} verify γ={g} masked"] = (
                     jax.jit(functools.partial(run, t=g + 1, widths=None, sparse=False)), args, 1)
-        for gr in granularities:
-            variants[f"{kind} draft F/{gr}"] = (
-                jax.jit(functools.partial(run, t=1, widths=cfg.granularity_widths(gr), sparse=True)), args, 1)
+        for gr in granularities:  # FFN weights cut to the draft widths, as decode/speculative.py does
+            dw = cfg.granularity_widths(gr)
+            variants[f"{kind} draft F/{gr}"] = (jax.jit(functools.partial(run, t=1, widths=dw, sparse=True)),
+                                                [(spec.cut_ffn_weights(params, cfg, dw), cache)], 1)
         if kind == "dense":
             for t in sorted({1, *(g + 1 for g in gammas)}):
                 x = jax.random.normal(jax.random.key(2), (1, t, cfg.d_model))
@@ -219,28 +227,58 @@ def project(demo, costs):
     return out
 
 
+def bandwidth_model(demo, granularities, prompt_len=1024):
+    """An analytic projection for a bandwidth-bound accelerator and the dense 2B target: a forward
+    costs the bytes it reads, and a (γ+1)-token verify reads what one decode step reads, so
+    speedup = tokens_per_round / (drafted_per_round · c + 1), c = draft bytes / target bytes.
+    (Not for the Spark target: its verify reads the union of the block's active rows, which grows
+    with γ.)"""
+    cfg = model_configs(FULL_LAYERS, "float32")["dense"]
+    d, n, kh, h, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_width(0)
+    attn = d * n * h * 2 + d * kh * h * 2 + prompt_len * kh * h * 2  # q, o, k, v weights + the KV read
+
+    def step_bytes(width):
+        return 4 * (cfg.num_layers * (attn + 3 * width * d) + cfg.vocab_size * d)
+
+    c = {gr: step_bytes(f // gr) / step_bytes(f) for gr in granularities}
+    out = {}
+    for name, row in demo["configs"].items():
+        if "tokens_per_round" in row and "separate" not in name:
+            gr = int(name.split()[0][2:])
+            out[name] = row["tokens_per_round"] / (row["drafted_per_round"] * c[gr] + 1.0)
+    return {"draft_cost_ratio": c, "speedup": out}
+
+
 # ---------------------------------------------------------------- report
 
-def plot(png, demo, projected, gammas, granularities):
+def plot(png, payload):
+    """Speedup vs γ per draft granularity: measured, projected (2B timings), analytic model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
-    for gr in granularities:
-        ys = [demo["configs"][f"F/{gr} γ={g}"]["speedup"] for g in gammas]
-        axes[0].plot(gammas, ys, marker="o", label=f"draft F/{gr}")
+    demo, projected = payload["measured"], payload["projection"]["speedup"]
+    bw = payload["bandwidth_model"]["speedup"]
+    names = [k for k in demo["configs"] if "γ=" in k and "separate" not in k]
+    grans = sorted({int(k.split()[0][2:]) for k in names}, reverse=True)
+    gammas = sorted({int(k.split("γ=")[1]) for k in names})
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for gr in grans:
+        cfgs = [f"F/{gr} γ={g}" for g in gammas]
+        axes[0].plot(gammas, [demo["configs"][c]["speedup"] for c in cfgs], marker="o", label=f"draft F/{gr}")
         for kind, ls in (("dense", "-"), ("spark", ":")):
-            axes[1].plot(gammas, [projected[f"{kind} F/{gr} γ={g}"] for g in gammas], marker="o", ls=ls,
+            axes[1].plot(gammas, [projected[f"{kind} {c}"] for c in cfgs], marker="o", ls=ls,
                          label=f"{kind} target, draft F/{gr}")
-    axes[0].set_title(f"measured: demo model, T={demo['temperature']}, batch 1")
-    axes[1].set_title("projection: Gemma-2-2B shapes, 26 layers")
+        axes[2].plot(gammas, [bw[c] for c in cfgs], marker="o", label=f"draft F/{gr}")
+    axes[0].set_title(f"measured: demo model, T={demo['temperature']}, batch 1, 2-core CPU")
+    axes[1].set_title("projection: 2B shapes, forward times on this CPU")
+    axes[2].set_title("analytic: dense 2B, bandwidth-bound accelerator")
     for ax in axes:
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_xlabel("γ (draft tokens per round)")
         ax.set_ylabel("tokens/s vs plain decoding")
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
     fig.savefig(png, dpi=110)
@@ -249,6 +287,10 @@ def plot(png, demo, projected, gammas, granularities):
 
 def main():
     args = parse_args()
+    if args.from_json:  # re-draw the figure from a results file
+        with open(args.from_json) as f:
+            plot(args.png or args.from_json.replace(".json", ".png"), json.load(f))
+        return
     t0 = time.time()
     gammas = [int(x) for x in args.gammas.split(",")]
     grans = [int(x) for x in args.granularities.split(",")]
@@ -268,6 +310,11 @@ def main():
         best_k = max((k for k in projected if k.startswith(kind)), key=projected.get)
         print(f"  best projected, {kind} target: {best_k[len(kind) + 1:]}: {projected[best_k]:.2f}x")
     best_proj = max(projected, key=projected.get)
+    bw = bandwidth_model(demo, grans)
+    best_bw = max(bw["speedup"], key=bw["speedup"].get)
+    print("\nanalytic bandwidth-bound model, dense 2B target (verify costs one step; cost = bytes read): "
+          "draft/target bytes " + ", ".join(f"F/{g} {c:.2f}" for g, c in bw["draft_cost_ratio"].items()))
+    print(f"  best: {best_bw}: {bw['speedup'][best_bw]:.2f}x")
     spec_rows = {k: v for k, v in demo["configs"].items() if k != "plain"}
     best = max(spec_rows, key=lambda k: spec_rows[k]["speedup"])
     print(f"\nbest measured: {best}: {spec_rows[best]['speedup']:.2f}x "
@@ -277,10 +324,11 @@ def main():
                "measured": demo, "projection": {"note": "forward costs measured at 2B shapes; acceptance from the "
                                                 "demo model; not a measured 2B speculative run",
                                                 "costs": costs, "speedup": projected,
-                                                "speedup_best": projected[best_proj], "best_config": best_proj}}
+                                                "speedup_best": projected[best_proj], "best_config": best_proj},
+               "bandwidth_model": {**bw, "speedup_best": bw["speedup"][best_bw], "best_config": best_bw}}
     write_json(args.json, payload)
     if args.png:
-        plot(args.png, demo, projected, gammas, grans)
+        plot(args.png, payload)
 
 
 if __name__ == "__main__":

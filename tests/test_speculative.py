@@ -147,7 +147,7 @@ def _pvalue(out):
 
 
 E2E_MODES = {"shared": dict(draft_cache="shared"), "separate": dict(draft_cache="separate"),
-             "adaptive": dict(draft_cache="shared", adaptive_threshold=0.5)}
+             "adaptive": dict(draft_cache="shared", adaptive_threshold=0.2)}
 
 
 @pytest.mark.parametrize("mode", list(E2E_MODES))
@@ -156,6 +156,11 @@ def test_end_to_end_matches_target_distribution(mode):
     assert _pvalue(out) > ALPHA
     rate = float(st["acceptance_rate"])
     assert 0.2 < rate < 0.98, rate  # both branches (accept, reject) exercised
+    drafted, rounds = int(np.sum(st["drafted"])), int(np.sum(st["rounds"]))
+    if mode == "adaptive":  # stopped early in some rounds, not in all
+        assert rounds < drafted < GAMMA * rounds
+    else:
+        assert drafted == GAMMA * rounds
 
 
 def _broken_bonus(p_BTV, q_BTV, n_B):
