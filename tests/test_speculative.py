@@ -209,7 +209,7 @@ PROMPTS = [[5, 9, 2, 44, 17, 3, 8], [11, 4, 30], [7, 7, 1, 60, 2]]
 
 
 GREEDY_CASES = {"dense-shared": (SMALL, "shared", [(1, None), (8, None), (8, 0.3)]),
-                "dense-separate": (SMALL, "separate", [(1, None), (8, None), (8, 0.3)]),
+                "dense-separate": (SMALL, "separate", [(1, None), (8, None)]),
                 "spark-shared": (SPARK, "shared", [(8, None)])}
 
 
