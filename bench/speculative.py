@@ -121,7 +121,7 @@ def measure_demo(args):
 
     fns, acc = {}, {}
     for name, kw in configs.items():
-        fns[name] = _bind(gen.generate if kw is None else spec.generate, graphdef, {**common, **(kw or {})})
+        fns[name] = functools.partial(gen.generate if kw is None else spec.generate, graphdef, **common, **(kw or {}))
         if kw is not None:  # acceptance stats over all prompts (same seeds as the timing)
             st = [jax.device_get(fns[name](*x)[2]) for x in inputs]
             acc[name] = {"acceptance_rate": float(np.mean([s["acceptance_rate"] for s in st])),
@@ -138,12 +138,6 @@ def measure_demo(args):
                       "samples_s": timing[name]["samples_s"]}
     return {"checkpoint": args.workdir, "checkpoint_step": step, "temperature": args.temperature,
             "new_tokens": args.new_tokens, "configs": rows}
-
-
-def _bind(f, graphdef, kw):
-    def call(params, prompts, lengths, key):
-        return f(graphdef, params, prompts, lengths, key, **kw)
-    return call
 
 
 # ---------------------------------------------------------------- part 2: forward costs at 2B shapes

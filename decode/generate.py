@@ -51,15 +51,23 @@ def _stat_sums(model, cache, widths, sparse):
     return {k: jnp.zeros(v.shape[1:] if v.ndim == 2 else v.shape, v.dtype) for k, v in aux.items()}
 
 
-def prefill(model, prompts_BT, prompt_lengths_B, key, *, max_new_tokens: int, widths=None, sparse=True):
+def prefill_cache(model, prompts_BT, prompt_lengths_B, *, max_new_tokens: int, widths=None, slack: int = 8):
+    """The prompts' K/V in a fresh cache with room for max_new_tokens (+ slack) ->
+    (logits_BV at each row's last prompt token, cache with lengths = prompt lengths)."""
     b, t = prompts_BT.shape
-    cache = kv_cache.init(model.cfg, b, t + max_new_tokens)
+    cache = kv_cache.init(model.cfg, b, t + max_new_tokens, slack)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     lengths = prompt_lengths_B.astype(jnp.int32)
     logits, cache = model(prompts_BT, positions, cache=cache, widths=widths, logits_at_B=lengths - 1)
-    cache = cache.replace(lengths=lengths)
+    return logits[:, 0], cache.replace(lengths=lengths)
+
+
+def prefill(model, prompts_BT, prompt_lengths_B, key, *, max_new_tokens: int, widths=None, sparse=True):
+    b = prompts_BT.shape[0]
+    logits_BV, cache = prefill_cache(model, prompts_BT, prompt_lengths_B, max_new_tokens=max_new_tokens,
+                                     widths=widths)
     return DecodeState(step=jnp.int32(0), tokens_BN=jnp.zeros((b, max_new_tokens), jnp.int32),
-                       positions_B=lengths, done_B=jnp.zeros((b,), bool), logits_BV=logits[:, 0], cache=cache,
+                       positions_B=cache.lengths, done_B=jnp.zeros((b,), bool), logits_BV=logits_BV, cache=cache,
                        key=key, stats=_stat_sums(model, cache, widths, sparse))
 
 

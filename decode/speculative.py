@@ -42,8 +42,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from decode import cache as kv_cache
 from decode.cache import KVCache
+from decode.generate import prefill_cache
 from decode.sampling import SamplerConfig, processed_logprobs, sample
 from spark.config import ConfigError
 
@@ -172,8 +172,8 @@ def draft(model, s: SpecState, key, *, gamma, sampler, draft_widths, adaptive_th
         drafts = drafts.at[:, i].set(jnp.where(active, d, 0))
         logq = logq.at[:, i].set(lq)
         drafted = drafted.at[:, i].set(active)
-        confidence = confidence * _confidence(logits_BV, lq, sampler)
-        if adaptive_threshold is not None:
+        if adaptive_threshold is not None:  # fixed γ: no confidence to compute
+            confidence = confidence * _confidence(logits_BV, lq, sampler)
             active = active & (1.0 - confidence <= adaptive_threshold)
         return drafts, logq, drafted, active, confidence
 
@@ -248,25 +248,20 @@ def spec_round(model, s: SpecState, *, gamma, sampler, eos_id, pad_id, widths, d
 def spec_prefill(model, prompts_BT, prompt_lengths_B, key, *, max_new_tokens, gamma, sampler, eos_id, pad_id,
                  widths, draft_widths, sparse, separate, drafter=None) -> SpecState:
     """Prefill the target (and the separate draft), emit the first token from the target."""
-    b, t = prompts_BT.shape
-    size, slack = t + max_new_tokens, gamma + 2
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    b = prompts_BT.shape[0]
     lengths = prompt_lengths_B.astype(jnp.int32)
-    logits, cache = model(prompts_BT, positions, cache=kv_cache.init(model.cfg, b, size, slack), widths=widths,
-                          logits_at_B=lengths - 1)
-    dcache = None
-    if separate:
-        _, dcache = (drafter or model)(prompts_BT, positions, cache=kv_cache.init(model.cfg, b, size, slack),
-                          widths=draft_widths, logits_at_B=lengths - 1)
-        dcache = dcache.replace(lengths=lengths)
+    fill = functools.partial(prefill_cache, prompts_BT=prompts_BT, prompt_lengths_B=lengths,
+                             max_new_tokens=max_new_tokens, slack=gamma + 2)
+    logits_BV, cache = fill(model, widths=widths)
+    dcache = fill(drafter or model, widths=draft_widths)[1] if separate else None
     k_first, key = jax.random.split(key)
-    first, _ = sample(k_first, logits[:, 0], sampler)
+    first, _ = sample(k_first, logits_BV, sampler)
     tokens = jnp.full((b, max_new_tokens + gamma + 1), pad_id, jnp.int32).at[:, 0].set(first)
     last = jnp.take_along_axis(prompts_BT, (lengths - 1)[:, None], 1)[:, 0].astype(jnp.int32)
     zeros = jnp.zeros((b,), jnp.int32)
     return SpecState(rounds=jnp.int32(0), tokens_BN=tokens, num_B=jnp.ones((b,), jnp.int32), pending_B=first,
                      last_B=last, done_B=(first == eos_id) | (max_new_tokens <= 1),
-                     cache=cache.replace(lengths=lengths), draft_cache=dcache, key=key,
+                     cache=cache, draft_cache=dcache, key=key,
                      stats={"rounds": zeros, "drafted": zeros, "accepted": zeros})
 
 
