@@ -1,0 +1,142 @@
+"""Row-batched rollouts, the kernel every step-level search runs on (decode/foresight.py,
+decode/baselines.py).
+
+A `Rows` holds R independent continuations of a batch of prompts: the LM's cache (leading axis R),
+the logits for each row's next token, its position, the tokens it generated after its prompt and
+whether it ended. `sample_until` extends every active row until it emits a stop token, a
+per-call token cap, or fills its buffer, inside one `lax.while_loop`; `take` gathers rows by
+index (the t5x `gather_beams` pattern: reselecting beams gathers their caches).
+
+Sampling is Gumbel-max on the tempered logits, `argmax(logits / τ + g)` with
+g = gumbel(fold_in(key, i), [R, V]) at loop iteration i (τ = 0: argmax), so a reference
+implementation fed the same key reproduces every draw. The score of a row is the mean
+log-probability of its sampled tokens under the *untempered* model (log_softmax(logits)): the
+model's own confidence, independent of the exploration temperature.
+
+Accounting: every loop iteration runs the LM on all R rows (stopped rows are padding); each call
+returns per-row `n_tok` (real tokens generated) and `forward_tokens` (R × iterations, padding
+included — what the wall clock pays).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from decode.generate import prefill_cache
+
+
+@flax.struct.dataclass
+class Rows:
+    cache: Any  # the LM's cache pytree, leading axis R
+    logits_RV: jax.Array  # float32: logits for each row's next token
+    pos_R: jax.Array  # int32: position of the next token (prompt length + generated)
+    gen_RL: jax.Array  # int32 [R, L]: generated tokens, 0 past n_gen
+    n_gen_R: jax.Array  # int32
+    done_R: jax.Array  # bool: emitted EOS
+
+
+class ModelLM:
+    """The cache interface of DESIGN.md as a search LM: prefill once, then one token per row."""
+
+    def __init__(self, model, widths=None, sparse: bool = True):
+        self.model, self.widths, self.sparse = model, widths, sparse
+
+    def prefill(self, prompts_BT, lengths_B, max_new: int):
+        return prefill_cache(self.model, prompts_BT, lengths_B, max_new_tokens=max_new, widths=self.widths)
+
+    def __call__(self, tok_R, pos_R, cache):
+        logits, cache = self.model(tok_R[:, None], pos_R[:, None], cache=cache, widths=self.widths,
+                                   sparse=self.sparse)
+        return logits[:, 0], cache
+
+
+def start(lm, prompts_BT, lengths_B, max_gen: int) -> Rows:
+    """One row per prompt, with room for `max_gen` generated tokens."""
+    logits, cache = lm.prefill(prompts_BT, lengths_B, max_gen)
+    b = prompts_BT.shape[0]
+    return Rows(cache=cache, logits_RV=logits.astype(jnp.float32), pos_R=lengths_B.astype(jnp.int32),
+                gen_RL=jnp.zeros((b, max_gen), jnp.int32), n_gen_R=jnp.zeros((b,), jnp.int32),
+                done_R=jnp.zeros((b,), bool))
+
+
+def take(rows: Rows, idx) -> Rows:
+    """Rows gathered by index (any int array; the result has its flattened size)."""
+    idx = jnp.asarray(idx).reshape(-1)
+    return jax.tree.map(lambda x: x[idx], rows)
+
+
+def gumbel_tokens(key, logits_RV, tau):
+    """The sampling rule (shared with the reference implementation)."""
+    if tau == 0:
+        return jnp.argmax(logits_RV, axis=-1).astype(jnp.int32)
+    g = jax.random.gumbel(key, logits_RV.shape, jnp.float32)
+    return jnp.argmax(logits_RV / jnp.float32(tau) + g, axis=-1).astype(jnp.int32)
+
+
+def sample_until(lm, rows: Rows, key, active_R, *, stop_ids, eos_id: int, max_tokens: int, tau: float,
+                 pad_id: int = 0):
+    """Extend each active row until it emits one of `stop_ids` (EOS always stops and marks it
+    done), `max_tokens` tokens, or a full buffer. -> (rows, out) where out holds per-row
+    n_tok, sum_logp (untempered), last token, and the scalar forward_tokens."""
+    r, cap = rows.gen_RL.shape
+    stops = jnp.asarray(sorted({*stop_ids, eos_id}), jnp.int32)
+    live0 = active_R & ~rows.done_R & (rows.n_gen_R < cap)
+    init = (jnp.int32(0), rows, live0, jnp.zeros((r,), jnp.int32), jnp.zeros((r,), jnp.float32),
+            jnp.full((r,), pad_id, jnp.int32))
+
+    def body(c):
+        i, rw, live, n_tok, sum_lp, last = c
+        tok = gumbel_tokens(jax.random.fold_in(key, i), rw.logits_RV, tau)
+        tok = jnp.where(live, tok, pad_id)
+        lp = jnp.take_along_axis(jax.nn.log_softmax(rw.logits_RV), tok[:, None], axis=1)[:, 0]
+        logits, cache = lm(tok, rw.pos_R, rw.cache)
+        step = live.astype(jnp.int32)
+        gen = rw.gen_RL.at[jnp.arange(r), jnp.minimum(rw.n_gen_R, cap - 1)].set(
+            jnp.where(live, tok, rw.gen_RL[jnp.arange(r), jnp.minimum(rw.n_gen_R, cap - 1)]))
+        rw = Rows(cache=cache, logits_RV=jnp.where(live[:, None], logits.astype(jnp.float32), rw.logits_RV),
+                  pos_R=rw.pos_R + step, gen_RL=gen, n_gen_R=rw.n_gen_R + step,
+                  done_R=rw.done_R | (live & (tok == eos_id)))
+        ended = jnp.isin(tok, stops) | (rw.n_gen_R >= cap)
+        return (i + 1, rw, live & ~ended, n_tok + step, sum_lp + jnp.where(live, lp, 0.0),
+                jnp.where(live, tok, last))
+
+    def cond(c):
+        return (c[0] < max_tokens) & jnp.any(c[2])
+
+    i, rows, _, n_tok, sum_lp, last = jax.lax.while_loop(cond, body, init)
+    return rows, {"n_tok": n_tok, "sum_logp": sum_lp, "last": last, "forward_tokens": i * r}
+
+
+def mean_logp(out, empty_value):
+    """Length-normalised log-prob of each row's new tokens; `empty_value` where none."""
+    n = out["n_tok"]
+    return jnp.where(n > 0, out["sum_logp"] / jnp.maximum(n, 1), empty_value)
+
+
+ANSWER_SPANS = ("all", "last_step")
+
+
+def answer_keys(rows: Rows, delim_id: int, eos_id: int, span: str):
+    """A hash of each row's answer: its generated tokens (`span="all"`) or those after the last
+    step delimiter (`"last_step"`), a trailing delimiter and EOS excluded. Equal answers <->
+    equal keys (up to collisions of a 32-bit polynomial hash)."""
+    gen, cap = rows.gen_RL, rows.gen_RL.shape[1]
+    j = jnp.arange(cap)[None]
+    end = rows.n_gen_R - (rows.done_R & (rows.n_gen_R > 0))  # EOS excluded
+    last = jnp.take_along_axis(gen, jnp.maximum(end - 1, 0)[:, None], axis=1)[:, 0]
+    end = end - ((end > 0) & (last == delim_id))  # a trailing delimiter excluded
+    inside = j < end[:, None]
+    if span == "last_step":
+        start = jnp.max(jnp.where(inside & (gen == delim_id), j + 1, 0), axis=1)
+        inside &= j >= start[:, None]
+    elif span not in ANSWER_SPANS:
+        raise ValueError(f"answer span must be one of {ANSWER_SPANS}, got {span!r}")
+    else:
+        start = jnp.zeros_like(end)
+    tok = jnp.where(inside, gen + 1, 0).astype(jnp.uint32)
+    powers = jnp.cumprod(jnp.full((cap,), 1_000_003, jnp.uint32))[jnp.maximum(j - start[:, None], 0)]
+    return jnp.sum(tok * powers, axis=1, dtype=jnp.uint32).astype(jnp.int32)
