@@ -6,12 +6,18 @@
     python sample.py --workdir runs/demo --prompt 'import ' --widths 72,576,144,288  (Mix'n'Match)
     python sample.py --workdir runs/demo --prompt 'def ' --speculative --draft_granularity 8 --gamma 3
                      [--adaptive_threshold 0.5] [--draft_cache separate]  (decode/speculative.py)
+    python sample.py --workdir runs/reasoning_countdown --prompt '3 7 12 goal 30 |' --decoder mfs \
+                     --beams 4 --samples 4 [--sigma_rate 0.8 --epsilon 1e-4 --baseline parent_step]
+                                                                       (decode/search.py)
 
 Spark models decode with the sparse-gather path unless --no_sparse. --json prints one object:
 text (list), prompts, tokens_per_s, stats (per row: new_tokens, ffn_overflow, attn_overflow;
 per layer: ffn_density, keys_per_query; checkpoint_step, widths, seconds). With --speculative the
 stats are acceptance_rate, tokens_per_round, rounds (and per row: rounds_per_row, drafted,
-accepted), draft_widths, gamma.
+accepted), draft_widths, gamma. With a search --decoder (mfs, phi, beam, best_of_n,
+self_consistency) the text is the answer the --answer_rule picks (best_of_n: quality,
+self_consistency: vote) and stats hold the search accounting (gen_tokens, forward_tokens,
+prefill_tokens, steps, stop_step, reverted) and every final beam's text (beams).
 """
 
 import argparse
@@ -50,8 +56,52 @@ def parse_args(argv):
     sp.add_argument("--adaptive_threshold", type=float, default=None,
                     help="stop drafting once the estimated chance of a rejection exceeds this")
     sp.add_argument("--draft_cache", default=None, choices=["shared", "separate"], help="default shared")
+    add_search_flags(ap)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     return ap.parse_args(argv)
+
+
+DECODERS = {"plain": None, "mfs": ("mfs", "quality"), "phi": ("phi", "quality"), "beam": ("beam", "quality"),
+            "best_of_n": ("sample", "quality"), "self_consistency": ("sample", "vote")}
+SEARCH_FLAGS = {  # flag: (type, help); defaults are decode.search.SearchConfig's
+    "beams": (int, "M beams kept per step"), "samples": (int, "N samples per beam (best_of_n: completions)"),
+    "max_steps": (int, "T_max search steps"), "min_steps": (int, "T_min: no early stop before it"),
+    "sigma_rate": (float, "MFS prune: keep s >= mean + λ·std"), "phi_sigma_rate": (float, "φ prune: s > mean − k·std"),
+    "epsilon": (float, "MFS stop: max advantage <= ε"), "baseline": (str, "parent_F (paper) | parent_step (code)"),
+    "rollouts": (int, "R foresight rollouts per survivor"), "foresight_slots": (int, "K foresight buffer (0: M·N/2)"),
+    "tau_step": (float, "step temperature"), "tau_foresight": (float, "foresight temperature"),
+    "phi_delta": (float, "φ stop: largest answer cluster share"), "step_tokens": (int, "cap on one step's tokens"),
+}
+
+
+def add_search_flags(ap):
+    g = ap.add_argument_group("search decoders (decode/search.py; --temperature finishes the beams)")
+    g.add_argument("--decoder", default="plain", choices=list(DECODERS))
+    for name, (typ, hlp) in SEARCH_FLAGS.items():
+        g.add_argument(f"--{name}", type=typ, default=None, help=hlp)
+    g.add_argument("--answer_rule", default=None, choices=["quality", "vote"],
+                   help="argmax mean log-prob or majority vote over the final beams")
+    g.add_argument("--delimiter", default=None, help="the text that ends a step (default: ';' for task "
+                                                     "vocabularies, else a newline); must be one token")
+
+
+def search_config(args):
+    """The SearchConfig the flags ask for (None for --decoder plain); flags a decoder does not
+    use are errors."""
+    used = [f"--{f}" for f in (*SEARCH_FLAGS, "answer_rule", "delimiter") if getattr(args, f) is not None]
+    if args.decoder == "plain":
+        if used:
+            raise ConfigError(f"{', '.join(used)} need a search --decoder")
+        return None
+    if args.speculative:
+        raise ConfigError("--speculative and a search --decoder are different decoders; pick one")
+    from decode.search import SearchConfig
+
+    method, rule = DECODERS[args.decoder]
+    args.answer_rule = args.answer_rule or rule
+    kw = {f: getattr(args, f) for f in SEARCH_FLAGS if getattr(args, f) is not None}
+    kw.setdefault("step_tokens", min(32, args.max_new_tokens))
+    return SearchConfig(method=method, max_gen=args.max_new_tokens, tau_final=args.temperature, **kw)
 
 
 def read_prompts(args) -> list[str]:
@@ -108,6 +158,7 @@ def main(argv=None):
     args = parse_args(argv)
     prompts = read_prompts(args)
     check_speculative_flags(args)
+    scfg = search_config(args)
     workdir, step = resolve_checkpoint(args)
 
     import jax
@@ -146,6 +197,8 @@ def main(argv=None):
                   draft_cache=args.draft_cache)
         fn = speculative.generate
     run_args = (params, jnp.asarray(arr), lengths, jax.random.key(args.seed))
+    if scfg is not None:
+        return run_search(args, scfg, cfg, tok, prompts, run_args, widths, step)
     # compile first (the static graphdef is baked in), so the timing is the generation only
     compiled = fn.lower(train_lib.graphdef_of(cfg), *run_args, **kw).compile()
     t0 = time.perf_counter()
@@ -169,6 +222,49 @@ def main(argv=None):
         if args.speculative:
             print(f"[speculative: acceptance {stats['acceptance_rate']:.2f}, {stats['tokens_per_round']:.2f} "
                   f"tokens/round, {stats['rounds']} rounds]", file=sys.stderr)
+
+
+def step_delimiter(tok, text: str | None) -> int:
+    if text is None and hasattr(tok, "delim_id"):
+        return tok.delim_id
+    ids = tok.encode("\n" if text is None else text)
+    if len(ids) != 1:
+        raise ConfigError(f"the step delimiter {text or chr(92) + 'n'!r} is {len(ids)} tokens; it must be one")
+    return int(ids[0])
+
+
+def run_search(args, scfg, cfg, tok, prompts, run_args, widths, step):
+    import jax
+    import numpy as np
+
+    from decode import search
+    from spark import train_lib
+
+    task = search.TaskTokens(delim_id=step_delimiter(tok, args.delimiter), eos_id=tok.eos_id, pad_id=tok.pad_id,
+                             answer_span="all")
+    kw = dict(cfg=scfg, task=task, widths=widths, sparse=not args.no_sparse)
+    compiled = search.run.lower(train_lib.graphdef_of(cfg), *run_args, **kw).compile()
+    t0 = time.perf_counter()
+    out = jax.tree.map(np.asarray, jax.block_until_ready(compiled(*run_args)))
+    dt = time.perf_counter() - t0
+    pick = out[f"choice_{args.answer_rule}"]
+    text = lambda b, j: tok.decode(out["tokens"][b, j, : out["num"][b, j]])  # noqa: E731
+    texts = [text(b, pick[b]) for b in range(len(prompts))]
+    stats = {k: v.tolist() for k, v in out["stats"].items()}
+    stats.update(checkpoint_step=step, widths=list(widths), seconds=dt, decoder=args.decoder,
+                 answer_rule=args.answer_rule, quality=out["quality"].tolist(),
+                 beams=[[text(b, j) for j in range(out["valid"].shape[1]) if out["valid"][b, j]]
+                        for b in range(len(prompts))])
+    if "stop_step" in out:
+        stats.update(stop_step=out["stop_step"].tolist(), reverted=out["reverted"].tolist())
+    gen = float(np.sum(out["stats"]["gen_tokens"]))
+    if args.json:
+        print(json.dumps({"text": texts, "prompts": prompts, "tokens_per_s": gen / dt, "stats": stats}))
+    else:
+        for p, txt in zip(prompts, texts, strict=True):
+            print(f"--- {p!r}\n{p}{txt}")
+        print(f"[{args.decoder}: {int(gen)} tokens generated in {dt:.2f}s, answer by {args.answer_rule}, "
+              f"from step {step}]", file=sys.stderr)
 
 
 if __name__ == "__main__":

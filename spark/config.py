@@ -208,22 +208,24 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """name: 'python_stdlib' (the embedded corpus: the running Python's standard library) or any
-    tfds dataset prepared in array_record format (e.g. 'lm1b'); text_key names its text feature."""
+    """name: 'python_stdlib' (the embedded corpus: the running Python's standard library), a
+    reasoning task of spark/tasks ('countdown', 'pathfind', 'modchain': generated on the fly, loss
+    on the solution only; use tokenizer='task'), or any tfds dataset prepared in array_record
+    format (e.g. 'lm1b'); text_key names its text feature."""
 
     name: str = "python_stdlib"
     data_dir: str | None = None  # None: ~/tensorflow_datasets
     train_split: str = "train"
     eval_split: str = "validation"
     text_key: str = "text"
-    tokenizer: Literal["byte", "sentencepiece"] = "byte"
+    tokenizer: Literal["byte", "sentencepiece", "task"] = "byte"  # "task": the reasoning tasks' words
     spm_vocab_size: int = 2048  # when training a SentencePiece model
     spm_model: str | None = None  # None: WORKDIR/tokenizer.model, trained on the train split if missing
     spm_train_chars: int = 5_000_000  # characters of the train split the SentencePiece model sees
 
     def __post_init__(self):
-        _check(self.tokenizer in ("byte", "sentencepiece"),
-               f"data.tokenizer must be 'byte' or 'sentencepiece', got {self.tokenizer!r}")
+        _check(self.tokenizer in ("byte", "sentencepiece", "task"),
+               f"data.tokenizer must be 'byte', 'sentencepiece' or 'task', got {self.tokenizer!r}")
         _check(self.spm_vocab_size >= 300, f"data.spm_vocab_size must be >= 300, got {self.spm_vocab_size}")
 
 

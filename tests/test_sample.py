@@ -95,7 +95,35 @@ BAD = {
     "gamma": (["--prompt", "a", "--speculative", "--gamma", "0"], "gamma must be >= 1"),
     "threshold": (["--prompt", "a", "--speculative", "--adaptive_threshold", "2"], "adaptive_threshold must be"),
     "draft widths": (["--prompt", "a", "--speculative", "--draft_widths", "50,96"], "width 50 of layer 0"),
+    "search flag alone": (["--prompt", "a", "--beams", "2"], "--beams need a search --decoder"),
+    "beams": (["--prompt", "a", "--decoder", "mfs", "--beams", "0"], "beams (M) must be >= 1"),
+    "samples": (["--prompt", "a", "--decoder", "best_of_n", "--samples", "0"], "samples (N) must be >= 1"),
+    "lambda": (["--prompt", "a", "--decoder", "mfs", "--sigma_rate", "-1"], "sigma_rate (λ) must be >= 0"),
+    "budget": (["--prompt", "a", "--decoder", "mfs", "--step_tokens", "9", "--max_new_tokens", "8"],
+               "max_gen (8) must hold at least one step (9 tokens)"),
+    "two decoders": (["--prompt", "a", "--decoder", "phi", "--speculative"], "pick one"),
+    "delimiter": (["--prompt", "a", "--decoder", "beam", "--delimiter", "ab", "--max_new_tokens", "8"],
+                  "it must be one"),
 }
+
+
+def test_search_decoders_json(workdir, capsys):
+    spec = importlib.util.spec_from_file_location("sample_cli", os.path.join(ROOT, "sample.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    common = ["--workdir", workdir, "--prompt", "def ", "--prompt", "class A", "--max_new_tokens", "10", "--json"]
+    module.main([*common, "--decoder", "mfs", "--beams", "2", "--samples", "3", "--step_tokens", "4",
+                 "--baseline", "parent_step", "--delimiter", " "])
+    out = json.loads(capsys.readouterr().out)
+    st = out["stats"]
+    assert st["decoder"] == "mfs" and st["answer_rule"] == "quality" and len(out["text"]) == 2
+    assert st["gen_tokens"] == [a + b + c for a, b, c in zip(st["expand_tokens"], st["foresight_tokens"],
+                                                              st["final_tokens"], strict=True)]
+    assert all(1 <= len(b) <= 2 for b in st["beams"]) and len(st["stop_step"]) == 2
+    assert all(t in b for t, b in zip(out["text"], st["beams"], strict=True))
+    module.main([*common, "--decoder", "self_consistency", "--samples", "4"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["stats"]["answer_rule"] == "vote" and [len(b) for b in out["stats"]["beams"]] == [4, 4]
 
 
 @pytest.mark.parametrize("name", list(BAD))

@@ -26,6 +26,10 @@ def get_tokenizer(cfg: DataConfig, workdir: str | None = None):
     on the train split (by process 0; the others wait) when it does not exist yet."""
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
+    if cfg.tokenizer == "task":
+        from spark.tasks import TaskTokenizer
+
+        return TaskTokenizer()
     path = cfg.spm_model or (os.path.join(workdir, "tokenizer.model") if workdir else None)
     if path is None:
         raise ConfigError("data.tokenizer='sentencepiece' needs data.spm_model or a workdir")
@@ -52,6 +56,10 @@ def source(cfg: DataConfig, split: str):
     """A random-access source of examples for one split."""
     if cfg.name == "python_stdlib":
         return stdlib.prepare(cfg.data_dir).as_data_source(split=split)
+    from spark import tasks
+
+    if cfg.name in tasks.TASKS:
+        return tasks.source(cfg.name, split)
     try:
         return tfds.data_source(cfg.name, split=split, data_dir=cfg.data_dir)
     except (tfds.core.registered.DatasetNotFoundError, ValueError, FileNotFoundError,
@@ -61,12 +69,24 @@ def source(cfg: DataConfig, split: str):
 
 
 def _to_model_batch(b: dict) -> dict:
-    tok, pos, seg = b["tokens"], b["tokens_positions"], b["tokens_segment_ids"]
+    tok, pos, seg, w = b["tokens"], b["tokens_positions"], b["tokens_segment_ids"], b["weights"]
     return {
         "inputs": tok[:, :-1], "targets": tok[:, 1:], "positions": pos[:, :-1],
         "segment_ids": seg[:, :-1],
-        "loss_mask": ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)).astype(np.float32),
+        "loss_mask": ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0) & (w[:, 1:] > 0)).astype(np.float32),
     }
+
+
+def _encode(ex, tok, key):
+    """Tokens and their loss weights: a task example (prompt + solution) is trained on its
+    solution and <eos> only; plain text on every token."""
+    if "prompt" in ex:
+        prompt = tok.encode(_text(ex["prompt"]), bos=True)
+        sol = tok.encode(_text(ex["solution"]), eos=True)
+        return {"tokens": np.concatenate([prompt, sol]),
+                "weights": np.concatenate([np.zeros(len(prompt), np.int32), np.ones(len(sol), np.int32)])}
+    ids = tok.encode(ex[key], bos=True, eos=True)
+    return {"tokens": ids, "weights": np.ones(len(ids), np.int32)}
 
 
 def make_dataset(cfg: DataConfig, split: str, *, seq_len: int, batch_size: int, seed: int,
@@ -83,8 +103,9 @@ def make_dataset(cfg: DataConfig, split: str, *, seq_len: int, batch_size: int, 
     if train:
         ds = ds.shuffle(seed=seed).repeat(None)
     key = cfg.text_key
-    ds = ds.map(lambda ex: {"tokens": tok.encode(ex[key], bos=True, eos=True)})
-    ds = grain_exp.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"tokens": seq_len + 1})
+    ds = ds.map(lambda ex: _encode(ex, tok, key))
+    ds = grain_exp.ConcatThenSplitIterDataset(ds.to_iter_dataset(),
+                                              length_struct={"tokens": seq_len + 1, "weights": seq_len + 1})
     ds = ds.batch(batch_size, drop_remainder=True)
     rows = batch_size // process_count
     lo = process_index * rows
