@@ -54,8 +54,9 @@ def evaluate(graphdef, params, task, *, insts, prompts, lengths, cfg: search.Sea
         idx = np.minimum(np.arange(lo, lo + batch), n - 1) if n >= batch else np.arange(lo, lo + batch) % n
         out = search.run(graphdef, params, jnp.asarray(prompts[idx]), jnp.asarray(lengths[idx]),
                          jax.random.fold_in(key, lo), cfg=cfg, task=tt)
-        out = jax.tree.map(np.asarray, {k: v for k, v in out.items() if k != "trace"})
-        rows.append(jax.tree.map(lambda x, keep=min(batch, n - lo): x[:keep], out))
+        keep = slice(0, min(batch, n - lo))
+        rows.append(jax.tree.map(lambda x, keep=keep: np.asarray(x)[keep], {k: v for k, v in out.items()
+                                                                           if k != "trace"}))
     out = jax.tree.map(lambda *x: np.concatenate(x), *rows)
     res = {k: v for k, v in out["stats"].items()}
     for rule in ("quality", "vote"):
