@@ -35,7 +35,8 @@ def empty_trace(cfg: search.SearchConfig, b: int) -> dict:
     z = lambda shape, dt: jnp.zeros((t, b, *shape), dt)  # noqa: E731
     return {"live": z((), bool), "s": z((c,), jnp.float32), "cand_valid": z((c,), bool), "cand_fin": z((c,), bool),
             "keep": z((c,), bool), "surv": z((k,), jnp.int32), "surv_ok": z((k,), bool), "F": z((k,), jnp.float32),
-            "A": z((k,), jnp.float32), "src": z((m,), jnp.int32), "src_ok": z((m,), bool), "stop": z((), bool)}
+            "A": z((k,), jnp.float32), "src": z((m,), jnp.int32), "src_ok": z((m,), bool), "stop": z((), bool),
+            "cand_tokens": z((c, cfg.max_gen), jnp.int32), "cand_num": z((c,), jnp.int32)}
 
 
 def masked_moments(x_BC, mask_BC):
@@ -110,8 +111,10 @@ def _adopt(s: search.State, cand, c, idx, ok, F, A, src, src_ok, from_fin, pos, 
     stop_now = live & stop
     beams = search.keep_where(live & ~revert, new, s.beams)
     t = s.t
+    b, n_c = keep.shape
     rec = {"live": live, "s": c["s"], "cand_valid": c["valid"], "cand_fin": c["fin"], "keep": keep, "surv": idx,
-           "surv_ok": ok, "F": F, "A": A, "src": src, "src_ok": src_ok, "stop": stop_now}
+           "surv_ok": ok, "F": F, "A": A, "src": src, "src_ok": src_ok, "stop": stop_now,
+           "cand_tokens": cand.gen_RL.reshape(b, n_c, -1), "cand_num": cand.n_gen_R.reshape(b, n_c)}
     trace = {k: v.at[t].set(rec[k].astype(v.dtype)) for k, v in s.trace.items()}
     stats = stats | {"steps": stats["steps"] + live.astype(jnp.int32)}
     return s.replace(t=t + 1, beams=beams, stopped_B=s.stopped_B | stop_now,
@@ -135,7 +138,7 @@ def mfs_step(lm, s: search.State, cfg: search.SearchConfig, task: search.TaskTok
     src, src_ok, from_fin, pos = select_slots(fin, c["s"], idx, ok, A, m, cfg.finished_cap)
     left = _unfinished_left(c["fin"], src, src_ok)
     max_A = jnp.max(jnp.where(src_ok & ~from_fin, jnp.take_along_axis(A, pos, axis=1), -jnp.inf), axis=1)
-    revert = (s.t > cfg.min_steps) & left & (max_A <= cfg.epsilon)
+    revert = (s.t > cfg.min_steps) & left & (max_A <= cfg.epsilon) & cfg.early_stop
     return _adopt(s, cand, c, idx, ok, F, A, src, src_ok, from_fin, pos, revert | ~left, revert, keep, stats)
 
 
@@ -175,6 +178,6 @@ def phi_step(lm, s: search.State, cfg: search.SearchConfig, task: search.TaskTok
     rank = jnp.where(ok, jnp.log(w) + g, -jnp.inf)  # Gumbel top-k: M draws without replacement ∝ w
     src, src_ok, from_fin, pos = select_slots(fin, c["s"], idx, ok, rank, m, cfg.finished_cap)
     left = _unfinished_left(c["fin"], src, src_ok)
-    converged = (s.t >= cfg.min_steps) & jnp.any(ok, axis=1) & (largest >= cfg.phi_delta)
+    converged = (s.t >= cfg.min_steps) & jnp.any(ok, axis=1) & (largest >= cfg.phi_delta) & cfg.early_stop
     return _adopt(s, cand, c, idx, ok, F, A, src, src_ok, from_fin, pos, converged | ~left,
                   jnp.zeros_like(left), keep, stats)

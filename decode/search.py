@@ -64,6 +64,7 @@ class SearchConfig:
     min_steps: int = 0  # T_min: the stop rules are tested only at steps t > T_min (mfs), t >= T_min (phi)
     sigma_rate: float = 0.8  # λ: mfs keeps unfinished candidates with s >= μ + λσ
     epsilon: float = 1e-4  # mfs stop when max A <= ε (code 1e-4, paper 1e-6)
+    early_stop: bool = True  # False: never stop early (mfs ε rule, φ cluster rule): the counterfactual
     baseline: str = "parent_F"  # A = F − baseline(parent): paper "parent_F", code "parent_step"
     rollouts: int = 1  # R foresight rollouts per survivor, F = their mean
     foresight_slots: int = 0  # K_f survivors rolled out per problem (0: ceil(M·N / 2))

@@ -102,3 +102,21 @@ def test_pipeline_trains_on_solutions_only():
         expect = after_bar & (tgt_seg == seg)
         assert (mask[:-1].astype(bool) == expect[:-1]).all()
         assert mask.sum() > 0 and (mask[inp == tasks.vocab.BOS] == 0).all()
+
+
+def test_bench_statistics():
+    from bench.stats import auroc, bootstrap_ci, paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    s, y = rng.normal(size=300), rng.random(300) < 0.4
+    brute = np.mean([(a > b) + 0.5 * (a == b) for a in s[y] for b in s[~y]])
+    assert auroc(s, y) == pytest.approx(brute)
+    assert auroc([1, 1, 2, 2], [0, 1, 0, 1]) == 0.5 and auroc([3, 2, 1], [1, 1, 0]) == 1.0
+    assert auroc([1, 2], [1, 1]) is None
+    x = (rng.random((400, 3)) < 0.3).astype(float)
+    mean, lo, hi = bootstrap_ci(x)
+    assert lo < mean < hi and hi - lo < 0.1 and abs(mean - 0.3) < 0.05
+    better = np.clip(x + (rng.random((400, 3)) < 0.2), 0, 1)
+    cmp = paired_bootstrap(better, x)
+    assert cmp["diff"] > 0 and cmp["lo"] > 0 and cmp["p_a_not_better"] < 0.01
+    assert paired_bootstrap(x, x)["diff"] == 0

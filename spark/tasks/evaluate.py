@@ -8,6 +8,7 @@ decode/search.py used by bench/reasoning.py, sample.py and the tests.
 from __future__ import annotations
 
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -42,23 +43,36 @@ def problems(task, split: str, n: int, seed: int = 0):
 
 
 def evaluate(graphdef, params, task, *, insts, prompts, lengths, cfg: search.SearchConfig, seed: int = 0,
-             batch: int = 32, progress: bool = False) -> dict:
+             batch: int = 32, progress: bool = False, keep_trace: bool = False) -> dict:
     """Every problem through `search.run` in fixed-size batches (the last one padded with copies
-    of the first problem, dropped afterwards: one compile) -> per-problem numpy arrays: correct
-    under both answer rules, the answers' token ids, and the accounting of search.py."""
+    of the last problem, dropped afterwards: one compile) -> per-problem numpy arrays: correct
+    under both answer rules, the answers' token ids, the accounting of search.py, stop step and
+    revert flags, and (keep_trace) the per-step trace with problems on axis 1; plus the seconds
+    the batches took after the first (which compiles)."""
     n = len(insts)
     tt = task_tokens(task)
     key = jax.random.key(seed)
-    rows = []
+    rows, t_run = [], 0.0
     for lo in tqdm(range(0, n, batch), disable=not progress, desc=f"{task.name} {cfg.method}", leave=False):
         idx = np.minimum(np.arange(lo, lo + batch), n - 1) if n >= batch else np.arange(lo, lo + batch) % n
-        out = search.run(graphdef, params, jnp.asarray(prompts[idx]), jnp.asarray(lengths[idx]),
-                         jax.random.fold_in(key, lo), cfg=cfg, task=tt)
-        keep = slice(0, min(batch, n - lo))
-        rows.append(jax.tree.map(lambda x, keep=keep: np.asarray(x)[keep], {k: v for k, v in out.items()
-                                                                           if k != "trace"}))
-    out = jax.tree.map(lambda *x: np.concatenate(x), *rows)
-    res = {k: v for k, v in out["stats"].items()}
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(search.run(graphdef, params, jnp.asarray(prompts[idx]), jnp.asarray(lengths[idx]),
+                                               jax.random.fold_in(key, lo), cfg=cfg, task=tt))
+        t_run += (time.perf_counter() - t0) if lo else 0.0
+        keep = min(batch, n - lo)
+        trace = out.pop("trace", None)
+        trace = trace if keep_trace else None
+        out = jax.tree.map(lambda x, keep=keep: np.asarray(x)[:keep], out)
+        if trace is not None:
+            out["trace"] = jax.tree.map(lambda x, keep=keep: np.asarray(x)[:, :keep], trace)
+        rows.append(out)
+    out = jax.tree.map(lambda *x: np.concatenate(x), *[{k: v for k, v in r.items() if k != "trace"} for r in rows])
+    if keep_trace and "trace" in rows[0]:
+        out["trace"] = jax.tree.map(lambda *x: np.concatenate(x, axis=1), *[r["trace"] for r in rows])
+    res = dict(out["stats"]) | {"seconds_after_compile": t_run, "batches_timed": max(len(rows) - 1, 0)}
+    for k in ("stop_step", "reverted", "trace"):
+        if k in out:
+            res[k] = out[k]
     for rule in ("quality", "vote"):
         pick = out[f"choice_{rule}"]
         sols = [out["tokens"][i, pick[i], : out["num"][i, pick[i]]] for i in range(n)]

@@ -1,0 +1,50 @@
+"""bench/reasoning.py end to end on a tiny task model (a few training steps): checkpoint choice
+on validation, every answer rule, the diagnostics and the JSON/PNG outputs — so the benchmark
+cannot rot. Its numbers mean nothing at this size."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from spark import tasks
+from spark.cli import override
+from spark.tasks import evaluate as ev
+from spark.train import run
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    w = str(tmp_path_factory.mktemp("modchain"))
+    cfg = tasks.train_config("modchain", steps=20, d_model=32, num_layers=2, seq_len=48, batch_size=8, ckpt_every=10)
+    run(override(cfg, "train.log_every", "10"), w, progress=False)
+    return w
+
+
+def test_select_checkpoint_and_evaluate(workdir):
+    task = tasks.get("modchain")
+    step, acc = ev.select_checkpoint(workdir, task, n=16, lo=0.0, hi=1.0)
+    assert sorted(acc) == [10, 20] and step == 20 and all(0 <= a <= 1 for a in acc.values())
+    assert ev.select_checkpoint(workdir, task, n=16, lo=2.0, hi=3.0)[0] is None
+
+
+def test_bench_runs_end_to_end(workdir, tmp_path):
+    from bench import reasoning
+
+    out_json, out_png = str(tmp_path / "r.json"), str(tmp_path / "r.png")
+    reasoning.main(["--task", "modchain", "--workdir", workdir, "--step", "20", "--n", "12", "--seeds", "2",
+                    "--batch", "8", "--methods", "greedy,sample×4,mfs 4×4", "--json", out_json, "--png", out_png])
+    res = json.load(open(out_json))
+    assert os.path.getsize(out_png) > 0
+    rows = res["rows"]
+    assert set(rows) == {"greedy [quality]", "best-of-4", "self-consistency@4", "mfs 4×4 [quality]",
+                         "mfs 4×4 [vote]"}
+    for r in rows.values():
+        assert 0 <= r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] <= 1 and r["gen_tokens"] > 0
+    assert rows["best-of-4"]["gen_tokens"] > rows["greedy [quality]"]["gen_tokens"]
+    assert len(rows["mfs 4×4 [vote]"]["accuracy_per_seed"]) == 2
+    d = res["diagnostics"]
+    assert d["survivors"] > 0 and 0 <= d["pass_at_beams"] <= 1
+    assert d["foresight_auroc"] is None or 0 <= d["foresight_auroc"] <= 1
+    assert "mfs 4×4 [quality]" in res["paired"] and np.isfinite(res["paired"]["mfs 4×4 [quality]"]["diff"])
