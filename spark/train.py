@@ -15,6 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from spark import checkpoint, metrics, sharding, train_lib
 from spark.config import Config, ConfigError, from_dict
@@ -137,6 +138,8 @@ def run(cfg: Config, workdir: str, progress: bool = True, kill_after_step: int |
                 ckpt.save(done, state, data_it.get_state(), cfg)
                 if done == kill_after_step:
                     ckpt.wait()
+                    if jax.process_count() > 1:  # every host has finished writing before any dies
+                        multihost_utils.sync_global_devices("kill_after_step")
                     os.kill(os.getpid(), signal.SIGKILL)
             bar.update(1)
     finally:

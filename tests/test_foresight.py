@@ -93,6 +93,9 @@ def _assert_same(got, ref, reference):
         ok = [i for i, x in enumerate(ref["keys"][b]) if x is not None]
         assert _partition(got["answer_keys"][b, ok].tolist()) == _partition([ref["keys"][b][i] for i in ok])
     st = got["stats"]
+    overflow = [sum(max(len(rec[b]["keep"]) - reference.cfg.slots, 0) for rec in ref["trace"] if rec[b] is not None)
+                for b in range(len(PROMPTS))]
+    assert st["foresight_overflow"].tolist() == overflow
     assert st["gen_tokens"].tolist() == ref["gen_tokens"]
     assert (st["gen_tokens"] == st["expand_tokens"] + st["foresight_tokens"] + st["final_tokens"]).all()
     assert st["forward_tokens"].tolist() == [reference.forward_tokens(max(map(len, PROMPTS)))] * len(PROMPTS)
