@@ -32,6 +32,7 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check spark decode tests bench configs *.py
+	$(BIN)/shellcheck -x tpu_setup/*.sh .ci/run
 
 clean:
 	rm -rf $(VENV) .jax_cache
