@@ -225,12 +225,15 @@ def main(argv=None):
 
 
 def step_delimiter(tok, text: str | None) -> int:
+    """The token id that ends a step: the text's single token as it appears after other text
+    (SentencePiece would prefix a bare "\n" with a word-boundary piece)."""
     if text is None and hasattr(tok, "delim_id"):
         return tok.delim_id
-    ids = tok.encode("\n" if text is None else text)
-    if len(ids) != 1:
-        raise ConfigError(f"the step delimiter {text or chr(92) + 'n'!r} is {len(ids)} tokens; it must be one")
-    return int(ids[0])
+    text = "\n" if text is None else text
+    base, ids = list(tok.encode("a")), list(tok.encode("a" + text))
+    if ids[: len(base)] != base or len(ids) != len(base) + 1:
+        raise ConfigError(f"the step delimiter {text!r} is not one token after other text; it must be one")
+    return int(ids[-1])
 
 
 def run_search(args, scfg, cfg, tok, prompts, run_args, widths, step):

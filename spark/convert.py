@@ -1,5 +1,11 @@
 """Import Hugging Face Gemma-2 weights (`Gemma2ForCausalLM` state dict or safetensors files).
 
+    python -m spark.convert --hf_dir gemma-2-2b/ --out runs/gemma2_2b      # then: sample.py --workdir …
+
+turns a local HF checkpoint directory (config.json, *.safetensors, tokenizer.model) into a training
+workdir of this project: a step-0 checkpoint (parameters + a fresh optimizer state, so training
+can continue from it) and WORKDIR/tokenizer.model. As a library:
+
     cfg = config_from_hf(json.load(open("config.json")))
     model = Transformer(cfg, nnx.Rngs(0))
     load_state_dict(model, state_dict)         # torch tensors or numpy arrays, HF key names
@@ -10,8 +16,11 @@ attention as [D, N, H] / [N, H, D].
 
 from __future__ import annotations
 
+import argparse
 import glob
+import json
 import os
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -120,3 +129,73 @@ def read_safetensors_dir(path: str) -> dict:
             for key in f.keys():
                 sd[key] = f.get_tensor(key)
     return sd
+
+
+REQUIRED = ("config.json", "tokenizer.model")
+
+
+def convert_dir(hf_dir: str, out: str, dtype: str = "float32") -> str:
+    """HF Gemma-2 directory -> training workdir (checkpoint step 0 + tokenizer.model); returns out."""
+    import jax
+
+    from spark import checkpoint, train_lib
+    from spark.config import Config, DataConfig
+    from spark.data.tokenizer import SentencePieceTokenizer
+
+    if not os.path.isdir(hf_dir):
+        raise ConfigError(f"--hf_dir {hf_dir!r} is not a directory")
+    for name in REQUIRED:
+        if not os.path.isfile(os.path.join(hf_dir, name)):
+            raise ConfigError(f"{os.path.join(hf_dir, name)} not found (an HF Gemma-2 directory has "
+                              f"{', '.join(REQUIRED)} and *.safetensors)")
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        model_cfg = config_from_hf(json.load(f), dtype=dtype)
+    tok = SentencePieceTokenizer(os.path.join(hf_dir, "tokenizer.model"))
+    if tok.vocab_size != model_cfg.vocab_size:
+        raise ConfigError(f"tokenizer.model has {tok.vocab_size} pieces but config.json says vocab_size "
+                          f"{model_cfg.vocab_size}")
+    cfg = Config(model=model_cfg, data=DataConfig(tokenizer="sentencepiece"))
+    params = params_from_state_dict(model_cfg, read_safetensors_dir(hf_dir))
+    abstract = jax.eval_shape(lambda: train_lib.init_state(cfg))["params"]
+    params = _like(abstract, params)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params,
+             "opt_state": train_lib.make_optimizer(cfg).init(params)}
+    if os.path.exists(os.path.join(out, "checkpoints")):
+        raise ConfigError(f"{out!r} already holds checkpoints; convert into a new directory")
+    os.makedirs(out, exist_ok=True)
+    shutil.copyfile(os.path.join(hf_dir, "tokenizer.model"), os.path.join(out, "tokenizer.model"))
+    ck = checkpoint.Checkpointer(os.path.join(out, "checkpoints"), async_save=False)
+    ck.save(0, state, {}, cfg)
+    ck.close()
+    return out
+
+
+def _like(abstract, tree):
+    """`tree` (nested dicts of numpy arrays) as jax arrays in the model's parameter structure and dtypes."""
+    import jax
+
+    flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    def one(path, a):
+        key = jax.tree_util.keystr(path)
+        if key not in flat:
+            raise ConfigError(f"the converted weights have no parameter {key}")
+        return jnp.asarray(flat[key], a.dtype)
+
+    return jax.tree_util.tree_map_with_path(one, abstract)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Convert a local Hugging Face Gemma-2 checkpoint into a workdir.")
+    ap.add_argument("--hf_dir", required=True, help="config.json + *.safetensors + tokenizer.model")
+    ap.add_argument("--out", required=True, help="the new workdir (sample.py --workdir OUT)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    args = ap.parse_args(argv)
+    out = convert_dir(args.hf_dir, args.out, args.dtype)
+    print(f"wrote {out} (checkpoint step 0, tokenizer.model)")
+
+
+if __name__ == "__main__":
+    from spark.cli import main_guard
+
+    main_guard(main)

@@ -86,3 +86,84 @@ def test_gate_sparsity_matches_gemma3n_mlp():
         assert diff <= 1e-5
         if layer == 0:
             assert 0.02 < float(aux["ffn_density"]) < 0.09
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny random Gemma-2 saved with save_pretrained, and a SentencePiece model trained here."""
+    from spark.data.tokenizer import train_sentencepiece
+
+    d = tmp_path_factory.mktemp("hf_gemma2")
+    train_sentencepiece(["the quick brown fox jumps over the lazy dog " * 40, "def f(x): return x + 1\n" * 40],
+                        str(d / "tokenizer.model"), vocab_size=300)
+    torch.manual_seed(0)
+    hf_cfg = transformers.Gemma2Config(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=6, query_pre_attn_scalar=16, max_position_embeddings=64,
+        attn_implementation="eager")
+    hf = transformers.Gemma2ForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(d, safe_serialization=True)
+    return d, hf
+
+
+def _convert(*args):
+    from spark.cli import main_guard
+
+    with pytest.raises(SystemExit) as e:
+        main_guard(lambda: (convert.main(list(args)), __import__("sys").exit(0)))
+    return e.value.code
+
+
+def test_convert_cli_round_trip_and_sample(hf_dir, tmp_path, capsys):
+    import importlib.util
+    import json
+    import os
+
+    from spark.train import load_checkpoint
+    from spark.train_lib import graphdef_of
+
+    d, hf = hf_dir
+    out = str(tmp_path / "w")
+    assert _convert("--hf_dir", str(d), "--out", out) == 0
+    cfg, params, step = load_checkpoint(out)
+    assert step == 0 and cfg.data.tokenizer == "sentencepiece" and os.path.exists(os.path.join(out, "tokenizer.model"))
+    model = nnx.merge(graphdef_of(cfg), params)
+    tokens = np.random.default_rng(0).integers(0, 300, size=(2, 16))
+    with torch.no_grad():
+        ref = hf(torch.tensor(tokens)).logits.numpy()
+    logits, _ = model(jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(16), (2, 16)))
+    assert float(np.max(np.abs(np.asarray(logits) - ref))) <= 1e-4
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("sample_cli", os.path.join(root, "sample.py"))
+    sample = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sample)
+    capsys.readouterr()
+    for extra in ([], ["--speculative", "--draft_granularity", "4"], ["--decoder", "mfs", "--beams", "2",
+                                                                       "--samples", "2", "--step_tokens", "4"]):
+        sample.main(["--workdir", out, "--prompt", "the quick", "--max_new_tokens", "6", "--json", *extra])
+        res = json.loads(capsys.readouterr().out)
+        assert len(res["text"]) == 1, extra
+
+
+def test_convert_cli_bad_input_one_line_errors(hf_dir, tmp_path, capsys):
+    import json
+    import shutil
+
+    d, _ = hf_dir
+    cases = {}
+    missing = tmp_path / "missing"
+    shutil.copytree(d, missing)
+    (missing / "tokenizer.model").unlink()
+    cases["missing"] = (missing, "tokenizer.model not found")
+    for name, change, msg in [("llama", {"model_type": "llama"}, "unsupported architecture 'llama'"),
+                              ("mismatch", {"intermediate_size": 96}, "has shape"),
+                              ("vocab", {"vocab_size": 301}, "tokenizer.model has 300 pieces")]:
+        bad = tmp_path / name
+        shutil.copytree(d, bad)
+        cfg = json.loads((bad / "config.json").read_text())
+        (bad / "config.json").write_text(json.dumps(cfg | change))
+        cases[name] = (bad, msg)
+    for name, (src, msg) in cases.items():
+        code = _convert("--hf_dir", str(src), "--out", str(tmp_path / f"out_{name}"))
+        err = capsys.readouterr().err
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (name, err)
