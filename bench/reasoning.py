@@ -24,6 +24,7 @@ Tiny models trained in minutes test the mechanism, not the papers' claims about 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -101,6 +102,7 @@ def summarize(runs: dict) -> dict:
         tokens = np.mean([r["gen_tokens"].mean() for r in seeds])
         fwd = np.mean([r["forward_tokens"].mean() for r in seeds])
         sec = np.mean([r["seconds_after_compile"] / max(r["batches_timed"], 1) for r in seeds])
+        pass_k = float(np.mean([r["pass_at_beams"].mean() for r in seeds]))  # any final beam/sample correct
         for rule in ("quality", "vote"):
             if label in ("greedy", "sample×1") and rule == "vote":
                 continue  # one sample: both rules pick it
@@ -109,7 +111,8 @@ def summarize(runs: dict) -> dict:
             rows[row_name(label, rule)] = {
                 "method": label, "rule": rule, "family": family(label), "accuracy": acc, "ci95": [lo, hi],
                 "accuracy_per_seed": correct.mean(axis=0).tolist(), "gen_tokens": float(tokens),
-                "forward_tokens": float(fwd), "seconds_per_batch": float(sec), "_correct": correct}
+                "forward_tokens": float(fwd), "seconds_per_batch": float(sec), "pass_at_final": pass_k,
+                "_correct": correct}
     return rows
 
 
@@ -137,17 +140,24 @@ def plot(task_name: str, rows: dict, path: str):
     import matplotlib.pyplot as plt
 
     colors = {"greedy": "black", "sample": "tab:gray", "beam": "tab:green", "phi": "tab:orange", "mfs": "tab:blue"}
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(8, 5))
     for name, r in rows.items():
-        marker = "o" if r["rule"] == "quality" else "s"
         lo, hi = r["ci95"]
-        ax.errorbar(r["gen_tokens"], r["accuracy"], yerr=[[r["accuracy"] - lo], [hi - r["accuracy"]]], fmt=marker,
-                    color=colors[r["family"]], capsize=3, alpha=0.85)
-        ax.annotate(name, (r["gen_tokens"], r["accuracy"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.errorbar(r["gen_tokens"], r["accuracy"], yerr=[[r["accuracy"] - lo], [hi - r["accuracy"]]],
+                    fmt="o" if r["rule"] == "quality" else "s", color=colors[r["family"]], capsize=3, alpha=0.8)
+        twin = rows.get(name.replace("[vote]", "[quality]")) if r["rule"] == "vote" else None
+        if twin is not None and abs(twin["accuracy"] - r["accuracy"]) < 0.004:
+            continue  # the same point as its argmax-quality twin: one label
+        label = name.replace(" [quality]", "") if r["rule"] == "quality" else name.replace(" [vote]", " (vote)")
+        ax.annotate(label, (r["gen_tokens"], r["accuracy"]), fontsize=7, xytext=(5, -3 if r["rule"] == "vote" else 3),
+                    textcoords="offset points")
+    for fam, c in colors.items():
+        ax.plot([], [], "o", color=c, label=fam)
+    ax.legend(loc="lower right", fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("generated tokens per problem (log)")
     ax.set_ylabel("accuracy (test, 95% CI)")
-    ax.set_title(f"{task_name}: accuracy vs tokens (o: argmax quality, s: majority vote)")
+    ax.set_title(f"{task_name}: accuracy vs tokens (o argmax quality, s majority vote)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
@@ -157,7 +167,8 @@ def plot(task_name: str, rows: dict, path: str):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--task", required=True)
-    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--workdir")
+    ap.add_argument("--from_json", help="only redraw --png from a saved result")
     ap.add_argument("--step", type=int, default=None, help="default: chosen on validation (20–70% greedy)")
     ap.add_argument("--n", type=int, default=500, help="test problems")
     ap.add_argument("--n_val", type=int, default=200, help="validation problems for the checkpoint choice")
@@ -167,6 +178,12 @@ def main(argv=None):
     ap.add_argument("--json")
     ap.add_argument("--png")
     args = ap.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            plot(args.task, json.load(f)["rows"], args.png)
+        return
+    if not args.workdir:
+        raise SystemExit("error: --workdir is required")
 
     from spark import tasks
     from spark.tasks import evaluate as ev
@@ -209,7 +226,7 @@ def main(argv=None):
     paired = compare(rows)
     for name, r in rows.items():
         print(f"{name:28s} acc {r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]  tokens "
-              f"{r['gen_tokens']:8.1f}  forward {r['forward_tokens']:8.1f}")
+              f"{r['gen_tokens']:8.1f}  forward {r['forward_tokens']:8.1f}  pass@final {r['pass_at_final']:.3f}")
     for name, c in paired.items():
         print(f"{name} vs {c.get('vs')}: diff {c.get('diff', 0):+.3f} [{c.get('lo', 0):+.3f}, {c.get('hi', 0):+.3f}] "
               f"p={c.get('p_a_not_better', 1):.3f}, tokens ×{c.get('tokens_ratio', 0):.2f}")
