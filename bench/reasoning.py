@@ -164,11 +164,31 @@ def plot(task_name: str, rows: dict, path: str):
     print(f"wrote {path}")
 
 
+def markdown(res: dict) -> str:
+    """The README table of a saved result (a vote row equal to its quality twin is omitted)."""
+    rows, step = res["rows"], res["checkpoint_step"]
+    val = (res.get("validation_greedy_accuracy") or {}).get(str(step))
+    d = res.get("diagnostics") or {}
+    out = [f"**{res['task']}** (checkpoint step {step}" + (f", validation greedy {val:.2f}" if val is not None else "")
+           + f"; foresight AUROC {d.get('foresight_auroc') or float('nan'):.2f}, step-score AUROC "
+           f"{d.get('step_score_auroc') or float('nan'):.2f})", "",
+           "| method | accuracy [95% CI] | tokens / problem | forward row-tokens | pass@final |",
+           "| --- | --- | --- | --- | --- |"]
+    for name, x in rows.items():
+        twin = rows.get(name.replace("[vote]", "[quality]")) if "[vote]" in name else None
+        if twin is not None and abs(twin["accuracy"] - x["accuracy"]) < 0.001:
+            continue
+        pk = x.get("pass_at_final", float("nan"))
+        out.append(f"| {name.replace(' [quality]', '')} | {x['accuracy']:.3f} [{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}] "
+                   f"| {x['gen_tokens']:.0f} | {x['forward_tokens']:.0f} | {pk:.3f} |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--task", required=True)
     ap.add_argument("--workdir")
-    ap.add_argument("--from_json", help="only redraw --png from a saved result")
+    ap.add_argument("--from_json", help="redraw --png from a saved result and print its README table")
     ap.add_argument("--step", type=int, default=None, help="default: chosen on validation (20–70% greedy)")
     ap.add_argument("--n", type=int, default=500, help="test problems")
     ap.add_argument("--n_val", type=int, default=200, help="validation problems for the checkpoint choice")
@@ -178,9 +198,12 @@ def main(argv=None):
     ap.add_argument("--json")
     ap.add_argument("--png")
     args = ap.parse_args(argv)
-    if args.from_json:
+    if args.from_json:  # redraw the PNG and print the README table
         with open(args.from_json) as f:
-            plot(args.task, json.load(f)["rows"], args.png)
+            res = json.load(f)
+        if args.png:
+            plot(args.task, res["rows"], args.png)
+        print(markdown(res))
         return
     if not args.workdir:
         raise SystemExit("error: --workdir is required")
