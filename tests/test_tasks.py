@@ -61,7 +61,9 @@ def test_pathfind_verifier():
 
 
 def test_modchain_verifier_checks_the_answer_only():
-    task = tasks.get("modchain")
+    from spark.tasks.modchain import ModChain
+
+    task = ModChain(p=97)
     inst = common.Instance("", "48 ; 47 ; 42", (41, (("+", 7), ("-", 1), ("-", 5))))
     assert task.verify(inst, ids("48 ; 47 ; 42"))
     assert task.verify(inst, ids("1 ; 2 ; 42"))  # answer-only: a lucky final value counts

@@ -189,7 +189,7 @@ def test_grad_accumulation_and_sampled_granularity(data_dir):
 
 def test_sentencepiece_tokenizer_is_trained_into_the_workdir_and_sampled(tmp_path, data_dir):
     extra = ["--config.data.tokenizer=sentencepiece", "--config.data.spm_vocab_size=640",
-             "--config.data.spm_train_chars=300000", "--config.model.vocab_size=640",
+             "--config.data.spm_train_chars=100000", "--config.model.vocab_size=640",
              "--config.train.steps=2", "--config.train.eval_every=2", "--config.train.ckpt_every=2"]
     _train_cli(tmp_path, data_dir, *extra)
     assert os.path.exists(tmp_path / "tokenizer.model")

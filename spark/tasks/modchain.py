@@ -1,10 +1,10 @@
-"""A modular-arithmetic chain, the negative control: x0 and k operations mod p; one step writes
+"""A modular-arithmetic chain, the negative control: x0 and k operations mod p (13); one step writes
 one intermediate value, the answer is the last. Nothing branches, so there is nothing to plan:
 errors are confident slips that later steps stay consistent with, and self-likelihood foresight
 should not beat sampling + voting by more than noise.
 
-    prompt   "41 + 7 * 3 - 5 mod 97 |"
-    solution "48 ; 47 ; 42"   (then <eos>)
+    prompt   "9 + 7 * 3 - 5 mod 13 |"
+    solution "3 ; 9 ; 4"   (then <eos>)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ OPS = {"+": lambda a, b, p: (a + b) % p, "-": lambda a, b, p: (a - b) % p, "*": 
 @dataclasses.dataclass(frozen=True)
 class ModChain:
     ops: int = 4
-    p: int = 97
+    p: int = 13  # small enough for a tiny model to learn the tables in minutes
     name: str = "modchain"
     step_tokens: int = 4  # search budget: a step's tokens, a whole solution's
     max_gen: int = 16
