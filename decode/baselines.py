@@ -35,7 +35,7 @@ def beam_step(lm, s: search.State, cfg: search.SearchConfig, task: search.TaskTo
     vals, src = jax.lax.top_k(jnp.where(c["valid"], c["cum"], -jnp.inf), m)
     ok = vals > -jnp.inf
     pick = lambda x: jnp.take_along_axis(x, src, axis=1)  # noqa: E731
-    new = search.gather_beams(cand, c, src, ok, pick(c["F"]), jnp.full((b, m), -jnp.inf))
+    new = search.gather_beams(cand, c, src, ok, pick(c["F"]))
     live = ~s.stopped_B
     stop_now = live & ~jnp.any(new.valid_BM & ~new.fin_BM, axis=1)
     stats = stats | {"steps": stats["steps"] + live.astype(jnp.int32)}

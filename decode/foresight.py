@@ -105,8 +105,7 @@ def _adopt(s: search.State, cand, c, idx, ok, F, A, src, src_ok, from_fin, pos, 
     """Gather the new beams; per problem keep the old ones where stopped before or reverted."""
     pick = lambda x: jnp.take_along_axis(x, pos, axis=1)  # noqa: E731
     F_new = jnp.where(from_fin, jnp.take_along_axis(c["F"], src, axis=1), pick(F))
-    A_new = jnp.where(from_fin, -jnp.inf, pick(A))
-    new = search.gather_beams(cand, c, src, src_ok, F_new, A_new)
+    new = search.gather_beams(cand, c, src, src_ok, F_new)
     live = ~s.stopped_B
     stop_now = live & stop
     beams = search.keep_where(live & ~revert, new, s.beams)

@@ -81,34 +81,31 @@ def sample_until(lm, rows: Rows, key, active_R, *, stop_ids, eos_id: int, max_to
                  pad_id: int = 0):
     """Extend each active row until it emits one of `stop_ids` (EOS always stops and marks it
     done), `max_tokens` tokens, or a full buffer. -> (rows, out) where out holds per-row
-    n_tok, sum_logp (untempered), last token, and the scalar forward_tokens."""
+    n_tok, sum_logp (untempered) and the scalar forward_tokens."""
     r, cap = rows.gen_RL.shape
     stops = jnp.asarray(sorted({*stop_ids, eos_id}), jnp.int32)
     live0 = active_R & ~rows.done_R & (rows.n_gen_R < cap)
-    init = (jnp.int32(0), rows, live0, jnp.zeros((r,), jnp.int32), jnp.zeros((r,), jnp.float32),
-            jnp.full((r,), pad_id, jnp.int32))
+    init = (jnp.int32(0), rows, live0, jnp.zeros((r,), jnp.int32), jnp.zeros((r,), jnp.float32))
 
     def body(c):
-        i, rw, live, n_tok, sum_lp, last = c
+        i, rw, live, n_tok, sum_lp = c
         tok = gumbel_tokens(jax.random.fold_in(key, i), rw.logits_RV, tau)
         tok = jnp.where(live, tok, pad_id)
         lp = jnp.take_along_axis(jax.nn.log_softmax(rw.logits_RV), tok[:, None], axis=1)[:, 0]
         logits, cache = lm(tok, rw.pos_R, rw.cache)
         step = live.astype(jnp.int32)
-        gen = rw.gen_RL.at[jnp.arange(r), jnp.minimum(rw.n_gen_R, cap - 1)].set(
-            jnp.where(live, tok, rw.gen_RL[jnp.arange(r), jnp.minimum(rw.n_gen_R, cap - 1)]))
+        gen = rw.gen_RL.at[jnp.arange(r), jnp.where(live, rw.n_gen_R, cap)].set(tok, mode="drop")
         rw = Rows(cache=cache, logits_RV=jnp.where(live[:, None], logits.astype(jnp.float32), rw.logits_RV),
                   pos_R=rw.pos_R + step, gen_RL=gen, n_gen_R=rw.n_gen_R + step,
                   done_R=rw.done_R | (live & (tok == eos_id)))
         ended = jnp.isin(tok, stops) | (rw.n_gen_R >= cap)
-        return (i + 1, rw, live & ~ended, n_tok + step, sum_lp + jnp.where(live, lp, 0.0),
-                jnp.where(live, tok, last))
+        return i + 1, rw, live & ~ended, n_tok + step, sum_lp + jnp.where(live, lp, 0.0)
 
     def cond(c):
         return (c[0] < max_tokens) & jnp.any(c[2])
 
-    i, rows, _, n_tok, sum_lp, last = jax.lax.while_loop(cond, body, init)
-    return rows, {"n_tok": n_tok, "sum_logp": sum_lp, "last": last, "forward_tokens": i * r}
+    i, rows, _, n_tok, sum_lp = jax.lax.while_loop(cond, body, init)
+    return rows, {"n_tok": n_tok, "sum_logp": sum_lp, "forward_tokens": i * r}
 
 
 def mean_logp(out, empty_value):

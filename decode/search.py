@@ -117,7 +117,6 @@ class Beams:
     fin_BM: jax.Array  # bool: the beam ended with EOS (or filled its buffer)
     s_BM: jax.Array  # float32: score of the step that made it (mean untempered log-prob)
     F_BM: jax.Array  # float32: its foresight value (finished: s)
-    A_BM: jax.Array  # float32: its advantage (finished / initial: -inf)
     cum_BM: jax.Array  # float32: cumulative log-prob of its generated tokens (beam search)
 
 
@@ -193,20 +192,19 @@ def foresight(lm, cand: Rows, idx_BK, ok_BK, key, cfg: SearchConfig, task: TaskT
     return jnp.mean(f, axis=2), rows, out
 
 
-def gather_beams(cand: Rows, c: dict, src_BM, ok_BM, F_BM, A_BM) -> Beams:
+def gather_beams(cand: Rows, c: dict, src_BM, ok_BM, F_BM) -> Beams:
     b, m = src_BM.shape
     n_c = c["valid"].shape[1]
     pick = lambda x: jnp.take_along_axis(x, src_BM, axis=1)  # noqa: E731
     return Beams(rows=rollout.take(cand, jnp.arange(b)[:, None] * n_c + src_BM), valid_BM=ok_BM,
-                 fin_BM=pick(c["fin"]) & ok_BM, s_BM=pick(c["s"]), F_BM=F_BM, A_BM=A_BM, cum_BM=pick(c["cum"]))
+                 fin_BM=pick(c["fin"]) & ok_BM, s_BM=pick(c["s"]), F_BM=F_BM, cum_BM=pick(c["cum"]))
 
 
 def keep_where(cond_B, new, old):
-    """Per problem: `new` where cond, else `old` (beams are problem-major)."""
+    """Per problem: `new` where cond, else `old` (leaves lead with B or B·M problem-major rows)."""
     def one(x, y):
-        c = cond_B.reshape(cond_B.shape + (1,) * (x.ndim - 1)) if x.shape[0] == cond_B.shape[0] else \
-            jnp.repeat(cond_B, x.shape[0] // cond_B.shape[0]).reshape((-1,) + (1,) * (x.ndim - 1))
-        return jnp.where(c, x, y)
+        c = jnp.repeat(cond_B, x.shape[0] // cond_B.shape[0])
+        return jnp.where(c.reshape((-1,) + (1,) * (x.ndim - 1)), x, y)
 
     return jax.tree.map(one, new, old)
 
@@ -216,7 +214,7 @@ def initial_beams(rows: Rows, m: int) -> Beams:
     rows = rollout.take(rows, jnp.repeat(jnp.arange(b), m))
     z = jnp.zeros((b, m), jnp.float32)
     return Beams(rows=rows, valid_BM=jnp.ones((b, m), bool), fin_BM=jnp.zeros((b, m), bool), s_BM=z, F_BM=z,
-                 A_BM=z - jnp.inf, cum_BM=z)
+                 cum_BM=z)
 
 
 def finalize(lm, beams: Beams, key, cfg: SearchConfig, task: TaskTokens):

@@ -99,38 +99,31 @@ class Countdown:
         steps = take_words(ids)
         if steps is None or len(steps) != len(pool) - 1:
             return False
-        left = list(pool)
-        for words in steps:
-            if len(words) != 5 or words[3] != "=" or words[1] not in OPS:
-                return False
-            try:
-                a, b, c = int(words[0]), int(words[2]), int(words[4])
-            except ValueError:
-                return False
-            if apply(a, words[1], b, self.max_value) != c:
-                return False
-            for x in (a, b):
-                if x not in left:
-                    return False
-                left.remove(x)
-            left.append(c)
-        return left == [target]
+        return self._play(pool, steps) == [target]
 
     def solvable_after(self, inst: Instance, ids) -> bool | None:
         """Whether a valid partial solution (whole steps) can still reach the target; None if the
         steps so far are not valid moves."""
         pool, target = inst.key
+        left = self._play(pool, take_words(ids, partial=True) or [])
+        return None if left is None else bool(solutions(tuple(sorted(left)), target, self.max_value))
+
+    def _play(self, pool, steps) -> list[int] | None:
+        """The numbers left after the steps ("a op b = c", each a valid move on what is left), or
+        None at the first malformed or invalid step."""
         left = list(pool)
-        for words in take_words(ids, partial=True) or []:
+        for words in steps:
+            if len(words) != 5 or words[3] != "=" or words[1] not in OPS:
+                return None
             try:
-                a, op, b, c = int(words[0]), words[1], int(words[2]), int(words[4])
-            except (ValueError, IndexError):
+                a, b, c = int(words[0]), int(words[2]), int(words[4])
+            except ValueError:
                 return None
-            if apply(a, op, b, self.max_value) != c or a not in left:
+            if apply(a, words[1], b, self.max_value) != c:
                 return None
-            left.remove(a)
-            if b not in left:
-                return None
-            left.remove(b)
+            for x in (a, b):
+                if x not in left:
+                    return None
+                left.remove(x)
             left.append(c)
-        return bool(solutions(tuple(sorted(left)), target, self.max_value))
+        return left
