@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_ablation_notebook_executes(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("ABLATION_STEPS", "4")
-    monkeypatch.setenv("ABLATION_LAYERS", "2")
+    monkeypatch.setenv("ABLATION_LAYERS", "1")
     monkeypatch.setenv("ABLATION_DATA_DIR", data_dir)
     monkeypatch.setenv("ABLATION_WORKDIR", str(tmp_path / "runs"))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")

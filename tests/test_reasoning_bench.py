@@ -15,11 +15,10 @@ from spark.train import run
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    w = str(tmp_path_factory.mktemp("modchain"))
+def workdir(built_once):
     cfg = tasks.train_config("modchain", steps=20, d_model=32, num_layers=2, seq_len=48, batch_size=8, ckpt_every=10)
-    run(override(cfg, "train.log_every", "10"), w, progress=False)
-    return w
+    return built_once("modchain_run",
+                      lambda w: run(override(cfg, "train.log_every", "10"), w, progress=False))
 
 
 def test_select_checkpoint_and_evaluate(workdir):

@@ -16,15 +16,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, data_dir):
-    w = str(tmp_path_factory.mktemp("sample_run"))
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny.py"),
-           "--workdir", w, f"--config.data.data_dir={data_dir}", "--config.train.steps=4",
-           "--config.train.ckpt_every=4", "--config.train.eval_every=4", "--config.model.max_seq_len=48",
-           "--no_progress"]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return w
+def workdir(built_once, data_dir):
+    def build(w):
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny.py"),
+               "--workdir", w, f"--config.data.data_dir={data_dir}", "--config.train.steps=4",
+               "--config.train.ckpt_every=4", "--config.train.eval_every=4", "--config.model.max_seq_len=48",
+               "--no_progress"]
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    return built_once("sample_run", build)
 
 
 def _sample(*args):

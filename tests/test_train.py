@@ -19,6 +19,7 @@ from spark.train import TrainingError, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
+OFF = "--config.train.matformer_mode=off"  # one granularity: ~60% of the compile, where MatFormer is not the point
 
 
 def _train_cli(workdir, data_dir, *extra, check=True, cwd=ROOT):
@@ -76,7 +77,7 @@ def test_eight_device_mesh_matches_one_device(kind, data_dir):
 def test_nonfinite_loss_stops_and_last_checkpoint_restores(tmp_path, data_dir):
     cfg = load_config_file(TINY)
     for k, v in [("data.data_dir", data_dir), ("train.lr", "1e30"), ("train.ckpt_every", "1"),
-                 ("train.log_every", "1")]:
+                 ("train.log_every", "1"), ("train.matformer_mode", "off")]:
         cfg = override(cfg, k, v)
     with pytest.raises(TrainingError, match="non-finite loss .* last good checkpoint \\(step (\\d+)\\)"):
         run(cfg, str(tmp_path), progress=False)
@@ -101,9 +102,10 @@ def test_cli_bad_inputs_give_one_line_errors(tmp_path, data_dir, extra, msg):
 
 def test_checkpoint_from_another_config_is_an_error(tmp_path, data_dir):
     # a relative workdir (orbax wants absolute paths: the wrapper resolves them)
-    _train_cli("w", data_dir, "--config.train.steps=2", "--config.train.ckpt_every=1", cwd=tmp_path)
+    _train_cli("w", data_dir, "--config.train.steps=2", "--config.train.ckpt_every=1", OFF, cwd=tmp_path)
     assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == ["1", "2"]
-    r = _train_cli("w", data_dir, "--config.train.steps=4", "--config.model.d_model=48", check=False, cwd=tmp_path)
+    r = _train_cli("w", data_dir, "--config.train.steps=4", "--config.model.d_model=48", OFF, check=False,
+                   cwd=tmp_path)
     assert r.returncode != 0 and "written by another config (model differs in: d_model" in r.stderr
     assert "Traceback" not in r.stderr
 
@@ -133,11 +135,11 @@ def test_two_processes_killed_and_resumed_match_one_process(tmp_path, data_dir):
     loopback) checkpoint, are SIGKILLed after step 4, resume as 2 processes and end with the
     losses of 1 process x 4 devices (rel 1e-5: reductions run in another order)."""
     base = [sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, f"--config.data.data_dir={data_dir}",
-            "--config.train.log_every=1", "--no_progress"]
+            "--config.train.log_every=1", "--no_progress", OFF]
 
     def env(n_dev):
         return {**os.environ, "JAX_PLATFORMS": "cpu",
-                "XLA_FLAGS": f"--xla_force_host_platform_device_count={n_dev}"}
+                "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_dev}"}
 
     r = subprocess.run(base + ["--workdir", str(tmp_path / "one")], env=env(4), cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
@@ -191,7 +193,7 @@ def test_grad_accumulation_and_sampled_granularity(data_dir):
 def test_sentencepiece_tokenizer_is_trained_into_the_workdir_and_sampled(tmp_path, data_dir, capsys):
     extra = ["--config.data.tokenizer=sentencepiece", "--config.data.spm_vocab_size=640",
              "--config.data.spm_train_chars=100000", "--config.model.vocab_size=640",
-             "--config.train.steps=2", "--config.train.eval_every=2", "--config.train.ckpt_every=2"]
+             "--config.train.steps=2", "--config.train.eval_every=2", "--config.train.ckpt_every=2", OFF]
     _train_cli(tmp_path, data_dir, *extra)
     assert os.path.exists(tmp_path / "tokenizer.model")
     last = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")][-1]
@@ -212,13 +214,13 @@ def test_sentencepiece_tokenizer_is_trained_into_the_workdir_and_sampled(tmp_pat
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, data_dir):
-    _train_cli(tmp_path, data_dir, "--config.train.steps=2", "--config.train.ckpt_every=2")
+    _train_cli(tmp_path, data_dir, "--config.train.steps=2", "--config.train.ckpt_every=2", OFF)
     state_dir = tmp_path / "checkpoints" / "2" / "state"
     for root, _, files in os.walk(state_dir):
         for f in files:
             with open(os.path.join(root, f), "wb") as fh:
                 fh.write(b"garbage")
-    r = _train_cli(tmp_path, data_dir, "--config.train.steps=4", check=False)
+    r = _train_cli(tmp_path, data_dir, "--config.train.steps=4", OFF, check=False)
     assert r.returncode != 0 and "checkpoint step 2 is unreadable" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
 
@@ -226,7 +228,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, data_dir):
 def test_bf16_compute_with_f32_params(data_dir):
     from spark.data.pipeline import make_dataset
 
-    cfg = override(load_config_file(TINY), "data.data_dir", data_dir)
+    cfg = override(override(load_config_file(TINY), "data.data_dir", data_dir), "train.matformer_mode", "off")
     batch = next(iter(make_dataset(cfg.data, "train", seq_len=32, batch_size=8, seed=0, train=True)))
     s32, m32 = _one_step(cfg, batch)
     s16, m16 = _one_step(override(cfg, "model.dtype", "bfloat16"), batch)
