@@ -10,4 +10,4 @@ from spark.tasks import train_config
 
 
 def get_config():
-    return train_config("pathfind", steps=1500)
+    return train_config("pathfind", steps=3000)

@@ -106,6 +106,24 @@ def test_pipeline_trains_on_solutions_only():
         assert mask.sum() > 0 and (mask[inp == tasks.vocab.BOS] == 0).all()
 
 
+def test_pipeline_packs_task_examples_whole():
+    """No solution is cut from its prompt: every document in a row runs from <bos> to <eos>."""
+    from spark.data.pipeline import make_dataset
+
+    ds = make_dataset(DataConfig(name="pathfind", tokenizer="task"), "train", seq_len=64, batch_size=4, seed=0,
+                      train=True)
+    eos = tasks.vocab.EOS
+    for b, _ in zip(ds, range(3), strict=False):
+        for inp, tgt, seg in zip(b["inputs"], b["targets"], b["segment_ids"], strict=True):
+            docs = [np.flatnonzero(seg == s) for s in np.unique(seg[seg > 0])]
+            assert docs and all(inp[d[0]] == tasks.vocab.BOS for d in docs)
+            # a document's <eos> is its last input, or the row's last target when it fills the row
+            assert all(inp[d[-1]] == eos or (d[-1] == len(inp) - 1 and tgt[-1] == eos) for d in docs)
+    with pytest.raises(ConfigError, match="does not fit a row"):
+        next(iter(make_dataset(DataConfig(name="pathfind", tokenizer="task"), "train", seq_len=16, batch_size=4,
+                               seed=0, train=True)))
+
+
 def test_bench_statistics():
     from bench.stats import auroc, bootstrap_ci, paired_bootstrap
 

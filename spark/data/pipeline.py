@@ -4,6 +4,8 @@ Batches are dicts of numpy arrays [B, T]: inputs, targets, positions, segment_id
 Documents are concatenated (BOS ... EOS) and split into rows of T + 1 tokens by grain's
 ConcatThenSplitIterDataset; positions restart at every document piece, segment ids keep pieces
 from attending to each other, and the loss skips targets across a piece boundary and padding.
+Task examples (prompt + solution, spark/tasks) are packed whole instead (FirstFitPackIterDataset,
+padding the rest of a row): a solution split from its prompt would be trained on noise.
 The iterator's state (`get_state`/`set_state`) is saved with each checkpoint.
 """
 
@@ -56,9 +58,9 @@ def source(cfg: DataConfig, split: str):
     """A random-access source of examples for one split."""
     if cfg.name == "python_stdlib":
         return stdlib.prepare(cfg.data_dir).as_data_source(split=split)
-    from spark import tasks
+    if _is_task(cfg):
+        from spark import tasks
 
-    if cfg.name in tasks.TASKS:
         return tasks.source(cfg.name, split)
     try:
         return tfds.data_source(cfg.name, split=split, data_dir=cfg.data_dir)
@@ -75,6 +77,19 @@ def _to_model_batch(b: dict) -> dict:
         "segment_ids": seg[:, :-1],
         "loss_mask": ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0) & (w[:, 1:] > 0)).astype(np.float32),
     }
+
+
+def _is_task(cfg: DataConfig) -> bool:
+    from spark import tasks
+
+    return cfg.name in tasks.TASKS
+
+
+def _fits(ex: dict, n: int) -> dict:
+    if len(ex["tokens"]) > n:
+        raise ConfigError(f"a task example of {len(ex['tokens'])} tokens does not fit a row of "
+                          f"train.seq_len + 1 = {n}; raise train.seq_len")
+    return ex
 
 
 def _encode(ex, tok, key):
@@ -104,8 +119,13 @@ def make_dataset(cfg: DataConfig, split: str, *, seq_len: int, batch_size: int, 
         ds = ds.shuffle(seed=seed).repeat(None)
     key = cfg.text_key
     ds = ds.map(lambda ex: _encode(ex, tok, key))
-    ds = grain_exp.ConcatThenSplitIterDataset(ds.to_iter_dataset(),
-                                              length_struct={"tokens": seq_len + 1, "weights": seq_len + 1})
+    lengths = {"tokens": seq_len + 1, "weights": seq_len + 1}
+    if _is_task(cfg):
+        ds = grain_exp.FirstFitPackIterDataset(ds.map(lambda ex: _fits(ex, seq_len + 1)).to_iter_dataset(),
+                                               length_struct=lengths, num_packing_bins=batch_size, seed=seed,
+                                               shuffle_bins=train)
+    else:
+        ds = grain_exp.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct=lengths)
     ds = ds.batch(batch_size, drop_remainder=True)
     rows = batch_size // process_count
     lo = process_index * rows

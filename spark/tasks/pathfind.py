@@ -19,7 +19,7 @@ class PathFind:
     arms: int = 3
     min_len: int = 2
     max_len: int = 4
-    labels: int = 100  # node names are numbers 0..labels-1
+    labels: int = 24  # node names are numbers 0..labels-1 (with 100, 1,500 steps did not learn edge-following)
     name: str = "pathfind"
     step_tokens: int = 4  # search budget: a step's tokens, a whole solution's
     max_gen: int = 16
