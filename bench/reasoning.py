@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import write_json  # noqa: E402
 from bench.stats import auroc, bootstrap_ci, paired_bootstrap  # noqa: E402
 
-METHODS = {  # label: SearchConfig fields (the task's step/solution budgets are added)
+MAIN = {  # label: SearchConfig fields (the task's step/solution budgets are added)
     "greedy": dict(method="sample", samples=1, tau_final=0.0),
     "sample×1": dict(method="sample", samples=1, tau_final=0.7),
     "sample×4": dict(method="sample", samples=4, tau_final=0.7),
@@ -48,6 +48,15 @@ METHODS = {  # label: SearchConfig fields (the task's step/solution budgets are 
     "mfs 4×4": dict(method="mfs", beams=4, samples=4),
     "mfs 8×8": dict(method="mfs", beams=8, samples=8),
 }
+_MFS4 = MAIN["mfs 4×4"]
+ABLATIONS = {  # martingale_foresight.md §6.4, one change each from "mfs 4×4"; run with --methods
+    "mfs 4×4 λ=0": _MFS4 | dict(sigma_rate=0.0),  # prune to s ≥ μ instead of μ + 0.8σ
+    "mfs 4×4 baseline=step": _MFS4 | dict(baseline="parent_step"),  # the released code's A
+    "mfs 4×4 R=4": _MFS4 | dict(rollouts=4),  # F from 4 rollouts per survivor
+    "mfs 4×4 no stop": _MFS4 | dict(early_stop=False),  # no ε rule
+    "mfs 4×4 τf=0.7": _MFS4 | dict(tau_foresight=0.7),  # foresight rollouts at the step temperature
+}
+METHODS = MAIN | ABLATIONS
 DIAGNOSED = "mfs 4×4"
 
 
@@ -193,7 +202,8 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=500, help="test problems")
     ap.add_argument("--n_val", type=int, default=200, help="validation problems for the checkpoint choice")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
+    ap.add_argument("--methods", default=",".join(MAIN),
+                    help="comma-separated subset of: " + ", ".join(METHODS) + " (default: all but the ablations)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--json")
     ap.add_argument("--png")

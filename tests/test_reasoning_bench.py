@@ -47,3 +47,14 @@ def test_bench_runs_end_to_end(workdir, tmp_path):
     assert d["survivors"] > 0 and 0 <= d["pass_at_beams"] <= 1
     assert d["foresight_auroc"] is None or 0 <= d["foresight_auroc"] <= 1
     assert "mfs 4×4 [quality]" in res["paired"] and np.isfinite(res["paired"]["mfs 4×4 [quality]"]["diff"])
+
+
+def test_ablations_change_one_field_of_mfs():
+    from bench import reasoning
+
+    base = ev.search_config(tasks.get("countdown"), **reasoning.MAIN["mfs 4×4"])
+    for label, fields in reasoning.ABLATIONS.items():
+        cfg = ev.search_config(tasks.get("countdown"), **fields)  # a valid config
+        changed = [f for f in fields if getattr(cfg, f) != getattr(base, f)]
+        assert len(changed) == 1, (label, changed)
+    assert set(reasoning.METHODS) == set(reasoning.MAIN) | set(reasoning.ABLATIONS)
