@@ -71,6 +71,8 @@ SEARCH_FLAGS = {  # flag: (type, help); defaults are decode.search.SearchConfig'
     "rollouts": (int, "R foresight rollouts per survivor"), "foresight_slots": (int, "K foresight buffer (0: M·N/2)"),
     "tau_step": (float, "step temperature"), "tau_foresight": (float, "foresight temperature"),
     "phi_delta": (float, "φ stop: largest answer cluster share"), "step_tokens": (int, "cap on one step's tokens"),
+    "prune": (str, "on | off: the MFS width prune"), "rank": (str, "MFS orders survivors by A (paper) | F"),
+    "early_stop": (str, "on | off: the MFS ε and φ cluster stop rules"),
 }
 
 
@@ -100,6 +102,11 @@ def search_config(args):
     method, rule = DECODERS[args.decoder]
     args.answer_rule = args.answer_rule or rule
     kw = {f: getattr(args, f) for f in SEARCH_FLAGS if getattr(args, f) is not None}
+    for f in ("prune", "early_stop"):
+        if f in kw:
+            if kw[f] not in ("on", "off"):
+                raise ConfigError(f"--{f} must be on or off, got {kw[f]!r}")
+            kw[f] = kw[f] == "on"
     kw.setdefault("step_tokens", min(32, args.max_new_tokens))
     return SearchConfig(method=method, max_gen=args.max_new_tokens, tau_final=args.temperature, **kw)
 

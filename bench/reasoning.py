@@ -49,12 +49,15 @@ MAIN = {  # label: SearchConfig fields (the task's step/solution budgets are add
     "mfs 8×8": dict(method="mfs", beams=8, samples=8),
 }
 _MFS4 = MAIN["mfs 4×4"]
-ABLATIONS = {  # martingale_foresight.md §6.4, one change each from "mfs 4×4"; run with --methods
+ABLATIONS = {  # martingale_foresight.md §6.4: changes to "mfs 4×4"; run with --methods
     "mfs 4×4 λ=0": _MFS4 | dict(sigma_rate=0.0),  # prune to s ≥ μ instead of μ + 0.8σ
     "mfs 4×4 baseline=step": _MFS4 | dict(baseline="parent_step"),  # the released code's A
     "mfs 4×4 R=4": _MFS4 | dict(rollouts=4),  # F from 4 rollouts per survivor
     "mfs 4×4 no stop": _MFS4 | dict(early_stop=False),  # no ε rule
     "mfs 4×4 τf=0.7": _MFS4 | dict(tau_foresight=0.7),  # foresight rollouts at the step temperature
+    "mfs 4×4 rank F": _MFS4 | dict(rank="F"),  # survivors ordered by F, not A = F − parent's F
+    "mfs 4×4 no prune": _MFS4 | dict(prune=False, foresight_slots=16),  # every candidate rolled out
+    "mfs 4×4 no prune, rank F": _MFS4 | dict(prune=False, foresight_slots=16, rank="F"),
 }
 METHODS = MAIN | ABLATIONS
 DIAGNOSED = "mfs 4×4"

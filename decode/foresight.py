@@ -131,10 +131,10 @@ def mfs_step(lm, s: search.State, cfg: search.SearchConfig, task: search.TaskTok
     cand, c, out = search.expand(lm, s.beams, jax.random.fold_in(kt, 0), cfg, task, s.stopped_B)
     s = s.replace(stats=search.add_call(s.stats, out, b, "expand"))
     unf = c["valid"] & ~c["fin"]
-    keep = mfs_keep(c["s"], unf, cfg.sigma_rate)
+    keep = mfs_keep(c["s"], unf, cfg.sigma_rate) if cfg.prune else unf
     idx, ok, F, A, stats, _ = _survivors(lm, s, cand, c, keep, kt, cfg, task)
     fin = c["valid"] & c["fin"]
-    src, src_ok, from_fin, pos = select_slots(fin, c["s"], idx, ok, A, m, cfg.finished_cap)
+    src, src_ok, from_fin, pos = select_slots(fin, c["s"], idx, ok, A if cfg.rank == "A" else F, m, cfg.finished_cap)
     left = _unfinished_left(c["fin"], src, src_ok)
     max_A = jnp.max(jnp.where(src_ok & ~from_fin, jnp.take_along_axis(A, pos, axis=1), -jnp.inf), axis=1)
     revert = (s.t > cfg.min_steps) & left & (max_A <= cfg.epsilon) & cfg.early_stop

@@ -63,6 +63,8 @@ class SearchConfig:
     max_steps: int = 8  # T_max
     min_steps: int = 0  # T_min: the stop rules are tested only at steps t > T_min (mfs), t >= T_min (phi)
     sigma_rate: float = 0.8  # λ: mfs keeps unfinished candidates with s >= μ + λσ
+    prune: bool = True  # False: no mfs width prune, every unfinished candidate is rolled out (ablation)
+    rank: str = "A"  # mfs orders survivors by A (paper) or by F itself (ablation: A telescopes to F_t − F_0)
     epsilon: float = 1e-4  # mfs stop when max A <= ε (code 1e-4, paper 1e-6)
     early_stop: bool = True  # False: never stop early (mfs ε rule, φ cluster rule): the counterfactual
     baseline: str = "parent_F"  # A = F − baseline(parent): paper "parent_F", code "parent_step"
@@ -88,6 +90,7 @@ class SearchConfig:
                   (self.phi_sigma_rate >= 0, f"phi_sigma_rate must be >= 0, got {self.phi_sigma_rate}"),
                   (self.epsilon >= 0, f"epsilon must be >= 0, got {self.epsilon}"),
                   (self.baseline in BASELINES, f"baseline must be one of {BASELINES}, got {self.baseline!r}"),
+                  (self.rank in ("A", "F"), f"rank must be 'A' or 'F', got {self.rank!r}"),
                   (self.rollouts >= 1, f"rollouts (R) must be >= 1, got {self.rollouts}"),
                   (self.foresight_slots >= 0, f"foresight_slots must be >= 0, got {self.foresight_slots}"),
                   (0 <= self.finished_frac <= 1, f"finished_frac must be in [0, 1], got {self.finished_frac}"),

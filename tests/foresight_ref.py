@@ -210,7 +210,8 @@ class Reference:
                              key=lambda c: (-cands[c]["s"], c))
                 n_fin = min(len(fin), cfg.finished_cap if surv else M)
                 if method == "mfs":
-                    order = sorted(range(len(surv)), key=lambda k: (-A[k], k))
+                    by = A if cfg.rank == "A" else F
+                    order = sorted(range(len(surv)), key=lambda k: (-by[k], k))
                     largest = 0.0
                 else:
                     order, largest = self.phi_order(surv, A, fs_keys, jax.random.fold_in(kt, 3), b)
@@ -236,8 +237,8 @@ class Reference:
         return dict(trace=trace, stop_step=stop_step, reverted=reverted, gen_tokens=gen_tokens, **final)
 
     def mfs_keep(self, unf, s):
-        if not unf:
-            return []
+        if not unf or not self.cfg.prune:
+            return list(unf)
         thr = s.mean() + self.cfg.sigma_rate * s.std()
         return [c for c, x in zip(unf, s, strict=True) if x >= thr or x == s.max()]
 

@@ -27,6 +27,7 @@ CASES = {  # name: (method, config changes, hash-LM seed); test_cases_reach_thei
     "mfs-one-candidate": ("mfs", dict(beams=1, samples=1), 4),
     "mfs-buffer-is-one-step": ("mfs", dict(max_gen=3), 5),
     "mfs-greedy-steps": ("mfs", dict(tau_step=0.0, tau_final=0.0), 6),
+    "mfs-no-prune-rank-by-F": ("mfs", dict(prune=False, rank="F", foresight_slots=5), 9),
     "phi": ("phi", dict(min_steps=1), 0),
     "phi-R2-overflow": ("phi", dict(rollouts=2, foresight_slots=3, phi_sigma_rate=2.0, answer_span_last=True), 7),
 }
@@ -127,6 +128,12 @@ def test_cases_reach_their_edge():
     assert (tr["cand_valid"] & ~tr["cand_fin"]).sum(axis=2).max() == 1 and tr["keep"].sum() > 0
     got, _, _ = run("mfs-buffer-is-one-step")
     assert (got["num"][got["valid"]] <= 3).all()
+    _, tr, st = run("mfs-no-prune-rank-by-F")  # every unfinished candidate kept; more than the buffer holds
+    assert (tr["keep"] == (tr["cand_valid"] & ~tr["cand_fin"])).all() and (st["foresight_overflow"] > 0).all()
+    first = np.argmax(np.where(tr["surv_ok"][0], tr["F"][0], -np.inf), axis=1)  # the best F leads at step 0
+    none_fin = ~(tr["cand_valid"][0] & tr["cand_fin"][0]).any(axis=1)  # (finished candidates come first)
+    assert none_fin.any()
+    assert (tr["src"][0][:, 0] == np.take_along_axis(tr["surv"][0], first[:, None], 1)[:, 0])[none_fin].all()
 
 
 def _wrong_parent_expand(lm, beams, key, cfg, task, stopped_B):
@@ -227,6 +234,7 @@ def test_answer_keys_spans():
     (dict(step_tokens=8, max_gen=4), "max_gen \\(4\\) must hold at least one step \\(8 tokens\\)"),
     (dict(method="mcts"), "method must be one of"),
     (dict(baseline="parent"), "baseline must be one of"),
+    (dict(rank="s"), "rank must be .A. or .F."),
 ])
 def test_bad_config_is_a_one_line_error(bad, msg):
     with pytest.raises(ConfigError, match=msg):

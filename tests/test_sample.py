@@ -102,6 +102,8 @@ BAD = {
     "lambda": (["--prompt", "a", "--decoder", "mfs", "--sigma_rate", "-1"], "sigma_rate (λ) must be >= 0"),
     "budget": (["--prompt", "a", "--decoder", "mfs", "--step_tokens", "9", "--max_new_tokens", "8"],
                "max_gen (8) must hold at least one step (9 tokens)"),
+    "rank": (["--prompt", "a", "--decoder", "mfs", "--rank", "s"], "rank must be 'A' or 'F'"),
+    "prune": (["--prompt", "a", "--decoder", "mfs", "--prune", "no"], "--prune must be on or off, got 'no'"),
     "two decoders": (["--prompt", "a", "--decoder", "phi", "--speculative"], "pick one"),
     "delimiter": (["--prompt", "a", "--decoder", "beam", "--delimiter", "ab", "--max_new_tokens", "8"],
                   "it must be one"),
