@@ -16,8 +16,9 @@ Protocol (docs/research/martingale_foresight.md §6):
   1.1× its tokens (paired bootstrap over problems), and against φ-Decoding (token ratio);
 - diagnostics on MFS 4×4 (first seed): AUROC of the foresight value F (and of the step score s)
   for "the task is still solvable after this step" (exact solver labels), the share of pruned
-  steps that were solvable vs of kept ones, pass@beams, and the early-stop counterfactual (the
-  same seed with early stopping off, on the problems where it fired).
+  steps that were solvable vs of kept ones, the distinct first steps among the candidates and
+  among those the prune keeps, pass@beams, and the early-stop counterfactual (the same seed with
+  early stopping off, on the problems where it fired).
 Tiny models trained in minutes test the mechanism, not the papers' claims about 8B LLMs.
 """
 
@@ -57,7 +58,7 @@ ABLATIONS = {  # martingale_foresight.md §6.4: changes to "mfs 4×4"; run with 
     "mfs 4×4 τf=0.7": _MFS4 | dict(tau_foresight=0.7),  # foresight rollouts at the step temperature
     "mfs 4×4 rank F": _MFS4 | dict(rank="F"),  # survivors ordered by F, not A = F − parent's F
     "mfs 4×4 no prune": _MFS4 | dict(prune=False, foresight_slots=16),  # every candidate rolled out
-    "mfs 4×4 no prune, rank F": _MFS4 | dict(prune=False, foresight_slots=16, rank="F"),
+    "mfs 4×4 no prune + rank F": _MFS4 | dict(prune=False, foresight_slots=16, rank="F"),
 }
 METHODS = MAIN | ABLATIONS
 DIAGNOSED = "mfs 4×4"
@@ -71,6 +72,17 @@ def row_name(label: str, rule: str) -> str:
     if label.startswith("sample×") and label != "sample×1":
         return ("best-of-" if rule == "quality" else "self-consistency@") + label.split("×")[1]
     return f"{label} [{rule}]"
+
+
+def first_step(tr) -> dict:
+    """How many distinct first steps the candidates hold, and how many the width prune keeps
+    (means over problems): search can only change the answer through the steps it keeps."""
+    def distinct(mask_PC):
+        return float(np.mean([len({tuple(tr["cand_tokens"][0, p, c, : tr["cand_num"][0, p, c]])
+                                   for c in np.flatnonzero(m)}) for p, m in enumerate(mask_PC)]))
+
+    unf = tr["cand_valid"][0] & ~tr["cand_fin"][0]
+    return {"step0_distinct_candidates": distinct(unf), "step0_distinct_kept": distinct(unf & tr["keep"][0])}
 
 
 def diagnostics(task, insts, res, res_nostop) -> dict:
@@ -93,6 +105,7 @@ def diagnostics(task, insts, res, res_nostop) -> dict:
             f_label.append(label[tr["surv"][t, p, k]])
     fired = np.asarray(res["reverted"], bool)
     out = {"foresight_auroc": auroc(f_score, f_label), "step_score_auroc": auroc(s_score, s_label),
+           **first_step(tr),
            "survivors": len(f_score), "survivor_solvable_share": float(np.mean(f_label)) if f_label else None,
            "pruned_solvable_share": float(np.mean(pruned_solvable)) if pruned_solvable else None,
            "kept_solvable_share": float(np.mean(kept_solvable)) if kept_solvable else None,

@@ -45,6 +45,7 @@ def test_bench_runs_end_to_end(workdir, tmp_path):
     assert len(rows["mfs 4×4 [vote]"]["accuracy_per_seed"]) == 2
     d = res["diagnostics"]
     assert d["survivors"] > 0 and 0 <= d["pass_at_beams"] <= 1
+    assert 1 <= d["step0_distinct_kept"] <= d["step0_distinct_candidates"] <= 16  # M·N first steps
     assert d["foresight_auroc"] is None or 0 <= d["foresight_auroc"] <= 1
     assert "mfs 4×4 [quality]" in res["paired"] and np.isfinite(res["paired"]["mfs 4×4 [quality]"]["diff"])
 
