@@ -47,7 +47,9 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     if last and jax.process_index() == 0:
-        keys = [k for k in ("loss", "eval_loss", "eval_bpb", "tokens_per_s") if k in last]
+        # loss_F: the full-width model's loss (the progress bar's); loss: the trained objective (summed
+        # over the MatFormer granularities in "sum" mode)
+        keys = [k for k in ("loss_F", "loss", "eval_loss", "eval_bpb", "tokens_per_s") if k in last]
         print("final: " + ", ".join(f"{k}={last[k]:.4g}" for k in keys))
 
 
