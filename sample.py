@@ -63,7 +63,7 @@ def parse_args(argv):
 
 DECODERS = {"plain": None, "mfs": ("mfs", "quality"), "phi": ("phi", "quality"), "beam": ("beam", "quality"),
             "best_of_n": ("sample", "quality"), "self_consistency": ("sample", "vote")}
-SEARCH_FLAGS = {  # flag: (type, help); defaults are decode.search.SearchConfig's
+SEARCH_FLAGS = {  # flag: (type, help); defaults are decode.search.SearchConfig's; bool flags take on | off
     "beams": (int, "M beams kept per step"), "samples": (int, "N samples per beam (best_of_n: completions)"),
     "max_steps": (int, "T_max search steps"), "min_steps": (int, "T_min: no early stop before it"),
     "sigma_rate": (float, "MFS prune: keep s >= mean + λ·std"), "phi_sigma_rate": (float, "φ prune: s > mean − k·std"),
@@ -71,8 +71,8 @@ SEARCH_FLAGS = {  # flag: (type, help); defaults are decode.search.SearchConfig'
     "rollouts": (int, "R foresight rollouts per survivor"), "foresight_slots": (int, "K foresight buffer (0: M·N/2)"),
     "tau_step": (float, "step temperature"), "tau_foresight": (float, "foresight temperature"),
     "phi_delta": (float, "φ stop: largest answer cluster share"), "step_tokens": (int, "cap on one step's tokens"),
-    "prune": (str, "on | off: the MFS width prune"), "rank": (str, "MFS orders survivors by A (paper) | F"),
-    "early_stop": (str, "on | off: the MFS ε and φ cluster stop rules"),
+    "prune": (bool, "on | off: the MFS width prune"), "rank": (str, "MFS orders survivors by A (paper) | F"),
+    "early_stop": (bool, "on | off: the MFS ε and φ cluster stop rules"),
 }
 
 
@@ -80,7 +80,7 @@ def add_search_flags(ap):
     g = ap.add_argument_group("search decoders (decode/search.py; --temperature finishes the beams)")
     g.add_argument("--decoder", default="plain", choices=list(DECODERS))
     for name, (typ, hlp) in SEARCH_FLAGS.items():
-        g.add_argument(f"--{name}", type=typ, default=None, help=hlp)
+        g.add_argument(f"--{name}", type=str if typ is bool else typ, default=None, help=hlp)
     g.add_argument("--answer_rule", default=None, choices=["quality", "vote"],
                    help="argmax mean log-prob or majority vote over the final beams")
     g.add_argument("--delimiter", default=None, help="the text that ends a step (default: ';' for task "
@@ -102,8 +102,8 @@ def search_config(args):
     method, rule = DECODERS[args.decoder]
     args.answer_rule = args.answer_rule or rule
     kw = {f: getattr(args, f) for f in SEARCH_FLAGS if getattr(args, f) is not None}
-    for f in ("prune", "early_stop"):
-        if f in kw:
+    for f in kw:
+        if SEARCH_FLAGS[f][0] is bool:
             if kw[f] not in ("on", "off"):
                 raise ConfigError(f"--{f} must be on or off, got {kw[f]!r}")
             kw[f] = kw[f] == "on"

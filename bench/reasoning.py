@@ -50,6 +50,7 @@ MAIN = {  # label: SearchConfig fields (the task's step/solution budgets are add
     "mfs 8×8": dict(method="mfs", beams=8, samples=8),
 }
 _MFS4 = MAIN["mfs 4×4"]
+_ALL16 = dict(prune=False, foresight_slots=_MFS4["beams"] * _MFS4["samples"])  # every candidate rolled out
 ABLATIONS = {  # martingale_foresight.md §6.4: changes to "mfs 4×4"; run with --methods
     "mfs 4×4 λ=0": _MFS4 | dict(sigma_rate=0.0),  # prune to s ≥ μ instead of μ + 0.8σ
     "mfs 4×4 baseline=step": _MFS4 | dict(baseline="parent_step"),  # the released code's A
@@ -57,8 +58,8 @@ ABLATIONS = {  # martingale_foresight.md §6.4: changes to "mfs 4×4"; run with 
     "mfs 4×4 no stop": _MFS4 | dict(early_stop=False),  # no ε rule
     "mfs 4×4 τf=0.7": _MFS4 | dict(tau_foresight=0.7),  # foresight rollouts at the step temperature
     "mfs 4×4 rank F": _MFS4 | dict(rank="F"),  # survivors ordered by F, not A = F − parent's F
-    "mfs 4×4 no prune": _MFS4 | dict(prune=False, foresight_slots=16),  # every candidate rolled out
-    "mfs 4×4 no prune + rank F": _MFS4 | dict(prune=False, foresight_slots=16, rank="F"),
+    "mfs 4×4 no prune": _MFS4 | _ALL16,
+    "mfs 4×4 no prune + rank F": _MFS4 | _ALL16 | dict(rank="F"),
 }
 METHODS = MAIN | ABLATIONS
 DIAGNOSED = "mfs 4×4"
@@ -158,6 +159,12 @@ def compare(rows: dict) -> dict:
     return out
 
 
+def same_as_quality(rows: dict, name: str, tol: float) -> bool:
+    """A "[vote]" row whose accuracy is within `tol` of its "[quality]" twin's: shown once."""
+    twin = rows.get(name.replace("[vote]", "[quality]")) if "[vote]" in name else None
+    return twin is not None and abs(twin["accuracy"] - rows[name]["accuracy"]) < tol
+
+
 def plot(task_name: str, rows: dict, path: str):
     import matplotlib
 
@@ -170,8 +177,7 @@ def plot(task_name: str, rows: dict, path: str):
         lo, hi = r["ci95"]
         ax.errorbar(r["gen_tokens"], r["accuracy"], yerr=[[r["accuracy"] - lo], [hi - r["accuracy"]]],
                     fmt="o" if r["rule"] == "quality" else "s", color=colors[r["family"]], capsize=3, alpha=0.8)
-        twin = rows.get(name.replace("[vote]", "[quality]")) if r["rule"] == "vote" else None
-        if twin is not None and abs(twin["accuracy"] - r["accuracy"]) < 0.004:
+        if same_as_quality(rows, name, 0.004):
             continue  # the same point as its argmax-quality twin: one label
         label = name.replace(" [quality]", "") if r["rule"] == "quality" else name.replace(" [vote]", " (vote)")
         ax.annotate(label, (r["gen_tokens"], r["accuracy"]), fontsize=7, xytext=(5, -3 if r["rule"] == "vote" else 3),
@@ -200,8 +206,7 @@ def markdown(res: dict) -> str:
            "| method | accuracy [95% CI] | tokens / problem | forward row-tokens | pass@final |",
            "| --- | --- | --- | --- | --- |"]
     for name, x in rows.items():
-        twin = rows.get(name.replace("[vote]", "[quality]")) if "[vote]" in name else None
-        if twin is not None and abs(twin["accuracy"] - x["accuracy"]) < 0.001:
+        if same_as_quality(rows, name, 0.001):
             continue
         pk = x.get("pass_at_final", float("nan"))
         out.append(f"| {name.replace(' [quality]', '')} | {x['accuracy']:.3f} [{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}] "

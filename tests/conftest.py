@@ -47,6 +47,18 @@ def built_once(tmp_path_factory, worker_id):
 
 
 @pytest.fixture(scope="session")
+def sample_cli():
+    """sample.py (a script, not a package module) imported once, to call its main() in process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "sample_cli", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
 def data_dir(built_once):
     """The python_stdlib tfds dataset, prepared once per test run."""
     from spark.data import stdlib

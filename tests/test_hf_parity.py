@@ -114,8 +114,7 @@ def _convert(*args):
     return e.value.code
 
 
-def test_convert_cli_round_trip_and_sample(hf_dir, tmp_path, capsys):
-    import importlib.util
+def test_convert_cli_round_trip_and_sample(hf_dir, tmp_path, sample_cli, capsys):
     import json
     import os
 
@@ -133,14 +132,10 @@ def test_convert_cli_round_trip_and_sample(hf_dir, tmp_path, capsys):
         ref = hf(torch.tensor(tokens)).logits.numpy()
     logits, _ = model(jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(16), (2, 16)))
     assert float(np.max(np.abs(np.asarray(logits) - ref))) <= 1e-4
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("sample_cli", os.path.join(root, "sample.py"))
-    sample = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sample)
     capsys.readouterr()
     for extra in ([], ["--speculative", "--draft_granularity", "4"], ["--decoder", "mfs", "--beams", "2",
                                                                        "--samples", "2", "--step_tokens", "4"]):
-        sample.main(["--workdir", out, "--prompt", "the quick", "--max_new_tokens", "6", "--json", *extra])
+        sample_cli.main(["--workdir", out, "--prompt", "the quick", "--max_new_tokens", "6", "--json", *extra])
         res = json.loads(capsys.readouterr().out)
         assert len(res["text"]) == 1, extra
 

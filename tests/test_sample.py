@@ -1,7 +1,6 @@
 """sample.py on a tiny trained checkpoint: text and JSON output, --checkpoint, widths, and a
 one-line error (exit != 0, no traceback) for every bad input a user can give."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -33,14 +32,11 @@ def _sample(*args):
                           text=True, cwd=ROOT, timeout=300)
 
 
-def _sample_in_process(capsys, *args):
+def _sample_in_process(sample_cli, capsys, *args):
     """sample.main under the CLI's error guard, in this process (no interpreter start per case):
     -> (exit code, stderr)."""
-    spec = importlib.util.spec_from_file_location("sample_cli", os.path.join(ROOT, "sample.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     with pytest.raises(SystemExit) as exc:
-        main_guard(lambda: module.main(list(args)))
+        main_guard(lambda: sample_cli.main(list(args)))
     return exc.value.code, capsys.readouterr().err
 
 
@@ -110,12 +106,9 @@ BAD = {
 }
 
 
-def test_search_decoders_json(workdir, capsys):
-    spec = importlib.util.spec_from_file_location("sample_cli", os.path.join(ROOT, "sample.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_search_decoders_json(workdir, sample_cli, capsys):
     common = ["--workdir", workdir, "--prompt", "def ", "--prompt", "class A", "--max_new_tokens", "10", "--json"]
-    module.main([*common, "--decoder", "mfs", "--beams", "2", "--samples", "3", "--step_tokens", "4",
+    sample_cli.main([*common, "--decoder", "mfs", "--beams", "2", "--samples", "3", "--step_tokens", "4",
                  "--baseline", "parent_step", "--delimiter", " "])
     out = json.loads(capsys.readouterr().out)
     st = out["stats"]
@@ -124,15 +117,15 @@ def test_search_decoders_json(workdir, capsys):
                                                               st["final_tokens"], strict=True)]
     assert all(1 <= len(b) <= 2 for b in st["beams"]) and len(st["stop_step"]) == 2
     assert all(t in b for t, b in zip(out["text"], st["beams"], strict=True))
-    module.main([*common, "--decoder", "self_consistency", "--samples", "4"])
+    sample_cli.main([*common, "--decoder", "self_consistency", "--samples", "4"])
     out = json.loads(capsys.readouterr().out)
     assert out["stats"]["answer_rule"] == "vote" and [len(b) for b in out["stats"]["beams"]] == [4, 4]
 
 
 @pytest.mark.parametrize("name", list(BAD))
-def test_bad_inputs_give_one_line_errors(workdir, name, capsys):
+def test_bad_inputs_give_one_line_errors(workdir, name, sample_cli, capsys):
     extra, msg = BAD[name]
-    code, err = _sample_in_process(capsys, "--workdir", workdir, *extra)
+    code, err = _sample_in_process(sample_cli, capsys, "--workdir", workdir, *extra)
     assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, err[-2000:]
 
 
@@ -142,7 +135,7 @@ def test_cli_error_is_one_line_without_traceback(workdir):
         "error: widths needs one value per layer (2), got 1"], r.stderr[-2000:]
 
 
-def test_bad_checkpoints_give_one_line_errors(workdir, corrupt_workdir, tmp_path, capsys):
+def test_bad_checkpoints_give_one_line_errors(workdir, corrupt_workdir, tmp_path, sample_cli, capsys):
     cases = [(["--workdir", str(tmp_path / "missing")], "no checkpoints in"),
              (["--checkpoint", os.path.join(workdir, "checkpoints", "9")], "not found"),
              (["--checkpoint", workdir], "--checkpoint must be WORKDIR/checkpoints/STEP"),
@@ -150,5 +143,5 @@ def test_bad_checkpoints_give_one_line_errors(workdir, corrupt_workdir, tmp_path
     os.makedirs(tmp_path / "empty" / "checkpoints")
     cases.append((["--workdir", str(tmp_path / "empty")], "no checkpoint found"))
     for args, msg in cases:
-        code, err = _sample_in_process(capsys, *args, "--prompt", "a")
+        code, err = _sample_in_process(sample_cli, capsys, *args, "--prompt", "a")
         assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (args, err[-2000:])

@@ -2,7 +2,6 @@
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import os
 import subprocess
@@ -190,7 +189,7 @@ def test_grad_accumulation_and_sampled_granularity(data_dir):
     assert abs(float(ms["loss"]) - float(m1[f"loss_{chosen}"])) < 1e-5
 
 
-def test_sentencepiece_tokenizer_is_trained_into_the_workdir_and_sampled(tmp_path, data_dir, capsys):
+def test_sentencepiece_tokenizer_is_trained_into_the_workdir_and_sampled(tmp_path, data_dir, sample_cli, capsys):
     extra = ["--config.data.tokenizer=sentencepiece", "--config.data.spm_vocab_size=640",
              "--config.data.spm_train_chars=100000", "--config.model.vocab_size=640",
              "--config.train.steps=2", "--config.train.eval_every=2", "--config.train.ckpt_every=2", OFF]
@@ -199,11 +198,8 @@ def test_sentencepiece_tokenizer_is_trained_into_the_workdir_and_sampled(tmp_pat
     last = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")][-1]
     # bits per byte divides by the bytes each token stands for (> 1 for a subword vocabulary)
     assert last["eval_bpb"] < last["eval_loss"] / np.log(2)
-    spec = importlib.util.spec_from_file_location("sample_cli", os.path.join(ROOT, "sample.py"))
-    sample = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sample)
     capsys.readouterr()
-    sample.main(["--workdir", str(tmp_path), "--prompt", "import os", "--max_new_tokens", "5", "--json"])
+    sample_cli.main(["--workdir", str(tmp_path), "--prompt", "import os", "--max_new_tokens", "5", "--json"])
     assert len(json.loads(capsys.readouterr().out)["text"]) == 1
     cfg = load_config_file(TINY)  # the model's vocabulary must match the tokenizer's
     for k, v in [("data.data_dir", data_dir), ("data.tokenizer", "sentencepiece"),
