@@ -21,6 +21,7 @@ prefill_tokens, steps, stop_step, reverted) and every final beam's text (beams).
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -28,7 +29,7 @@ import sys
 import time
 
 from spark.cli import main_guard
-from spark.config import ConfigError
+from spark.errors import ConfigError
 
 
 def parse_args(argv):
@@ -154,17 +155,17 @@ def check_speculative_flags(args):
     used = [f"--{f}" for f in flags if getattr(args, f) is not None]
     if used and not args.speculative:
         raise ConfigError(f"{', '.join(used)} need --speculative")
+    from decode.speculative import SpecConfig
+
     args.gamma = 3 if args.gamma is None else args.gamma
     args.draft_cache = args.draft_cache or "shared"
-    from decode.speculative import check_args
-
-    check_args(args.gamma, args.draft_cache, args.adaptive_threshold)
+    return SpecConfig(gamma=args.gamma, adaptive_threshold=args.adaptive_threshold, draft_cache=args.draft_cache)
 
 
 def main(argv=None):
     args = parse_args(argv)
     prompts = read_prompts(args)
-    check_speculative_flags(args)
+    spec_cfg = check_speculative_flags(args)
     scfg = search_config(args)
     workdir, step = resolve_checkpoint(args)
 
@@ -200,8 +201,7 @@ def main(argv=None):
               widths=widths, sparse=not args.no_sparse)
     fn = generate
     if args.speculative:
-        kw.update(draft_widths=draft_widths, gamma=args.gamma, adaptive_threshold=args.adaptive_threshold,
-                  draft_cache=args.draft_cache)
+        kw.update(spec=dataclasses.replace(spec_cfg, draft_widths=draft_widths))
         fn = speculative.generate
     run_args = (params, jnp.asarray(arr), lengths, jax.random.key(args.seed))
     if scfg is not None:
@@ -217,7 +217,7 @@ def main(argv=None):
     stats.update(checkpoint_step=step, widths=list(widths), new_tokens=n_new.tolist(), seconds=dt)
     if args.speculative:  # rounds: all rows together; the per-row counts keep their own names
         stats.update(rounds_per_row=stats["rounds"], rounds=int(sum(stats["rounds"])),
-                     draft_widths=list(kw["draft_widths"]), gamma=args.gamma)
+                     draft_widths=list(draft_widths), gamma=args.gamma)
     if args.json:
         print(json.dumps({"text": texts, "prompts": prompts, "tokens_per_s": float(n_new.sum()) / dt,
                           "stats": stats}))

@@ -145,11 +145,11 @@ def run(args):
                 out = gen.decode(gd, p, fresh, max_steps=args.new_tokens, sampler=sampler, eos_id=-1, pad_id=0,
                              sparse=sparse)
                 stats[key] = out
-                return out.tokens_BN
+                return out.rows.gen_RL
 
             variants[f"decode/{name}/{t}"] = (dec, [()], 1)
             attn = Stateful(lambda x, pos, c, gd=gd, p=p, s=sparse: attn_j(gd, p, x, pos, c, s),
-                            jax.tree.map(jnp.copy, state.cache))
+                            jax.tree.map(jnp.copy, state.rows.cache))
             pos = jnp.array([[t]], jnp.int32)
             variants[f"attn/{name}/{t}"] = (attn, [(x, pos) for x in xs], 5)
     res = interleaved(variants, args.rounds)

@@ -6,7 +6,7 @@
    neuron-major matrices [F, D−r] and [F, D] (what spark/ffn.py stores) vs one fused [F, 2D−r]
    matrix gathered once; the dense GeGLU (F = 9216) for scale.
 2. KV cache at S = 4160 slots, 4 KV heads × 2 queries each, H = 256: dense attention over
-   [B, S, K, H] vs [B, K, S, H] vs K [B, K, S, H] with V [B, K, H, S] (what decode/cache.py uses
+   [B, S, K, H] vs [B, K, S, H] vs K [B, K, S, H] with V [B, K, H, S] (what spark/cache.py uses
    for dense attention).
 3. The attention projections as 3-D einsums over [D, N, H] / [N, H, D] weights vs the same weights
    reshaped to 2-D (what spark/attention.py does).

@@ -239,8 +239,8 @@ def main(argv=None):
     if not args.workdir:
         raise SystemExit("error: --workdir is required")
 
+    from bench import evaluate as ev
     from spark import tasks
-    from spark.tasks import evaluate as ev
     from spark.train import load_checkpoint
     from spark.train_lib import graphdef_of
 

@@ -47,13 +47,14 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import interleaved, write_json  # noqa: E402
 from bench.decode import model_configs  # noqa: E402
-from decode import cache as kv_cache  # noqa: E402
 from decode import generate as gen  # noqa: E402
 from decode import speculative as spec  # noqa: E402
 from decode.sampling import SamplerConfig  # noqa: E402
+from spark import cache as kv_cache  # noqa: E402
 from spark import train_lib  # noqa: E402
 from spark.config import MatFormerConfig  # noqa: E402
 from spark.data.pipeline import get_tokenizer  # noqa: E402
+from spark.matformer import cut_ffn  # noqa: E402
 from spark.model import Transformer  # noqa: E402
 from spark.train import load_checkpoint  # noqa: E402
 
@@ -90,16 +91,16 @@ def ensure_checkpoint(workdir):
 # ---------------------------------------------------------------- part 1: measured on the demo model
 
 def variants_of(model_cfg, gammas, granularities, thresholds):
-    """name -> speculative kwargs (None: plain decoding)."""
+    """name -> SpecConfig (None: plain decoding)."""
     out = {"plain": None}
     for g in granularities:
         dw = model_cfg.granularity_widths(g)
         for gamma in gammas:
-            out[f"F/{g} γ={gamma}"] = dict(draft_widths=dw, gamma=gamma)
+            out[f"F/{g} γ={gamma}"] = spec.SpecConfig(draft_widths=dw, gamma=gamma)
         for h in thresholds:
-            out[f"F/{g} adaptive h={h} γmax={max(gammas)}"] = dict(draft_widths=dw, gamma=max(gammas),
-                                                                   adaptive_threshold=h)
-        out[f"F/{g} γ=3 separate"] = dict(draft_widths=dw, gamma=3, draft_cache="separate")
+            out[f"F/{g} adaptive h={h} γmax={max(gammas)}"] = spec.SpecConfig(draft_widths=dw, gamma=max(gammas),
+                                                                              adaptive_threshold=h)
+        out[f"F/{g} γ=3 separate"] = spec.SpecConfig(draft_widths=dw, gamma=3, draft_cache="separate")
     return out
 
 
@@ -121,7 +122,8 @@ def measure_demo(args):
 
     fns, acc = {}, {}
     for name, kw in configs.items():
-        fns[name] = functools.partial(gen.generate if kw is None else spec.generate, graphdef, **common, **(kw or {}))
+        extra = {} if kw is None else {"spec": kw}
+        fns[name] = functools.partial(gen.generate if kw is None else spec.generate, graphdef, **common, **extra)
         if kw is not None:  # acceptance stats over all prompts (same seeds as the timing)
             st = [jax.device_get(fns[name](*x)[2]) for x in inputs]
             acc[name] = {"acceptance_rate": float(np.mean([s["acceptance_rate"] for s in st])),
@@ -169,7 +171,7 @@ def forward_costs(layers, gammas, granularities, reps, rounds, prompt_len=1024):
         for gr in granularities:  # FFN weights cut to the draft widths, as decode/speculative.py does
             dw = cfg.granularity_widths(gr)
             variants[f"{kind} draft F/{gr}"] = (jax.jit(functools.partial(run, t=1, widths=dw, sparse=True)),
-                                                [(spec.cut_ffn_weights(params, cfg, dw), cache)], 1)
+                                                [(cut_ffn(params, cfg, dw), cache)], 1)
         if kind == "dense":
             for t in sorted({1, *(g + 1 for g in gammas)}):
                 x = jax.random.normal(jax.random.key(2), (1, t, cfg.d_model))

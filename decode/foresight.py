@@ -1,5 +1,5 @@
 """Martingale foresight sampling (MFS) and φ-Decoding: one search step each, on the machinery of
-decode/search.py (docs/research/martingale_foresight.md §2 and §3).
+decode/search_lib.py (docs/research/martingale_foresight.md §2 and §3).
 
 MFS step (per problem; C = M·N candidates, K = the foresight buffer):
   1. expand every beam into N one-step candidates (τ_step); s = mean log-prob of the step;
@@ -27,24 +27,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from decode import rollout, search
-
-
-def empty_trace(cfg: search.SearchConfig, b: int) -> dict:
-    t, c, k, m = cfg.max_steps, cfg.beams * cfg.samples, cfg.slots, cfg.beams
-    z = lambda shape, dt: jnp.zeros((t, b, *shape), dt)  # noqa: E731
-    return {"live": z((), bool), "s": z((c,), jnp.float32), "cand_valid": z((c,), bool), "cand_fin": z((c,), bool),
-            "keep": z((c,), bool), "surv": z((k,), jnp.int32), "surv_ok": z((k,), bool), "F": z((k,), jnp.float32),
-            "A": z((k,), jnp.float32), "src": z((m,), jnp.int32), "src_ok": z((m,), bool), "stop": z((), bool),
-            "cand_tokens": z((c, cfg.max_gen), jnp.int32), "cand_num": z((c,), jnp.int32)}
-
-
-def masked_moments(x_BC, mask_BC):
-    """Mean and population std of x over the mask, per row."""
-    n = jnp.maximum(jnp.sum(mask_BC, axis=1, keepdims=True), 1)
-    mu = jnp.sum(jnp.where(mask_BC, x_BC, 0.0), axis=1, keepdims=True) / n
-    var = jnp.sum(jnp.where(mask_BC, (x_BC - mu) ** 2, 0.0), axis=1, keepdims=True) / n
-    return mu, jnp.sqrt(var)
+from decode import rollout, search_lib
+from spark.sparsity import masked_moments
 
 
 def mfs_keep(s_BC, unf_BC, lam: float):
@@ -86,35 +70,35 @@ def select_slots(fin_BC, s_BC, surv_BK, ok_BK, rank_BK, m: int, cap: int):
     return src, ok, from_fin, pos
 
 
-def _survivors(lm, s: search.State, cand, c, keep, kt, cfg, task):
+def _survivors(lm, s: search_lib.State, cand, c, keep, kt, cfg, task):
     """Compact the kept candidates, roll them out: -> (idx, ok, overflow, F, A, stats, rollout rows)."""
     b = keep.shape[0]
-    idx, ok, overflow = search.compact(keep, c["s"], cfg.slots)
-    F, fs_rows, out = search.foresight(lm, cand, idx, ok, jax.random.fold_in(kt, 1), cfg, task)
+    idx, ok, overflow = search_lib.compact(keep, c["s"], cfg.slots)
+    F, fs_rows, out = search_lib.foresight(lm, cand, idx, ok, jax.random.fold_in(kt, 1), cfg, task)
     s_k = jnp.take_along_axis(c["s"], idx, axis=1)
     F = jnp.where(jnp.isnan(F), s_k, F)
     base = s.beams.F_BM if cfg.baseline == "parent_F" or cfg.method == "phi" else s.beams.s_BM
     parent = jnp.take_along_axis(c["parent"], idx, axis=1)
     A = jnp.where(ok, F - jnp.take_along_axis(base, parent, axis=1), -jnp.inf)
-    stats = search.add_call(s.stats, out, b, "foresight")
+    stats = search_lib.add_call(s.stats, out, b, "foresight")
     stats["foresight_overflow"] = stats["foresight_overflow"] + overflow
     return idx, ok, F, A, stats, fs_rows
 
 
-def _adopt(s: search.State, cand, c, idx, ok, F, A, src, src_ok, from_fin, pos, stop, revert, keep, stats):
+def _adopt(s: search_lib.State, cand, c, idx, ok, F, A, src, src_ok, from_fin, pos, stop, revert, keep, stats):
     """Gather the new beams; per problem keep the old ones where stopped before or reverted."""
     pick = lambda x: jnp.take_along_axis(x, pos, axis=1)  # noqa: E731
     F_new = jnp.where(from_fin, jnp.take_along_axis(c["F"], src, axis=1), pick(F))
-    new = search.gather_beams(cand, c, src, src_ok, F_new)
+    new = search_lib.gather_beams(cand, c, src, src_ok, F_new)
     live = ~s.stopped_B
     stop_now = live & stop
-    beams = search.keep_where(live & ~revert, new, s.beams)
+    beams = search_lib.keep_where(live & ~revert, new, s.beams)
     t = s.t
     b, n_c = keep.shape
-    rec = {"live": live, "s": c["s"], "cand_valid": c["valid"], "cand_fin": c["fin"], "keep": keep, "surv": idx,
-           "surv_ok": ok, "F": F, "A": A, "src": src, "src_ok": src_ok, "stop": stop_now,
+    rec = {"live": live, "s": c["s"], "cum": c["cum"], "cand_valid": c["valid"], "cand_fin": c["fin"], "keep": keep,
+           "surv": idx, "surv_ok": ok, "F": F, "A": A, "src": src, "src_ok": src_ok, "stop": stop_now,
            "cand_tokens": cand.gen_RL.reshape(b, n_c, -1), "cand_num": cand.n_gen_R.reshape(b, n_c)}
-    trace = {k: v.at[t].set(rec[k].astype(v.dtype)) for k, v in s.trace.items()}
+    trace = search_lib.record(s.trace, t, rec)
     stats = stats | {"steps": stats["steps"] + live.astype(jnp.int32)}
     return s.replace(t=t + 1, beams=beams, stopped_B=s.stopped_B | stop_now,
                      stop_step_B=jnp.where(stop_now, t, s.stop_step_B),
@@ -125,11 +109,11 @@ def _unfinished_left(fin_BC, src, src_ok):
     return jnp.any(src_ok & ~jnp.take_along_axis(fin_BC, src, axis=1), axis=1)
 
 
-def mfs_step(lm, s: search.State, cfg: search.SearchConfig, task: search.TaskTokens) -> search.State:
+def mfs_step(lm, s: search_lib.State, cfg: search_lib.SearchConfig, task: search_lib.TaskTokens) -> search_lib.State:
     b, m = s.beams.valid_BM.shape
     kt = jax.random.fold_in(s.key, s.t)
-    cand, c, out = search.expand(lm, s.beams, jax.random.fold_in(kt, 0), cfg, task, s.stopped_B)
-    s = s.replace(stats=search.add_call(s.stats, out, b, "expand"))
+    cand, c, out = search_lib.expand(lm, s.beams, jax.random.fold_in(kt, 0), cfg, task, s.stopped_B)
+    s = s.replace(stats=search_lib.add_call(s.stats, out, b, "expand"))
     unf = c["valid"] & ~c["fin"]
     keep = mfs_keep(c["s"], unf, cfg.sigma_rate) if cfg.prune else unf
     idx, ok, F, A, stats, _ = _survivors(lm, s, cand, c, keep, kt, cfg, task)
@@ -161,11 +145,11 @@ def masked_softmax(x_BK, mask_BK):
     return e / jnp.maximum(jnp.sum(e, axis=1, keepdims=True), 1e-30)
 
 
-def phi_step(lm, s: search.State, cfg: search.SearchConfig, task: search.TaskTokens) -> search.State:
+def phi_step(lm, s: search_lib.State, cfg: search_lib.SearchConfig, task: search_lib.TaskTokens) -> search_lib.State:
     b, m = s.beams.valid_BM.shape
     kt = jax.random.fold_in(s.key, s.t)
-    cand, c, out = search.expand(lm, s.beams, jax.random.fold_in(kt, 0), cfg, task, s.stopped_B)
-    s = s.replace(stats=search.add_call(s.stats, out, b, "expand"))
+    cand, c, out = search_lib.expand(lm, s.beams, jax.random.fold_in(kt, 0), cfg, task, s.stopped_B)
+    s = s.replace(stats=search_lib.add_call(s.stats, out, b, "expand"))
     unf, fin = c["valid"] & ~c["fin"], c["valid"] & c["fin"]
     n_fin = jnp.minimum(jnp.sum(fin, axis=1), cfg.finished_cap)
     keep = phi_keep(c["s"], unf, cfg.phi_sigma_rate, m - n_fin, jax.random.fold_in(kt, 2))

@@ -1,4 +1,5 @@
-"""Prefill + autoregressive sampling in one jitted call: the decode loop is a `lax.while_loop`.
+"""Prefill + autoregressive sampling in one jitted call: the decode loop is a `lax.while_loop`
+(`rollout.sample_until`, the one-token loop the search decoders run on too).
 
     tokens_BN, num_new_B, stats = generate(graphdef, params, prompts_BT, prompt_lengths_B, key,
                                            max_new_tokens=N, sampler=SamplerConfig(...), eos_id=…, pad_id=…)
@@ -9,7 +10,8 @@ whole padded block, and each row's decode steps then overwrite its slots from it
 
 The same pieces are exposed for callers that keep a state between calls (benchmarks, chat):
 `start` (jitted prefill -> DecodeState) and `decode` (jitted loop, the state and its cache are
-donated, so the cache is updated in place).
+donated, so the cache is updated in place); a generation split over several `decode` calls draws
+exactly the tokens of one `generate` call.
 
 Spark models decode with the sparse-gather path (`sparse=True`, the default); the stats report per
 row how many selected FFN neurons / attention keys did not fit the static capacity (`*_overflow`),
@@ -25,92 +27,57 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from decode import cache as kv_cache
-from decode.cache import KVCache
+from decode import rollout
 from decode.sampling import SamplerConfig, sample
 
 
 @flax.struct.dataclass
 class DecodeState:
-    step: jax.Array  # int32 []: decode steps taken
-    tokens_BN: jax.Array  # int32 [B, max_new_tokens]: generated tokens, pad_id after EOS
-    positions_B: jax.Array  # int32 [B]: position of each row's next token
-    done_B: jax.Array  # bool [B]
-    logits_BV: jax.Array  # float32 [B, V]: logits for the next token
-    cache: KVCache
+    step: jax.Array  # int32 []: decode steps taken (loop iterations over all rows)
+    rows: rollout.Rows  # gen_RL: the generated tokens, pad_id after EOS
+    prompt_lengths_B: jax.Array
     key: jax.Array
     stats: dict  # per-row sums [B] and per-layer sums [L] over decode steps
 
 
-def _stat_sums(model, cache, widths, sparse):
-    """Zero accumulators shaped like the model's decode stats ([L, B] -> [B] per row; [L] kept)."""
-    b = cache.lengths.shape[0]
-    tok = jnp.zeros((b, 1), jnp.int32)
-    aux = jax.eval_shape(lambda c: model(tok, tok, cache=c, widths=widths, sparse=sparse, return_aux=True)[2],
-                         cache)
-    return {k: jnp.zeros(v.shape[1:] if v.ndim == 2 else v.shape, v.dtype) for k, v in aux.items()}
+def _draw(sampler: SamplerConfig):
+    return lambda key, logits_RV: sample(key, logits_RV, sampler)[0]
 
 
-def prefill_cache(model, prompts_BT, prompt_lengths_B, *, max_new_tokens: int, widths=None, slack: int = 8):
-    """The prompts' K/V in a fresh cache with room for max_new_tokens (+ slack) ->
-    (logits_BV at each row's last prompt token, cache with lengths = prompt lengths)."""
-    b, t = prompts_BT.shape
-    cache = kv_cache.init(model.cfg, b, t + max_new_tokens, slack)
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    lengths = prompt_lengths_B.astype(jnp.int32)
-    logits, cache = model(prompts_BT, positions, cache=cache, widths=widths, logits_at_B=lengths - 1)
-    return logits[:, 0], cache.replace(lengths=lengths)
+def prefill(lm, prompts_BT, prompt_lengths_B, key, *, max_new_tokens: int, pad_id: int) -> DecodeState:
+    rows = rollout.start(lm, prompts_BT, prompt_lengths_B, max_new_tokens, pad_id=pad_id)
+    row_stats, layer_stats = rollout.zero_stats(lm, rows)
+    return DecodeState(step=jnp.int32(0), rows=rows, prompt_lengths_B=prompt_lengths_B.astype(jnp.int32), key=key,
+                       stats=row_stats | layer_stats)
 
 
-def prefill(model, prompts_BT, prompt_lengths_B, key, *, max_new_tokens: int, widths=None, sparse=True):
-    b = prompts_BT.shape[0]
-    logits_BV, cache = prefill_cache(model, prompts_BT, prompt_lengths_B, max_new_tokens=max_new_tokens,
-                                     widths=widths)
-    return DecodeState(step=jnp.int32(0), tokens_BN=jnp.zeros((b, max_new_tokens), jnp.int32),
-                       positions_B=cache.lengths, done_B=jnp.zeros((b,), bool), logits_BV=logits_BV, cache=cache,
-                       key=key, stats=_stat_sums(model, cache, widths, sparse))
+def _loop(lm, state: DecodeState, max_steps, *, sampler, eos_id, pad_id) -> DecodeState:
+    r = state.rows.n_gen_R.shape[0]
+    rows, out = rollout.sample_until(lm, state.rows, state.key, jnp.ones((r,), bool), draw=_draw(sampler),
+                                     stop_ids=(), eos_id=eos_id, max_tokens=max_steps, pad_id=pad_id, score=False,
+                                     first_iter=state.step)
+    new = out["row_stats"] | out["layer_stats"]
+    return state.replace(step=state.step + out["iterations"], rows=rows,
+                         stats={k: v + new[k] for k, v in state.stats.items()})
 
 
-def decode_step(model, s: DecodeState, *, sampler, eos_id, pad_id, widths, sparse) -> DecodeState:
-    key, sub = jax.random.split(s.key)
-    tok, _ = sample(sub, s.logits_BV, sampler)
-    tok = jnp.where(s.done_B, pad_id, tok)
-    tokens = s.tokens_BN.at[:, s.step].set(tok)
-    logits, cache, aux = model(tok[:, None], s.positions_B[:, None], cache=s.cache, widths=widths,
-                               sparse=sparse, return_aux=True)
-    live = ~s.done_B
-    stats = {k: acc + (jnp.sum(jnp.where(live, aux[k], 0), axis=0) if aux[k].ndim == 2 else aux[k])
-             for k, acc in s.stats.items()}
-    return DecodeState(step=s.step + 1, tokens_BN=tokens, positions_B=s.positions_B + live.astype(jnp.int32),
-                       done_B=s.done_B | (tok == eos_id), logits_BV=logits[:, 0], cache=cache, key=key, stats=stats)
-
-
-def _loop(model, state, max_steps, **kw):
-    n = state.tokens_BN.shape[1]
-    limit = jnp.minimum(n, state.step + max_steps)
-    cond = lambda s: (s.step < limit) & ~jnp.all(s.done_B)  # noqa: E731
-    return jax.lax.while_loop(cond, lambda s: decode_step(model, s, **kw), state)
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "pad_id", "widths", "sparse"))
+def start(graphdef, params, prompts_BT, prompt_lengths_B, key, *, max_new_tokens: int, pad_id: int = 0,
+          widths=None, sparse: bool = True) -> DecodeState:
+    """Jitted prefill: a DecodeState ready for `decode`."""
+    lm = rollout.ModelLM(nnx.merge(graphdef, params), widths, sparse)
+    return prefill(lm, prompts_BT, prompt_lengths_B, key, max_new_tokens=max_new_tokens, pad_id=pad_id)
 
 
 _STEP_ARGS = ("sampler", "eos_id", "pad_id", "widths", "sparse")
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "widths", "sparse"))
-def start(graphdef, params, prompts_BT, prompt_lengths_B, key, *, max_new_tokens: int, widths=None,
-          sparse: bool = True) -> DecodeState:
-    """Jitted prefill: a DecodeState ready for `decode`."""
-    model = nnx.merge(graphdef, params)
-    return prefill(model, prompts_BT, prompt_lengths_B, key, max_new_tokens=max_new_tokens, widths=widths,
-                   sparse=sparse)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_steps", *_STEP_ARGS), donate_argnames=("state",))
 def decode(graphdef, params, state: DecodeState, *, max_steps: int, sampler: SamplerConfig, eos_id: int,
            pad_id: int, widths=None, sparse: bool = True) -> DecodeState:
     """Up to `max_steps` more decode steps (fewer when every row is done or the buffer is full)."""
-    model = nnx.merge(graphdef, params)
-    return _loop(model, state, max_steps, sampler=sampler, eos_id=eos_id, pad_id=pad_id, widths=widths,
-                 sparse=sparse)
+    lm = rollout.ModelLM(nnx.merge(graphdef, params), widths, sparse)
+    return _loop(lm, state, max_steps, sampler=sampler, eos_id=eos_id, pad_id=pad_id)
 
 
 def summarize(state: DecodeState) -> dict:
@@ -123,9 +90,7 @@ def summarize(state: DecodeState) -> dict:
 def generate(graphdef, params, prompts_BT, prompt_lengths_B, key, *, max_new_tokens: int,
              sampler: SamplerConfig, eos_id: int, pad_id: int, widths=None, sparse: bool = True):
     """Returns (new_tokens [B, max_new_tokens] padded with pad_id after EOS, num_new [B], stats)."""
-    model = nnx.merge(graphdef, params)
-    state = prefill(model, prompts_BT, prompt_lengths_B, key, max_new_tokens=max_new_tokens, widths=widths,
-                    sparse=sparse)
-    state = _loop(model, state, max_new_tokens, sampler=sampler, eos_id=eos_id, pad_id=pad_id, widths=widths,
-                  sparse=sparse)
-    return state.tokens_BN, state.positions_B - prompt_lengths_B, summarize(state)
+    lm = rollout.ModelLM(nnx.merge(graphdef, params), widths, sparse)
+    state = prefill(lm, prompts_BT, prompt_lengths_B, key, max_new_tokens=max_new_tokens, pad_id=pad_id)
+    state = _loop(lm, state, max_new_tokens, sampler=sampler, eos_id=eos_id, pad_id=pad_id)
+    return state.rows.gen_RL, state.rows.n_gen_R, summarize(state)

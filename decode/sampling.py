@@ -19,7 +19,7 @@ class SamplerConfig:
     top_p: float = 1.0  # 1: off
 
     def __post_init__(self):
-        from spark.config import ConfigError
+        from spark.errors import ConfigError
 
         if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")

@@ -2,7 +2,7 @@
 
     tokens_BN, num_new_B, stats = generate(graphdef, params, prompts_BT, prompt_lengths_B, key,
                                            max_new_tokens=N, sampler=..., eos_id=..., pad_id=...,
-                                           draft_widths=cfg.granularity_widths(8), gamma=4)
+                                           spec=SpecConfig(draft_widths=cfg.granularity_widths(8), gamma=4))
 
 The draft is the same checkpoint at smaller FFN widths (any MatFormer granularity or Mix'n'Match
 tuple; Spark layers use their sparse-gather path). A round, per row (Leviathan et al. 2023):
@@ -23,8 +23,9 @@ distributions the plain sampler draws from, so the output is distributed exactly
 from the target (tests/test_speculative.py checks it by chi-square on every continuation); at
 temperature 0 it is the target's greedy output token for token.
 
-The draft runs on a copy of the FFN weights cut to its widths once per call (`cut_ffn_weights`;
-1/8 of the FFN memory for F/8), the rest of the weights are shared with the target.
+The draft runs on a copy of the FFN weights cut to its widths once per call (`matformer.cut_ffn`;
+1/8 of the FFN memory for F/8; a prefix slice inside the loop body is copied on every draft step,
+2.2× slower F/8 FFN at 2B shapes on XLA:CPU), the rest of the weights are shared with the target.
 
 Draft caches (`draft_cache`): "shared" — the draft reads the target's committed K/V and writes only
 its speculative slots, which the verify overwrites (no draft prefill, no extra memory); "separate"
@@ -35,6 +36,7 @@ draft on the 2-token block [last committed token, pending] at [L−1, L] (rewrit
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.struct
@@ -42,10 +44,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from decode.cache import KVCache
-from decode.generate import prefill_cache
+from decode.rollout import prefill_cache
 from decode.sampling import SamplerConfig, processed_logprobs, sample
-from spark.config import ConfigError
+from spark.cache import KVCache
+from spark.errors import ConfigError
+from spark.matformer import cut_ffn
 
 DRAFT_CACHES = ("shared", "separate")
 
@@ -64,13 +67,40 @@ class SpecState:
     stats: dict  # per row [B]: rounds, drafted, accepted
 
 
-def check_args(gamma: int, draft_cache: str, adaptive_threshold: float | None):
-    if gamma < 1:
-        raise ConfigError(f"gamma must be >= 1, got {gamma}")
-    if draft_cache not in DRAFT_CACHES:
-        raise ConfigError(f"draft_cache must be one of {DRAFT_CACHES}, got {draft_cache!r}")
-    if adaptive_threshold is not None and not 0.0 <= adaptive_threshold <= 1.0:
-        raise ConfigError(f"adaptive_threshold must be in [0, 1], got {adaptive_threshold}")
+@dataclasses.dataclass(frozen=True)
+class SpecConfig:
+    """The static settings that make a decode speculative (a jit static argument, like SamplerConfig).
+
+    draft_widths: the draft's per-layer FFN widths (None: the smallest MatFormer granularity);
+    gamma: drafts per round (the most, with an adaptive threshold); adaptive_threshold h: stop
+    drafting once 1 − Π top-prob > h (None: always γ); draft_cache: "shared" | "separate";
+    verify_sparse: the Spark sparse-gather path for the (γ+1)-token verify (None: as `sparse`)."""
+
+    draft_widths: tuple[int, ...] | None = None
+    gamma: int = 3
+    adaptive_threshold: float | None = None
+    draft_cache: str = "shared"
+    verify_sparse: bool | None = None
+
+    def __post_init__(self):
+        if self.gamma < 1:
+            raise ConfigError(f"gamma must be >= 1, got {self.gamma}")
+        if self.draft_cache not in DRAFT_CACHES:
+            raise ConfigError(f"draft_cache must be one of {DRAFT_CACHES}, got {self.draft_cache!r}")
+        h = self.adaptive_threshold
+        if h is not None and not 0.0 <= h <= 1.0:
+            raise ConfigError(f"adaptive_threshold must be in [0, 1], got {h}")
+        if self.draft_widths is not None:
+            object.__setattr__(self, "draft_widths", tuple(int(w) for w in self.draft_widths))
+
+    @property
+    def separate(self) -> bool:
+        return self.draft_cache == "separate"
+
+    def resolve(self, model_cfg) -> SpecConfig:
+        """Draft widths checked against the model (None -> its smallest granularity)."""
+        w = self.draft_widths or model_cfg.granularity_widths(max(model_cfg.matformer.divisors))
+        return dataclasses.replace(self, draft_widths=model_cfg.check_widths(w))
 
 
 # ---------------------------------------------------------------- accept / reject (pure, per block)
@@ -137,33 +167,21 @@ def _confidence(logits_BV, logq_BV, sampler):
     return jnp.exp(jnp.max(logq_BV, -1))
 
 
-def cut_ffn_weights(params, cfg, draft_widths):
-    """The draft's FFN weights cut to its widths once, before the loop: a prefix slice inside the
-    loop body is copied on every draft step (2.2× slower F/8 FFN at 2B shapes on XLA:CPU)."""
-    def cut(path, x):
-        keys = [getattr(k, "key", None) for k in path]
-        if keys[0] == "layers" and keys[2] == "ffn" and x.shape[0] == cfg.ffn_width(keys[1]):
-            return x[: draft_widths[keys[1]]]
-        return x
-    return jax.tree_util.tree_map_with_path(cut, params)
-
-
-def draft(model, s: SpecState, key, *, gamma, sampler, draft_widths, adaptive_threshold, sparse, separate):
+def draft(model, s: SpecState, key, *, spec: SpecConfig, sampler, sparse):
     """γ draft tokens per row (unrolled); with an adaptive threshold up to γ, in a while_loop that
     ends once no row is drafting.
 
     -> (drafts_BG, logq_BGV, drafted_BG, target cache with the draft's slots written | unchanged,
-    draft cache | None)."""
-    b = s.pending_B.shape[0]
+    draft cache | None). logq is the processed distribution each draft was sampled from."""
+    b, gamma, widths = s.pending_B.shape[0], spec.gamma, spec.draft_widths
     pos0 = s.cache.lengths
-    cache = s.draft_cache if separate else s.cache
-    if separate:  # [last, pending] at [L-1, L]: refills the slot a full acceptance left unwritten
+    cache = s.draft_cache if spec.separate else s.cache
+    if spec.separate:  # [last, pending] at [L-1, L]: refills the slot a full acceptance left unwritten
         tok, pos = jnp.stack([s.last_B, s.pending_B], 1), jnp.stack([pos0 - 1, pos0], 1)
-        logits, cache = model(tok, pos, cache=cache, widths=draft_widths, sparse=sparse,
+        logits, cache = model(tok, pos, cache=cache, widths=widths, sparse=sparse,
                               logits_at_B=jnp.ones((b,), jnp.int32))
     else:
-        logits, cache = model(s.pending_B[:, None], pos0[:, None], cache=cache, widths=draft_widths,
-                              sparse=sparse)
+        logits, cache = model(s.pending_B[:, None], pos0[:, None], cache=cache, widths=widths, sparse=sparse)
     v = logits.shape[-1]
     keys = jax.random.split(key, gamma)
 
@@ -172,9 +190,9 @@ def draft(model, s: SpecState, key, *, gamma, sampler, draft_widths, adaptive_th
         drafts = drafts.at[:, i].set(jnp.where(active, d, 0))
         logq = logq.at[:, i].set(lq)
         drafted = drafted.at[:, i].set(active)
-        if adaptive_threshold is not None:  # fixed γ: no confidence to compute
+        if spec.adaptive_threshold is not None:  # fixed γ: no confidence to compute
             confidence = confidence * _confidence(logits_BV, lq, sampler)
-            active = active & (1.0 - confidence <= adaptive_threshold)
+            active = active & (1.0 - confidence <= spec.adaptive_threshold)
         return drafts, logq, drafted, active, confidence
 
     init = (jnp.zeros((b, gamma), jnp.int32), jnp.zeros((b, gamma, v), jnp.float32),
@@ -184,17 +202,17 @@ def draft(model, s: SpecState, key, *, gamma, sampler, draft_widths, adaptive_th
     def body(c):
         i, cache, (drafts, logq, drafted, active, confidence) = c
         tok = jax.lax.dynamic_slice_in_dim(drafts, i - 1, 1, axis=1)
-        logits, cache = model(tok, (pos0 + i)[:, None], cache=cache, widths=draft_widths, sparse=sparse)
+        logits, cache = model(tok, (pos0 + i)[:, None], cache=cache, widths=widths, sparse=sparse)
         return i + 1, cache, pick(i, logits[:, 0], drafts, logq, drafted, active, confidence)
 
     c = (1, cache, carry)
-    if adaptive_threshold is None:  # fixed γ: unrolled (no loop overhead per draft step)
+    if spec.adaptive_threshold is None:  # fixed γ: unrolled (no loop overhead per draft step)
         for _ in range(1, gamma):
             c = body(c)
     else:  # stops as soon as no row is drafting any more
         c = jax.lax.while_loop(lambda c: (c[0] < gamma) & jnp.any(c[2][3]), body, (jnp.int32(1), *c[1:]))
     _, cache, (drafts, logq, drafted, _, _) = c
-    if separate:
+    if spec.separate:
         return drafts, logq, drafted, s.cache, cache
     return drafts, logq, drafted, cache, None
 
@@ -214,17 +232,17 @@ def verify(model, cache, pending_B, drafts_BG, *, sampler, widths, sparse):
     return logp.reshape(b, g + 1, -1), cache
 
 
-def spec_round(model, s: SpecState, *, gamma, sampler, eos_id, pad_id, widths, draft_widths,
-               adaptive_threshold, sparse, separate, verify_sparse=None, drafter=None) -> SpecState:
+def spec_round(model, s: SpecState, *, spec: SpecConfig, sampler, eos_id, pad_id, widths, sparse,
+               drafter=None) -> SpecState:
     """One draft + verify round. `drafter`: the draft model (the same weights, FFNs cut to the draft
-    widths by cut_ffn_weights); default `model` itself."""
+    widths by matformer.cut_ffn); default `model` itself."""
+    gamma = spec.gamma
     k_draft, k_accept = jax.random.split(jax.random.fold_in(s.key, s.rounds))
     lengths = s.cache.lengths
-    drafts, logq, drafted, cache, dcache = draft(
-        drafter or model, s, k_draft, gamma=gamma, sampler=sampler, draft_widths=draft_widths,
-        adaptive_threshold=adaptive_threshold, sparse=sparse, separate=separate)
+    drafts, logq, drafted, cache, dcache = draft(drafter or model, s, k_draft, spec=spec, sampler=sampler,
+                                                 sparse=sparse)
     logp, cache = verify(model, cache.replace(lengths=lengths), s.pending_B, drafts, sampler=sampler,
-                         widths=widths, sparse=sparse if verify_sparse is None else verify_sparse)
+                         widths=widths, sparse=sparse if spec.verify_sparse is None else spec.verify_sparse)
     n, t = accept(k_accept, logp, logq, drafts, drafted)
 
     live = ~s.done_B
@@ -245,18 +263,18 @@ def spec_round(model, s: SpecState, *, gamma, sampler, eos_id, pad_id, widths, d
                      key=s.key, stats=stats)
 
 
-def spec_prefill(model, prompts_BT, prompt_lengths_B, key, *, max_new_tokens, gamma, sampler, eos_id, pad_id,
-                 widths, draft_widths, sparse, separate, drafter=None) -> SpecState:
+def spec_prefill(model, prompts_BT, prompt_lengths_B, key, *, max_new_tokens, spec: SpecConfig, sampler, eos_id,
+                 pad_id, widths, drafter=None) -> SpecState:
     """Prefill the target (and the separate draft), emit the first token from the target."""
     b = prompts_BT.shape[0]
     lengths = prompt_lengths_B.astype(jnp.int32)
     fill = functools.partial(prefill_cache, prompts_BT=prompts_BT, prompt_lengths_B=lengths,
-                             max_new_tokens=max_new_tokens, slack=gamma + 2)
+                             max_new_tokens=max_new_tokens, slack=spec.gamma + 2)
     logits_BV, cache = fill(model, widths=widths)
-    dcache = fill(drafter or model, widths=draft_widths)[1] if separate else None
+    dcache = fill(drafter or model, widths=spec.draft_widths)[1] if spec.separate else None
     k_first, key = jax.random.split(key)
     first, _ = sample(k_first, logits_BV, sampler)
-    tokens = jnp.full((b, max_new_tokens + gamma + 1), pad_id, jnp.int32).at[:, 0].set(first)
+    tokens = jnp.full((b, max_new_tokens + spec.gamma + 1), pad_id, jnp.int32).at[:, 0].set(first)
     last = jnp.take_along_axis(prompts_BT, (lengths - 1)[:, None], 1)[:, 0].astype(jnp.int32)
     zeros = jnp.zeros((b,), jnp.int32)
     return SpecState(rounds=jnp.int32(0), tokens_BN=tokens, num_B=jnp.ones((b,), jnp.int32), pending_B=first,
@@ -273,30 +291,22 @@ def summarize(s: SpecState) -> dict:
     return st | {"acceptance_rate": acc, "tokens_per_round": per_round}
 
 
-_STATIC = ("graphdef", "max_new_tokens", "sampler", "eos_id", "pad_id", "widths", "draft_widths", "gamma",
-           "adaptive_threshold", "draft_cache", "sparse", "verify_sparse")
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampler", "eos_id", "pad_id", "spec",
+                                             "widths", "sparse"))
 def generate(graphdef, params, prompts_BT, prompt_lengths_B, key, *, max_new_tokens: int, sampler: SamplerConfig,
-             eos_id: int, pad_id: int, draft_widths, gamma: int, widths=None, adaptive_threshold=None,
-             draft_cache: str = "shared", sparse: bool = True, verify_sparse: bool | None = None):
-    """Speculative sampling from the target (`widths`, None = full) with a MatFormer draft.
+             eos_id: int, pad_id: int, spec: SpecConfig = SpecConfig(), widths=None, sparse: bool = True):
+    """Speculative sampling from the target (`widths`, None = full) with a MatFormer draft (`spec`).
 
-    `sparse` runs Spark layers on the sparse-gather path; `verify_sparse` (default: `sparse`) sets it
-    for the (γ+1)-token verify alone, whose gathers grow with the block (bench/speculative.py).
+    `sparse` runs Spark layers on the sparse-gather path (`spec.verify_sparse` may override it for
+    the (γ+1)-token verify alone, whose gathers grow with the block; bench/speculative.py).
 
     Returns (new_tokens [B, max_new_tokens] padded with pad_id after EOS, num_new [B], stats), like
     decode.generate.generate; stats from `summarize`."""
-    check_args(gamma, draft_cache, adaptive_threshold)
     model = nnx.merge(graphdef, params)
-    draft_widths, widths = model.cfg.check_widths(draft_widths), model.cfg.check_widths(widths)
-    drafter = nnx.merge(graphdef, cut_ffn_weights(params, model.cfg, draft_widths))
-    kw = dict(gamma=gamma, sampler=sampler, eos_id=eos_id, pad_id=pad_id, widths=widths, draft_widths=draft_widths,
-              sparse=sparse, separate=draft_cache == "separate")
-    s = spec_prefill(model, prompts_BT, prompt_lengths_B, key, max_new_tokens=max_new_tokens, drafter=drafter,
-                     **kw)
+    spec, widths = spec.resolve(model.cfg), model.cfg.check_widths(widths)
+    drafter = nnx.merge(graphdef, cut_ffn(params, model.cfg, spec.draft_widths))
+    kw = dict(spec=spec, sampler=sampler, eos_id=eos_id, pad_id=pad_id, widths=widths)
+    s = spec_prefill(model, prompts_BT, prompt_lengths_B, key, max_new_tokens=max_new_tokens, drafter=drafter, **kw)
     cond = lambda s: (s.rounds < max_new_tokens) & ~jnp.all(s.done_B)  # noqa: E731
-    s = jax.lax.while_loop(cond, lambda s: spec_round(model, s, adaptive_threshold=adaptive_threshold,
-                                                      verify_sparse=verify_sparse, drafter=drafter, **kw), s)
+    s = jax.lax.while_loop(cond, lambda s: spec_round(model, s, sparse=sparse, drafter=drafter, **kw), s)
     return s.tokens_BN[:, :max_new_tokens], s.num_B, summarize(s)

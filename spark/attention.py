@@ -1,20 +1,23 @@
 """Grouped-query attention (Gemma-2: local/global layers, logit softcap) and Spark attention.
 
-Both read and write the KV cache of decode/cache.py the same way: the block's K/V are written at
+Both read and write the KV cache of spark/cache.py the same way: the block's K/V are written at
 its per-row positions, then every query attends over the slots s with s ≤ its position (and
 position − s < window on local layers). Without a cache the block attends over itself, masked
 by positions (and by segment ids when sequences are packed).
 
 Spark attention (arXiv 2506.06644 §3), per head, with r = attn_rank:
-  predictor scores s1 = q[:r]·k[:r] / sqrt(r), softcapped like the dense logits;
+  predictor scores s1 = q[:r]·k[:r] / sqrt(r);
   value-gate scores s2 = q[r:]·k[r:] / sqrt(H − r);
-  keep ≈ k keys by statistical top-k over the visible keys only (all when ≤ k are visible; the
-  row max is always kept, so never zero keys);
-  w = softmax over kept s1 × softplus(s2); output = Σ w·v (no renormalisation after softplus).
-Choices where the paper is silent: each half is scaled by its own width; the softcap applies to
-the predictor only (it is monotone, so it does not change which keys are kept); RoPE rotates each
-half on its own by default (`spark.attn_rope='split'`) so both scores depend on relative position
-only, or the whole head before splitting ('full').
+  keep ≈ k keys by statistical top-k of the *raw* s1 over the visible keys only (all when ≤ k are
+  visible; the row max is always kept, so never zero keys);
+  w = softmax over kept softcap(s1) × softplus(s2); output = Σ w·v (no renormalisation after softplus).
+Choices where the paper is silent: each half is scaled by its own width; the logit softcap applies
+to the predictor's softmax only, after the keys are chosen: it is monotone, so it would not change
+an exact top-k, but it bends the tail the statistical threshold's mean and std are taken from
+(cap 50, k = 256 of 1024 Gaussian scores of std 3: the kept set changes in 49% of the rows), so the
+keys are chosen on the raw scores (tests/test_model.py checks it against the paper's formulas);
+RoPE rotates each half on its own by default (`spark.attn_rope='split'`) so both scores depend on
+relative position only, or the whole head before splitting ('full').
 
 Sparse-gather decoding (`sparse=True` with a cache): s1 reads only the first r dims of every
 cached key; the value-gate half of the selected keys and their values are gathered — at most
@@ -28,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from decode import cache as kv_cache
+from spark import cache as kv_cache
 from spark import sparsity
 from spark.layers import apply_rope, normal_init, softcap
 
@@ -136,7 +139,7 @@ class Attention(nnx.Module):
     def _spark(self, q, keys, values, valid):
         s1, s2 = spark_scores(q, keys, self.cfg)
         keep = sparsity.keep_k_of_valid(s1, jnp.broadcast_to(valid, s1.shape), self.cfg.spark.attn_k)
-        p = jax.nn.softmax(jnp.where(keep, s1, NEG), axis=-1)
+        p = jax.nn.softmax(jnp.where(keep, softcap(s1, self.cfg.attn_logit_softcap), NEG), axis=-1)
         w = p * jnp.where(keep, jax.nn.softplus(s2), 0.0)
         out = jnp.einsum("BKGTS,BKSH->BTKGH", w.astype(values.dtype), values)
         return out, {"keys_per_query": jnp.mean(jnp.sum(keep, axis=-1, dtype=jnp.float32))}
@@ -144,7 +147,7 @@ class Attention(nnx.Module):
     def _spark_sparse(self, q, keys_BKSH, values_BKSH, valid):
         cfg, dt = self.cfg, q.dtype
         r, h = cfg.attn_rank, cfg.head_dim
-        s1 = softcap(_scores(q[..., :r], keys_BKSH[..., :r].astype(dt), r**-0.5), cfg.attn_logit_softcap)
+        s1 = _scores(q[..., :r], keys_BKSH[..., :r].astype(dt), r**-0.5)  # raw: keys are chosen uncapped
         keep = sparsity.keep_k_of_valid(s1, jnp.broadcast_to(valid, s1.shape), cfg.spark.attn_k)
         cap = sparsity.capacity(cfg.spark.attn_k, s1.shape[-1], cfg.spark.decode_capacity)
         idx, ok, dropped = sparsity.capacity_indices(s1, keep, cap)  # [B,K,G,T,C]
@@ -156,7 +159,7 @@ class Attention(nnx.Module):
         v = values_BKSH.at[bi, ki, idx].get(**gather).astype(dt)  # [B,K,G,T,C,H]
         s2 = jnp.einsum("BTKGE,BKGTCE->BKGTC", q[..., r:], k2, preferred_element_type=jnp.float32)
         s2 = s2 * (h - r) ** -0.5
-        s1c = jnp.where(ok, jnp.take_along_axis(s1, idx, axis=-1), NEG)
+        s1c = jnp.where(ok, softcap(jnp.take_along_axis(s1, idx, axis=-1), cfg.attn_logit_softcap), NEG)
         w = jax.nn.softmax(s1c, axis=-1) * jnp.where(ok, jax.nn.softplus(s2), 0.0)
         out = jnp.einsum("BKGTC,BKGTCH->BTKGH", w.astype(dt), v)
         kept = jnp.sum(ok, axis=-1, dtype=jnp.float32)
@@ -164,8 +167,9 @@ class Attention(nnx.Module):
 
 
 def spark_scores(q_BTKGH, k_BKSH, cfg):
-    """Spark attention's predictor scores s1 (softcapped) and value-gate scores s2, [B,K,G,T,S]."""
+    """Spark attention's raw predictor scores s1 (the softcap comes later, on the softmax only) and
+    value-gate scores s2, [B,K,G,T,S]."""
     r, h = cfg.attn_rank, cfg.head_dim
-    s1 = softcap(_scores(q_BTKGH[..., :r], k_BKSH[..., :r], r**-0.5), cfg.attn_logit_softcap)
+    s1 = _scores(q_BTKGH[..., :r], k_BKSH[..., :r], r**-0.5)
     s2 = _scores(q_BTKGH[..., r:], k_BKSH[..., r:], (h - r) ** -0.5)
     return s1, s2

@@ -15,7 +15,8 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
-from spark.config import ConfigError, from_dict
+from spark.config import from_dict
+from spark.errors import ConfigError
 
 
 class CheckpointError(ConfigError):

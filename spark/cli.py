@@ -11,7 +11,8 @@ import sys
 import types
 import typing
 
-from spark.config import Config, ConfigError
+from spark.config import Config
+from spark.errors import ConfigError
 
 
 def load_config_file(path: str) -> Config:

@@ -10,13 +10,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from spark.errors import ConfigError
+
 FfnKind = Literal["geglu", "spark"]
 AttnKind = Literal["dense", "spark"]
 LayerKind = Literal["local", "global"]
-
-
-class ConfigError(ValueError):
-    """A bad configuration value. The message says which field and why."""
 
 
 def _check(ok: bool, msg: str) -> None:

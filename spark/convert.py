@@ -25,7 +25,8 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 
-from spark.config import ConfigError, ModelConfig
+from spark.config import ModelConfig
+from spark.errors import ConfigError
 
 
 def config_from_hf(hf: dict, **overrides) -> ModelConfig:

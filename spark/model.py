@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from decode.cache import KVCache
 from spark.attention import Attention
+from spark.cache import KVCache
 from spark.config import ModelConfig
 from spark.ffn import make_ffn
 from spark.layers import RMSNorm, normal_init, rows_matmul, softcap

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from spark.config import ConfigError, MeshConfig
+from spark.config import MeshConfig
+from spark.errors import ConfigError
 
 AXES = ("data", "fsdp", "tensor")
 RULES = {"batch": ("data", "fsdp"), "embed": "fsdp", "vocab": "tensor", "heads": "tensor",

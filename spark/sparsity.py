@@ -15,8 +15,9 @@ import jax.numpy as jnp
 from jax.scipy.special import ndtri
 
 
-def _row_stats(x, mask=None):
-    """Population mean and std over the last axis (float32), restricted to `mask` if given."""
+def masked_moments(x, mask=None):
+    """Population mean and std over the last axis (float32, keepdims), restricted to `mask` if given
+    (the statistical top-k threshold; the search decoders' prune rules)."""
     xf = x.astype(jnp.float32)
     if mask is None:
         mean = jnp.mean(xf, axis=-1, keepdims=True)
@@ -35,7 +36,7 @@ def threshold(x, k_frac, mask=None, stop_gradient: bool = False):
     `k_frac` is a scalar or broadcasts against x.shape[:-1] + (1,); values are clipped to
     (0, 1] so k_frac >= 1 gives θ = -inf (keep everything).
     """
-    mean, std = _row_stats(x, mask)
+    mean, std = masked_moments(x, mask)
     k_frac = jnp.asarray(k_frac, jnp.float32)
     z = ndtri(1.0 - jnp.clip(k_frac, 1e-7, 1.0 - 1e-7))  # finite, so gradients stay finite
     theta = jnp.where(k_frac >= 1.0, -jnp.inf, mean + std * z)

@@ -18,8 +18,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from spark import checkpoint, metrics, sharding, train_lib
-from spark.config import Config, ConfigError, from_dict
+from spark.config import Config, from_dict
 from spark.data.pipeline import get_tokenizer, make_dataset
+from spark.errors import ConfigError
 
 
 class TrainingError(RuntimeError):

@@ -1,4 +1,5 @@
-"""A plain NumPy reference for decode/search.py's MFS and φ-Decoding, and the mock LMs driving it.
+"""A plain NumPy reference for decode/search.py's MFS, φ-Decoding and step beam search, and the
+mock LMs driving it.
 
 The reference is written from docs/research/martingale_foresight.md and decode/foresight.py's
 docstring, one problem and one candidate at a time (lists and loops, float64 scores). It shares
@@ -34,7 +35,7 @@ class MockLM:
 
     def __call__(self, tok_R, pos_R, cache):
         toks = cache["toks"].at[jnp.arange(tok_R.shape[0]), pos_R].set(tok_R)
-        return self.fn(toks, pos_R), {"toks": toks}
+        return self.fn(toks, pos_R), {"toks": toks}, {}, {}
 
     def np_logits(self, seq):
         return self.np_fn(list(seq))
@@ -185,6 +186,11 @@ class Reference:
                         cands[-1]["F"] = cands[-1]["s"]
                 unf = [c for c in range(C) if cands[c] is not None and not cands[c]["fin"]]
                 s_unf = np.array([cands[c]["s"] for c in unf])
+                if method == "beam":
+                    rec.append(self.beam_select(b, beams, cands, unf))
+                    stopped[b] = not any(x is not None and not x["fin"] for x in beams[b])
+                    stop_step[b] = t if stopped[b] else -1
+                    continue
                 if method == "mfs":
                     keep = self.mfs_keep(unf, s_unf)
                 else:
@@ -235,6 +241,15 @@ class Reference:
             t += 1
         final = self.finalize(beams, key, gen_tokens)
         return dict(trace=trace, stop_step=stop_step, reverted=reverted, gen_tokens=gen_tokens, **final)
+
+    def beam_select(self, b, beams, cands, unf):
+        """Step beam search: the M valid candidates with the highest cumulative log-prob of the
+        whole solution (finished beams compete with theirs), ties to the lower index."""
+        valid = [c for c in range(len(cands)) if cands[c] is not None]
+        src = sorted(valid, key=lambda c: (-cands[c]["cum"], c))[: self.cfg.beams]
+        beams[b] = [dict(cands[c]) for c in src] + [None] * (self.cfg.beams - len(src))
+        return dict(keep=[], surv=[], F=[], A=[], src=src, s={c: cands[c]["s"] for c in unf},
+                    cum={c: cands[c]["cum"] for c in valid})
 
     def mfs_keep(self, unf, s):
         if not unf or not self.cfg.prune:

@@ -4,7 +4,8 @@ import dataclasses
 
 import pytest
 
-from spark.config import ConfigError, MatFormerConfig, ModelConfig, SparkConfig
+from spark.config import MatFormerConfig, ModelConfig, SparkConfig
+from spark.errors import ConfigError
 
 BAD_MODEL = [
     (dict(num_heads=6, num_kv_heads=4), "must divide num_heads"),

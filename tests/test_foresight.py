@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from foresight_ref import Reference, answer_key, hash_lm, planted_lm
 
-from decode import rollout, search
-from spark.config import ConfigError
+from decode import rollout, search, search_lib
+from spark.errors import ConfigError
 
 V, DELIM, EOS = 7, 3, 2
 TASK = search.TaskTokens(delim_id=DELIM, eos_id=EOS, answer_span="all")
@@ -29,6 +29,8 @@ CASES = {  # name: (method, config changes, hash-LM seed); test_cases_reach_thei
     "mfs-greedy-steps": ("mfs", dict(tau_step=0.0, tau_final=0.0), 6),
     "mfs-no-prune-rank-by-F": ("mfs", dict(prune=False, rank="F", foresight_slots=5), 9),
     "phi": ("phi", dict(min_steps=1), 0),
+    "beam": ("beam", {}, 0),
+    "beam-finished-compete": ("beam", dict(eos_bias=1.5, samples=2), 3),
     "phi-R2-overflow": ("phi", dict(rollouts=2, foresight_slots=3, phi_sigma_rate=2.0, answer_span_last=True), 7),
 }
 
@@ -83,6 +85,11 @@ def _assert_same(got, ref, reference):
             np.testing.assert_allclose(tr["A"][t, b, :k], r["A"], rtol=1e-5, atol=1e-5, err_msg=where)
             n = len(r["src"])
             assert tr["src_ok"][t, b].sum() == n and tr["src"][t, b, :n].tolist() == r["src"], where
+            if "cum" in r:  # beam search ranks by the cumulative log-prob
+                valid = sorted(r["cum"])
+                assert np.flatnonzero(tr["cand_valid"][t, b]).tolist() == valid, where
+                np.testing.assert_allclose(tr["cum"][t, b, valid], [r["cum"][c] for c in valid], rtol=1e-5,
+                                           err_msg=where)
     assert got["stop_step"].tolist() == ref["stop_step"]
     assert got["reverted"].tolist() == ref["reverted"]
     valid = np.isfinite(np.asarray(ref["quality"]))
@@ -142,11 +149,11 @@ def _wrong_parent_expand(lm, beams, key, cfg, task, stopped_B):
     return REAL_EXPAND(lm, beams, key, cfg, task, stopped_B)
 
 
-REAL_EXPAND = search.expand
+REAL_EXPAND = search_lib.expand
 BROKEN = {  # a wrong algorithm must fail the comparison
     "prune-strict-without-best": ("foresight.mfs_keep", lambda s, unf, lam: unf & (s > jnp.mean(s) + lam)),
     "select-by-F-not-A": ("foresight.select_slots", None),
-    "wrong-parent-cache": ("search.expand", _wrong_parent_expand),
+    "wrong-parent-cache": ("search_lib.expand", _wrong_parent_expand),
 }
 
 
@@ -162,7 +169,7 @@ def test_power_broken_variants_differ(bug, monkeypatch):
             return real(fin, s, surv, ok, -rank, m, cap)
 
     module, name = target.split(".")
-    monkeypatch.setattr({"foresight": foresight, "search": search}[module], name, fn)
+    monkeypatch.setattr({"foresight": foresight, "search_lib": search_lib}[module], name, fn)
     with pytest.raises(AssertionError):
         _assert_same(*_search_and_reference("mfs-code-baseline-R2"))
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from decode import cache as kv_cache
 from decode.generate import decode, generate, start, summarize
 from decode.sampling import SamplerConfig
+from spark import cache as kv_cache
 from spark.config import ModelConfig, SparkConfig
 from spark.model import Transformer
 
@@ -115,7 +115,7 @@ def test_start_then_donated_decode_equals_generate():
     state = start(graphdef, params, arr, lengths, jax.random.key(7), max_new_tokens=9)
     state = decode(graphdef, params, state, max_steps=4, **kw)  # two calls: 4 + 5 steps
     state = decode(graphdef, params, state, max_steps=100, **kw)
-    np.testing.assert_array_equal(np.asarray(state.tokens_BN), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(state.rows.gen_RL), np.asarray(want))
     assert int(state.step) == 9
     assert summarize(state)["ffn_overflow"].shape == (2,)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from decode import cache as kv_cache
+from spark import cache as kv_cache
 from spark import matformer
 from spark.attention import Attention, spark_scores, visible_mask
 from spark.config import MatFormerConfig, ModelConfig, SparkConfig
@@ -126,6 +126,48 @@ def test_spark_attention_keeps_about_k_keys_and_never_zero():
     assert np.all(kept[..., :k] == n_visible[:k])  # ≤ k visible: all kept
     many = kept[..., 4 * k:]
     assert abs(many.mean() - k) / k < 0.05, many.mean()
+
+
+def _numpy_keep(s_TS, visible_TS, k):
+    """Statistical top-k over the visible keys of each query row, by the paper's formula: all when
+    at most k are visible, else s >= mean + std·Φ⁻¹(1 − k/n) (population std), the row max always."""
+    from scipy.special import ndtri
+
+    keep = np.zeros_like(visible_TS)
+    for t in range(s_TS.shape[0]):
+        vis = visible_TS[t]
+        x, n = s_TS[t][vis], vis.sum()
+        row = np.ones(n, bool) if n <= k else (x >= x.mean() + x.std() * ndtri(1 - k / n)) | (x == x.max())
+        keep[t, np.flatnonzero(vis)] = row
+    return keep
+
+
+def test_spark_attention_thresholds_raw_scores_and_caps_only_the_softmax():
+    """The softcap is monotone but not affine, so it changes which keys the *statistical*
+    threshold keeps (exact top-k would not change). Keys are chosen on the raw predictor scores;
+    the cap applies to the softmax weights only. Numbers by the paper's formulas in float64."""
+    cfg = dataclasses.replace(TINY, attn_kind="spark", attn_logit_softcap=3.0, spark=SparkConfig(attn_k=8))
+    attn, x, pos = _attn_inputs(cfg, 48)
+    x = 3.0 * x  # wide score spread: the cap bends the tail
+    out, _, _ = attn(x, pos)
+    q, k, v = (np.asarray(a, np.float64) for a in attn.qkv(x, pos))
+    r, h, g = cfg.attn_rank, cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
+    causal = np.tril(np.ones((48, 48), bool))
+    ref, changed = np.zeros_like(q), 0
+    for b in range(2):
+        for n in range(cfg.num_heads):
+            kk, vv = k[b, :, n // g], v[b, :, n // g]
+            s1 = q[b, :, n, :r] @ kk[:, :r].T / np.sqrt(r)
+            s2 = q[b, :, n, r:] @ kk[:, r:].T / np.sqrt(h - r)
+            capped = 3.0 * np.tanh(s1 / 3.0)
+            keep = _numpy_keep(s1, causal, 8)
+            changed += int((keep != _numpy_keep(capped, causal, 8)).any(-1).sum())
+            e = np.where(keep, np.exp(capped - capped.max(-1, keepdims=True)), 0.0)
+            w = e / e.sum(-1, keepdims=True) * np.log1p(np.exp(s2))
+            ref[b, :, n] = w @ vv
+    assert changed > 10  # thresholding the capped scores would keep other keys in these rows
+    ref_out = np.einsum("btnh,nhd->btd", ref, np.asarray(attn.w_o[...], np.float64))
+    np.testing.assert_allclose(np.asarray(out), ref_out, atol=2e-4, rtol=1e-3)
 
 
 def test_no_nan_at_position_zero_or_with_padding():

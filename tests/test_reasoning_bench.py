@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
+from bench import evaluate as ev
 from spark import tasks
 from spark.cli import override
-from spark.tasks import evaluate as ev
 from spark.train import run
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from decode import cache as kv_cache
+from spark import cache as kv_cache
 from spark import sparsity
 from spark.attention import Attention, spark_scores, visible_mask
 from spark.config import ModelConfig, SparkConfig
@@ -119,3 +119,26 @@ def test_sparse_decode_equals_full_forward(widths):
         overflow += int(stats["ffn_overflow"].sum() + stats["attn_overflow"].sum())
     assert overflow == 0
     np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, 1)), np.asarray(full), atol=1e-4, rtol=1e-4)
+
+
+def test_search_decoders_report_decode_overflow():
+    """A tight capacity overflows; greedy through the search machinery (method "sample", N = 1,
+    τ = 0) decodes the same tokens as plain greedy generation and reports the same per-row
+    overflow counts (ModelLM passes the model's decode stats on instead of dropping them)."""
+    from decode import search
+    from decode.generate import generate
+    from decode.sampling import SamplerConfig
+
+    tight = dataclasses.replace(SPARK, spark=dataclasses.replace(SPARK.spark, decode_capacity=1.0))
+    graphdef, params = nnx.split(Transformer(tight, nnx.Rngs(5)))
+    prompts = jnp.asarray([[5, 9, 3, 7, 1, 2], [11, 12, 13, 0, 0, 0]], jnp.int32)
+    lengths = jnp.asarray([6, 3], jnp.int32)
+    toks, num, stats = generate(graphdef, params, prompts, lengths, jax.random.key(0), max_new_tokens=8,
+                                sampler=SamplerConfig(0.0), eos_id=-1, pad_id=0)
+    cfg = search.SearchConfig(method="sample", samples=1, tau_final=0.0, step_tokens=8, max_gen=8)
+    out = search.run(graphdef, params, prompts, lengths, jax.random.key(0), cfg=cfg,
+                     task=search.TaskTokens(delim_id=60, eos_id=-1))
+    assert out["tokens"][:, 0].tolist() == np.asarray(toks).tolist()
+    for k in ("ffn_overflow", "attn_overflow"):
+        assert int(stats[k].sum()) > 0, k
+        assert out["stats"][k].tolist() == np.asarray(stats[k]).tolist(), k

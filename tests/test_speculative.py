@@ -15,8 +15,9 @@ from scipy import stats
 
 from decode import generate as plain
 from decode import speculative as spec
-from decode.sampling import SamplerConfig, processed_logprobs
-from spark.config import ConfigError, ModelConfig, SparkConfig
+from decode.sampling import SamplerConfig, processed_logprobs, sample
+from spark.config import ModelConfig, SparkConfig
+from spark.errors import ConfigError
 from spark.model import Transformer
 
 ALPHA = 1e-4  # a correct sampler passes at p > ALPHA (fixed seeds: deterministic)
@@ -102,6 +103,8 @@ def test_residual_falls_back_to_p_when_p_equals_q():
 TOY = ModelConfig(vocab_size=4, d_model=16, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, ffn_dim=32,
                   sliding_window=16)
 TOY_SAMPLER = SamplerConfig(temperature=0.8, top_k=3)
+TOP2 = SamplerConfig(temperature=0.8, top_k=2)  # truncation-sensitive: at most 2^5 = 32 outcomes, high power
+TOY_EOS = 2
 GAMMA, LENGTH, TRIALS = 2, 5, 60_000  # LENGTH ≥ γ + 2: a round boundary and a bonus token inside
 PROMPT = [1, 3]
 
@@ -113,47 +116,67 @@ def _toy():
     return graphdef, params
 
 
-def _exact_continuation_probs():
-    """P(x_1..x_L | prompt) for all V^L continuations, from teacher-forced target forwards."""
+@functools.lru_cache(maxsize=4)
+def _exact_outcome_probs(sampler, eos_id):
+    """P(outcome | prompt) for every outcome: the V^L continuations from teacher-forced target
+    forwards, each cut after its first EOS (the probability of a cut outcome is the sum over its
+    continuations, i.e. the probability of the prefix)."""
     graphdef, params = _toy()
     conts = np.array(list(itertools.product(range(TOY.vocab_size), repeat=LENGTH)), np.int32)
     seqs = jnp.asarray(np.concatenate([np.tile(PROMPT, (len(conts), 1)), conts], 1))
     pos = jnp.broadcast_to(jnp.arange(seqs.shape[1]), seqs.shape)
     logits, _ = nnx.merge(graphdef, params)(seqs, pos)
     p = len(PROMPT)
-    logp = processed_logprobs(logits[:, p - 1 : -1].reshape(-1, TOY.vocab_size), TOY_SAMPLER)
+    logp = processed_logprobs(logits[:, p - 1 : -1].reshape(-1, TOY.vocab_size), sampler)
     logp = logp.reshape(len(conts), LENGTH, -1)
     chosen = jnp.take_along_axis(logp, jnp.asarray(conts)[..., None], -1)[..., 0]
-    return np.exp(np.asarray(jnp.sum(chosen, 1), np.float64)), conts
+    probs = np.exp(np.asarray(jnp.sum(chosen, 1), np.float64))
+    out = {}
+    for c, pr in zip(conts.tolist(), probs, strict=True):
+        key = tuple(c[: c.index(eos_id) + 1] if eos_id in c else c)
+        out[key] = out.get(key, 0.0) + pr
+    return out
 
 
-def _spec_continuations(seed=0, **kw):
-    """TRIALS independent rows of the real jitted loop (a fresh trace, so monkeypatches apply)."""
+def _spec_continuations(seed=0, sampler=TOY_SAMPLER, eos_id=-1, **kw):
+    """TRIALS independent rows of the real jitted loop (a fresh trace, so monkeypatches apply)
+    -> the emitted outcomes (each row cut at its num_new) and the stats."""
     graphdef, params = _toy()
     run = jax.jit(functools.partial(
-        spec.generate.__wrapped__, graphdef, max_new_tokens=LENGTH, sampler=TOY_SAMPLER, eos_id=-1, pad_id=0,
-        draft_widths=TOY.granularity_widths(8), gamma=GAMMA, **kw))
+        spec.generate.__wrapped__, graphdef, max_new_tokens=LENGTH, sampler=sampler, eos_id=eos_id, pad_id=0,
+        spec=spec.SpecConfig(draft_widths=TOY.granularity_widths(8), gamma=GAMMA, **kw)))
     prompts = jnp.asarray(np.tile(PROMPT, (TRIALS, 1)), jnp.int32)
     out, num, st = run(params, prompts, jnp.full((TRIALS,), len(PROMPT), jnp.int32), jax.random.key(seed))
-    assert (np.asarray(num) == LENGTH).all()
-    return np.asarray(out), st
+    out, num = np.asarray(out), np.asarray(num)
+    if eos_id < 0:
+        assert (num == LENGTH).all()
+    assert (out[np.arange(LENGTH)[None] >= num[:, None]] == 0).all()  # padded after the end
+    return [tuple(r[:n]) for r, n in zip(out.tolist(), num.tolist(), strict=True)], st
 
 
-def _pvalue(out):
-    probs, conts = _exact_continuation_probs()
-    index = {tuple(c): i for i, c in enumerate(conts)}
-    observed = np.bincount([index[tuple(r)] for r in out], minlength=len(conts))
-    return chisquare_pvalue(observed, probs, len(out))
+def _pvalue(outcomes, sampler=TOY_SAMPLER, eos_id=-1):
+    """Chi-square of the sampled outcomes against the exact law; an impossible outcome gives 0."""
+    probs = _exact_outcome_probs(sampler, eos_id)
+    keys = list(probs)
+    index = {k: i for i, k in enumerate(keys)}
+    if any(o not in index for o in outcomes):
+        return 0.0
+    observed = np.bincount([index[o] for o in outcomes], minlength=len(keys))
+    return chisquare_pvalue(observed, np.asarray([probs[k] for k in keys]), len(outcomes))
 
 
-E2E_MODES = {"shared": dict(draft_cache="shared"), "separate": dict(draft_cache="separate"),
-             "adaptive": dict(draft_cache="shared", adaptive_threshold=0.2)}
+E2E_MODES = {  # name: (SpecConfig changes, sampler, eos)
+    "shared-eos-top2": (dict(draft_cache="shared"), TOP2, TOY_EOS),
+    "separate": (dict(draft_cache="separate"), TOY_SAMPLER, -1),
+    "adaptive": (dict(draft_cache="shared", adaptive_threshold=0.2), TOY_SAMPLER, -1),
+}
 
 
 @pytest.mark.parametrize("mode", list(E2E_MODES))
 def test_end_to_end_matches_target_distribution(mode):
-    out, st = _spec_continuations(**E2E_MODES[mode])
-    assert _pvalue(out) > ALPHA
+    kw, sampler, eos = E2E_MODES[mode]
+    outcomes, st = _spec_continuations(sampler=sampler, eos_id=eos, **kw)
+    assert _pvalue(outcomes, sampler, eos) > ALPHA
     rate = float(st["acceptance_rate"])
     assert 0.2 < rate < 0.98, rate  # both branches (accept, reject) exercised
     drafted, rounds = int(np.sum(st["drafted"])), int(np.sum(st["rounds"]))
@@ -161,6 +184,10 @@ def test_end_to_end_matches_target_distribution(mode):
         assert rounds < drafted < GAMMA * rounds
     else:
         assert drafted == GAMMA * rounds
+    if eos >= 0:  # EOS ended rows early, inside accepted blocks too (not only as a window's last token)
+        ends = [o for o in outcomes if len(o) < LENGTH]
+        assert len(ends) > TRIALS // 20 and all(o[-1] == eos for o in ends)
+        assert sum(len(o) in (2, 3) for o in ends) > 1000  # γ = 2: the 1st round emits tokens 2..4: EOS inside it
 
 
 def _broken_bonus(p_BTV, q_BTV, n_B):
@@ -172,21 +199,38 @@ def _broken_bonus(p_BTV, q_BTV, n_B):
     return spec.residual(p, q)
 
 
-BROKEN = {
-    "residual_is_p": ("residual", lambda p, q: p),
-    "bonus_wrong_position": ("correction_dist", _broken_bonus),
-    "stale_length_after_rollback": ("committed_lengths", lambda lengths, count: lengths + GAMMA + 1),
+def _sample_q_untruncated(key, logits_BV, sampler):
+    """Drafts drawn with top-k, but the log-q kept for acceptance computed without it."""
+    tok, _ = sample(key, logits_BV, sampler)
+    return tok, processed_logprobs(logits_BV, dataclasses.replace(sampler, top_k=0, top_p=1.0))
+
+
+def _eos_only_at_window_end(drafts_BG, n_B, t_B, room_B, eos_id, pad_id):
+    """EOS stops a row only when it is the last token of the round's window."""
+    w, count, _ = REAL_EMIT(drafts_BG, n_B, t_B, room_B, -12345, pad_id)
+    last = jnp.take_along_axis(w, jnp.maximum(count - 1, 0)[:, None], 1)[:, 0]
+    return w, count, last == eos_id
+
+
+REAL_EMIT = spec.emit_window
+PLAIN = (dict(draft_cache="shared"), TOY_SAMPLER, -1)
+BROKEN = {  # name: (module attribute, replacement, mode)
+    "residual_is_p": ("residual", lambda p, q: p, PLAIN),
+    "bonus_wrong_position": ("correction_dist", _broken_bonus, PLAIN),
+    "stale_length_after_rollback": ("committed_lengths", lambda lengths, count: lengths + GAMMA + 1, PLAIN),
+    "q_used_is_not_q_sampled": ("sample", _sample_q_untruncated, E2E_MODES["shared-eos-top2"]),
+    "eos_only_at_window_end": ("emit_window", _eos_only_at_window_end, E2E_MODES["shared-eos-top2"]),
 }
 
 
 @pytest.mark.parametrize("bug", list(BROKEN))
 def test_end_to_end_power_broken_variants_fail(bug, monkeypatch):
-    name, fn = BROKEN[bug]
+    name, fn, (kw, sampler, eos) = BROKEN[bug]
     if bug == "bonus_wrong_position":
         monkeypatch.setattr(spec, "residual", spec.residual)  # _broken_bonus calls the real one
     monkeypatch.setattr(spec, name, fn)
-    out, _ = _spec_continuations()
-    assert _pvalue(out) < POWER
+    outcomes, _ = _spec_continuations(sampler=sampler, eos_id=eos, **kw)
+    assert _pvalue(outcomes, sampler, eos) < POWER
 
 
 # ---------------------------------------------------------------- greedy, ragged, rollback
@@ -223,9 +267,9 @@ def test_greedy_equals_plain_greedy(case):
     kw = dict(max_new_tokens=20, sampler=GREEDY, eos_id=-1, pad_id=0)
     ref, _, _ = plain.generate(graphdef, params, prompts, lengths, jax.random.key(0), **kw)
     for divisor, adaptive in drafts:
-        out, num, st = spec.generate(graphdef, params, prompts, lengths, jax.random.key(1), gamma=3,
-                                     draft_widths=cfg.granularity_widths(divisor), draft_cache=draft_cache,
-                                     adaptive_threshold=adaptive, **kw)
+        sc = spec.SpecConfig(draft_widths=cfg.granularity_widths(divisor), gamma=3, draft_cache=draft_cache,
+                             adaptive_threshold=adaptive)
+        out, num, st = spec.generate(graphdef, params, prompts, lengths, jax.random.key(1), spec=sc, **kw)
         np.testing.assert_array_equal(np.asarray(out), np.asarray(ref), err_msg=f"F/{divisor} {adaptive}")
         assert np.asarray(num).tolist() == [20] * 3
         rate = float(st["acceptance_rate"])
@@ -234,7 +278,8 @@ def test_greedy_equals_plain_greedy(case):
 
 def test_ragged_batch_rows_equal_alone_and_eos():
     graphdef, params = nnx.split(Transformer(SMALL, nnx.Rngs(0)))
-    kw = dict(max_new_tokens=12, sampler=GREEDY, pad_id=0, gamma=4, draft_widths=SMALL.granularity_widths(8))
+    kw = dict(max_new_tokens=12, sampler=GREEDY, pad_id=0,
+              spec=spec.SpecConfig(draft_widths=SMALL.granularity_widths(8), gamma=4))
     prompts, lengths = _batch(PROMPTS)
     out, num, st = spec.generate(graphdef, params, prompts, lengths, jax.random.key(0), eos_id=-1, **kw)
     assert len(set(np.asarray(st["accepted"]).tolist())) > 1  # rows really accepted different counts
@@ -261,14 +306,14 @@ def test_rollback_cache_equals_fresh_forward(draft_cache):
     graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)))
     prompts, lengths = _batch(PROMPTS)
     dw, widths = cfg.granularity_widths(8), cfg.check_widths(None)
-    kw = dict(gamma=4, sampler=SamplerConfig(1.0), eos_id=-1, pad_id=0, widths=widths, draft_widths=dw,
-              sparse=True, separate=draft_cache == "separate")
+    kw = dict(spec=spec.SpecConfig(draft_widths=dw, gamma=4, draft_cache=draft_cache), sampler=SamplerConfig(1.0),
+              eos_id=-1, pad_id=0, widths=widths)
 
     @jax.jit
     def one_round(params):
         model = nnx.merge(graphdef, params)
         s = spec.spec_prefill(model, prompts, lengths, jax.random.key(2), max_new_tokens=16, **kw)
-        return spec.spec_round(model, s, adaptive_threshold=None, **kw)
+        return spec.spec_round(model, s, sparse=True, **kw)
 
     s = one_round(params)
     accepted = np.asarray(s.stats["accepted"])
@@ -288,12 +333,13 @@ def test_rollback_cache_equals_fresh_forward(draft_cache):
 
 
 def test_bad_arguments():
-    graphdef, params = nnx.split(Transformer(SMALL, nnx.Rngs(0)))
-    prompts, lengths = _batch(PROMPTS)
-    kw = dict(max_new_tokens=4, sampler=GREEDY, eos_id=-1, pad_id=0, draft_widths=SMALL.granularity_widths(8))
     for bad, msg in [(dict(gamma=0), "gamma"), (dict(gamma=2, draft_cache="x"), "draft_cache"),
                      (dict(gamma=2, adaptive_threshold=1.5), "adaptive_threshold")]:
         with pytest.raises(ConfigError, match=msg):
-            spec.generate(graphdef, params, prompts, lengths, jax.random.key(0), **(kw | bad))
+            spec.SpecConfig(**bad)
+    graphdef, params = nnx.split(Transformer(SMALL, nnx.Rngs(0)))
+    prompts, lengths = _batch(PROMPTS)
+    kw = dict(max_new_tokens=4, sampler=GREEDY, eos_id=-1, pad_id=0)
     with pytest.raises(ConfigError, match="widths"):
-        spec.generate(graphdef, params, prompts, lengths, jax.random.key(0), **(kw | dict(draft_widths=(8,), gamma=2)))
+        spec.generate(graphdef, params, prompts, lengths, jax.random.key(0),
+                      spec=spec.SpecConfig(draft_widths=(8,), gamma=2), **kw)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from spark import tasks
-from spark.config import ConfigError, DataConfig
+from spark.config import DataConfig
+from spark.errors import ConfigError
 from spark.tasks import common
 from spark.tasks.countdown import dead_end_share
 

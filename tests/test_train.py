@@ -13,7 +13,8 @@ import pytest
 
 from spark import checkpoint, sharding, train_lib
 from spark.cli import load_config_file, override
-from spark.config import Config, ConfigError, MeshConfig, ModelConfig
+from spark.config import Config, MeshConfig, ModelConfig
+from spark.errors import ConfigError
 from spark.train import TrainingError, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

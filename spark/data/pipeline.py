@@ -18,9 +18,10 @@ import grain.experimental as grain_exp
 import numpy as np
 import tensorflow_datasets as tfds
 
-from spark.config import ConfigError, DataConfig
+from spark.config import DataConfig
 from spark.data import stdlib
 from spark.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, train_sentencepiece
+from spark.errors import ConfigError
 
 
 def get_tokenizer(cfg: DataConfig, workdir: str | None = None):

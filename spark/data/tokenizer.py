@@ -91,7 +91,7 @@ def train_sentencepiece(texts, model_path: str, vocab_size: int, max_chars: int 
             remove_extra_whitespaces=False, split_digits=True, max_sentence_length=1 << 16,
             num_threads=2, minloglevel=2)
     except RuntimeError as e:
-        from spark.config import ConfigError
+        from spark.errors import ConfigError
 
         raise ConfigError(f"SentencePiece training failed: {str(e).strip().splitlines()[0]}") from None
     return prefix + ".model"

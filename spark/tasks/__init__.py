@@ -10,7 +10,7 @@ solution can still succeed (the label of the foresight diagnostics).
 
 from __future__ import annotations
 
-from spark.config import ConfigError
+from spark.errors import ConfigError
 from spark.tasks.common import Instance, instance, split_of
 from spark.tasks.countdown import Countdown
 from spark.tasks.modchain import ModChain

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spark.config import ConfigError
+from spark.errors import ConfigError
 
 PAD, BOS, EOS, DELIM = 0, 1, 2, 3
 SYMBOLS = ("<pad>", "<bos>", "<eos>", ";", "|", "=", "+", "-", "*", "/", ",", ">", "start", "goal", "mod", "?")

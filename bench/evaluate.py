@@ -1,5 +1,5 @@
 """Run a search decoder over a task split and score it: the bridge between spark/tasks and
-decode/search.py used by bench/reasoning.py, sample.py and the tests.
+decode/search.py used by bench/reasoning.py and the tests.
 
     res = evaluate(graphdef, params, task, split="validation", n=200, cfg=SearchConfig(...), seed=0)
     res["correct_quality"], res["correct_vote"], res["gen_tokens"]   # per problem [n]
