@@ -42,7 +42,8 @@ def reference_logprobs(logits, temperature: float, top_k: int, top_p: float):
     return z - z.max() - np.log(np.sum(np.exp(z[keep] - z.max())))
 
 
-CONFIGS = [SamplerConfig(t, k, p) for t, k, p in itertools.product((0.0, 0.7, 1.0, 1.6), (0, 1, 3, 7), (1.0, 0.3, 0.6, 0.95))
+CONFIGS = [SamplerConfig(t, k, p)
+           for t, k, p in itertools.product((0.0, 0.7, 1.0, 1.6), (0, 1, 3, 7), (1.0, 0.3, 0.6, 0.95))
            if not (t == 0.0 and (k or p < 1.0))]
 
 
