@@ -10,6 +10,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -38,6 +40,18 @@ def interleaved(variants: dict, rounds: int) -> dict:
             samples[name].append(time_call(fn, args_list, calls))
     return {n: {"median_s": statistics.median(s), "min_s": min(s), "max_s": max(s), "samples_s": s}
             for n, s in samples.items()}
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ensure_checkpoint(workdir):
+    """Train configs/cpu_demo.py into `workdir` unless it already holds checkpoints."""
+    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return
+    print(f"no checkpoint in {workdir}: training configs/cpu_demo.py first (about 6 minutes)")
+    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config",
+                    os.path.join(ROOT, "configs", "cpu_demo.py"), "--workdir", workdir], check=True)
 
 
 def environment() -> dict:

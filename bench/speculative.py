@@ -35,7 +35,6 @@ import dataclasses
 import functools
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -45,7 +44,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import interleaved, write_json  # noqa: E402
+from bench.common import ensure_checkpoint, interleaved, write_json  # noqa: E402
 from bench.decode import model_configs  # noqa: E402
 from decode import generate as gen  # noqa: E402
 from decode import speculative as spec  # noqa: E402
@@ -78,14 +77,6 @@ def parse_args():
     ap.add_argument("--png")
     ap.add_argument("--from_json", help="only re-draw the PNG from this results JSON")
     return ap.parse_args()
-
-
-def ensure_checkpoint(workdir):
-    if os.path.isdir(os.path.join(workdir, "checkpoints")):
-        return
-    print(f"no checkpoint in {workdir}: training configs/cpu_demo.py first (about 6 minutes)")
-    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config",
-                    os.path.join(ROOT, "configs", "cpu_demo.py"), "--workdir", workdir], check=True)
 
 
 # ---------------------------------------------------------------- part 1: measured on the demo model

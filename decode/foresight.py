@@ -9,7 +9,9 @@ MFS step (per problem; C = M·N candidates, K = the foresight buffer):
      log-prob (an empty rollout — no room left — scores the step's s);
   4. advantage A = F − baseline(parent): the parent's F (paper) or its step score s (code);
   5. new beams: the best finished candidates by s (at most ⌊0.6 M⌋ slots, all M when nothing is
-     unfinished), then the survivors by A, deterministically;
+     unfinished), then the survivors by A, deterministically; a finished candidate is a step that
+     ended in EOS, scored by its own s (deviation: the released code's finished candidates are
+     empty steps — the end marker alone — that inherit the parent's step score);
   6. stop once t > T_min and max A of the new unfinished beams <= ε: the step is discarded and
      the problem keeps its previous beams (revert); stop too when every beam is finished.
 φ-Decoding step: prune to s > μ − kσ, top up to M survivors by sampling softmax(s / 0.1) without

@@ -21,8 +21,9 @@ relative position only, or the whole head before splitting ('full').
 
 Sparse-gather decoding (`sparse=True` with a cache): s1 reads only the first r dims of every
 cached key; the value-gate half of the selected keys and their values are gathered — at most
-ceil(decode_capacity · attn_k) positions per query (overflow keeps the top by s1, counted in
-aux['attn_overflow']). Same function as the masked path.
+ceil(k + c·√k) positions per query (k = attn_k, c = spark.decode_capacity_sigmas; overflow keeps
+the top by s1, counted in aux['attn_overflow']). Same function as the masked path, whose aux
+reports `attn_overflow_rate`: the share of queries that would overflow that capacity.
 """
 
 from __future__ import annotations
@@ -142,14 +143,16 @@ class Attention(nnx.Module):
         p = jax.nn.softmax(jnp.where(keep, softcap(s1, self.cfg.attn_logit_softcap), NEG), axis=-1)
         w = p * jnp.where(keep, jax.nn.softplus(s2), 0.0)
         out = jnp.einsum("BKGTS,BKSH->BTKGH", w.astype(values.dtype), values)
-        return out, {"keys_per_query": jnp.mean(jnp.sum(keep, axis=-1, dtype=jnp.float32))}
+        kept = jnp.sum(keep, axis=-1)
+        rate = sparsity.overflow_rate(kept, self.cfg.spark.attn_k, self.cfg.spark.decode_capacity_sigmas)
+        return out, {"keys_per_query": jnp.mean(kept.astype(jnp.float32)), "attn_overflow_rate": rate}
 
     def _spark_sparse(self, q, keys_BKSH, values_BKSH, valid):
         cfg, dt = self.cfg, q.dtype
         r, h = cfg.attn_rank, cfg.head_dim
         s1 = _scores(q[..., :r], keys_BKSH[..., :r].astype(dt), r**-0.5)  # raw: keys are chosen uncapped
         keep = sparsity.keep_k_of_valid(s1, jnp.broadcast_to(valid, s1.shape), cfg.spark.attn_k)
-        cap = sparsity.capacity(cfg.spark.attn_k, s1.shape[-1], cfg.spark.decode_capacity)
+        cap = sparsity.capacity(cfg.spark.attn_k, s1.shape[-1], cfg.spark.decode_capacity_sigmas)
         idx, ok, dropped = sparsity.capacity_indices(s1, keep, cap)  # [B,K,G,T,C]
         b, kh = idx.shape[:2]
         bi = jnp.arange(b)[:, None, None, None, None]

@@ -39,9 +39,13 @@ class SparkConfig:
     attn_rope: 'split' rotates q[:r] and q[r:] separately (each score is then a function of the
       relative position alone); 'full' rotates the whole head first and then splits it.
     stop_grad_threshold: stop the gradient through the threshold θ (the paper is silent).
-    decode_capacity: sparse-gather decoding reads at most ceil(decode_capacity · k) neurons or keys
-      per token (a static shape); a token that selects more keeps the top ones by predictor score
-      and the excess is counted as overflow in the decode stats.
+    decode_capacity_sigmas: sparse-gather decoding reads at most ceil(k + c·√k) neurons or keys per
+      token (c = this value; a static shape); a token that selects more keeps the top ones by
+      predictor score and the excess is counted as overflow in the decode stats. Default 3: no
+      overflow measured at any MatFormer granularity of the trained demo model or at Gemma-2-2B
+      shapes (random weights), where c = 2 already stays <= 0.1% of selections (worst 0.065%;
+      `python bench/decode_capacity.py`, README). Replaces `decode_capacity` (a factor of k):
+      configs saved with it load with this default.
     """
 
     ffn_k_frac: float = 0.08
@@ -50,10 +54,11 @@ class SparkConfig:
     attn_rank: int | None = None
     attn_rope: Literal["split", "full"] = "split"
     stop_grad_threshold: bool = False
-    decode_capacity: float = 1.25
+    decode_capacity_sigmas: float = 3.0
 
     def __post_init__(self):
-        _check(self.decode_capacity >= 1.0, f"spark.decode_capacity must be >= 1, got {self.decode_capacity}")
+        _check(self.decode_capacity_sigmas >= 0.0,
+               f"spark.decode_capacity_sigmas must be >= 0, got {self.decode_capacity_sigmas}")
         _check(0.0 < self.ffn_k_frac < 1.0, f"spark.ffn_k_frac must be in (0, 1), got {self.ffn_k_frac}")
         _check(self.attn_k >= 1, f"spark.attn_k must be >= 1, got {self.attn_k}")
         _check(self.attn_rope in ("split", "full"),

@@ -10,7 +10,7 @@ TopK is the soft statistical top-k over the width in use, keeping spark.ffn_k_fr
 
 Sparse-gather decoding (`sparse=True`, for decode steps of a few tokens): the predictor runs
 densely, the threshold picks the active neurons, and only their rows of K2 and V are read — a
-static buffer of ceil(decode_capacity · k) rows per token (sparsity.capacity_indices: ascending
+static buffer of ceil(k + c·√k) rows per token (c = spark.decode_capacity_sigmas; (sparsity.capacity_indices: ascending
 indices, overflow keeps the top by predictor score and is counted in aux['ffn_overflow']).
 Neuron-major rows make every gathered row contiguous; two separate matrices gather 11.5× faster
 than one fused [F, 2D−r] matrix whose rows must be split again (`python bench/decode_layouts.py`).
@@ -62,7 +62,7 @@ class SparkFFN(nnx.Module):
         self.rank = r
         self.k_frac = cfg.spark.ffn_k_frac
         self.stop_grad = cfg.spark.stop_grad_threshold
-        self.capacity_factor = cfg.spark.decode_capacity
+        self.capacity_sigmas = cfg.spark.decode_capacity_sigmas
 
     def predictor(self, x_BTD, width: int):
         """Pre-activation predictor scores x[:r]·K1ᵀ over the first `width` neurons."""
@@ -77,7 +77,9 @@ class SparkFFN(nnx.Module):
                                       stop_gradient=self.stop_grad))
         up = rows_matmul(x_BTD[..., self.rank :], self.w_up[:width].astype(dt))
         out = jnp.einsum("BTF,FD->BTD", act * up, self.w_down[:width].astype(dt))
-        return out, {"ffn_density": _density(act)}
+        kept = jnp.sum(act > 0, axis=-1)  # gelu(relu(x − θ)) > 0 exactly where x > θ, as sparse_decode keeps
+        rate = sparsity.overflow_rate(kept, self.k_frac * width, self.capacity_sigmas)
+        return out, {"ffn_density": _density(act), "ffn_overflow_rate": rate}
 
     def sparse_decode(self, x_BTD, width: int):
         """Same function as __call__ (forward only), reading only the selected rows of K2 and V."""
@@ -85,7 +87,7 @@ class SparkFFN(nnx.Module):
         pred = self.predictor(x_BTD, width)
         theta = sparsity.threshold(pred, self.k_frac)
         keep = pred.astype(jnp.float32) > theta
-        cap = sparsity.capacity(self.k_frac * width, width, self.capacity_factor)
+        cap = sparsity.capacity(self.k_frac * width, width, self.capacity_sigmas)
         idx_BTC, ok_BTC, dropped_BT = sparsity.capacity_indices(pred, keep, cap)
         pre = jnp.take_along_axis(pred, idx_BTC, axis=-1).astype(jnp.float32) - theta
         act = jnp.where(ok_BTC, gelu(jax.nn.relu(pre)), 0.0).astype(dt)

@@ -108,6 +108,16 @@ def capacity_indices(scores, keep, capacity: int):
     return idx.reshape(*lead, capacity), slot_ok.reshape(*lead, capacity), dropped.reshape(lead)
 
 
-def capacity(k: float, n: int, factor: float) -> int:
-    """Static slot count for sparse-gather decoding: ceil(factor · k), at most n."""
-    return int(min(n, max(1, math.ceil(k * factor))))
+def capacity(k: float, n: int, sigmas: float) -> int:
+    """Static slot count for sparse-gather decoding: ceil(k + sigmas·√k), at most n.
+
+    The kept count of a statistical top-k is about k with a spread that grows like √k (binomial
+    for Gaussian scores; heavier-tailed predictor scores spread more), so a margin in units of √k
+    overflows about equally rarely at every width: a fixed factor (1.25·k) is generous at 2B widths
+    and overflows a few % of tokens at small ones. `python bench/decode_capacity.py` measures it."""
+    return int(min(n, max(1, math.ceil(k + sigmas * math.sqrt(k)))))
+
+
+def overflow_rate(kept, k: float, sigmas: float):
+    """Fraction of selections (rows of `kept` counts) that would not fit the decode capacity."""
+    return jnp.mean((kept > math.ceil(k + sigmas * math.sqrt(k))).astype(jnp.float32))

@@ -36,6 +36,7 @@ def test_model_config_errors(kw, msg):
     (dict(ffn_k_frac=0.0), r"ffn_k_frac must be in \(0, 1\)"),
     (dict(ffn_k_frac=1.0), r"ffn_k_frac must be in \(0, 1\)"),
     (dict(attn_k=0), "attn_k must be >= 1"),
+    (dict(decode_capacity_sigmas=-1.0), "decode_capacity_sigmas must be >= 0"),
     (dict(attn_rope="interleaved"), "attn_rope must be"),
 ])
 def test_spark_config_errors(kw, msg):
@@ -66,3 +67,14 @@ def test_widths_validation_and_derived_values():
     with pytest.raises(ConfigError):
         dataclasses.replace(cfg, num_kv_heads=3)
     assert hash(cfg) == hash(ModelConfig(ffn_kind="spark"))
+
+
+def test_config_saved_with_the_old_capacity_factor_loads_with_the_new_default():
+    """Checkpoints written before decode_capacity_sigmas saved spark.decode_capacity (a factor of k)."""
+    from spark.config import from_dict
+
+    saved = dataclasses.asdict(ModelConfig(ffn_kind="spark", spark=SparkConfig(attn_k=32)))
+    saved["spark"].pop("decode_capacity_sigmas")
+    saved["spark"]["decode_capacity"] = 1.25
+    cfg = from_dict(ModelConfig, saved)
+    assert cfg.spark.decode_capacity_sigmas == SparkConfig().decode_capacity_sigmas and cfg.spark.attn_k == 32

@@ -21,7 +21,7 @@ FFN_CFG = ModelConfig(vocab_size=61, d_model=64, num_layers=1, num_heads=2, num_
 
 
 def _ffn(capacity):
-    cfg = dataclasses.replace(FFN_CFG, spark=dataclasses.replace(FFN_CFG.spark, decode_capacity=capacity))
+    cfg = dataclasses.replace(FFN_CFG, spark=dataclasses.replace(FFN_CFG.spark, decode_capacity_sigmas=capacity))
     return SparkFFN(cfg, 0, nnx.Rngs(3))
 
 
@@ -36,7 +36,7 @@ def test_capacity_indices_sorted_padded_and_top_on_overflow():
 
 @pytest.mark.parametrize("width", [512, 256, 64])
 def test_sparse_ffn_equals_masked_dense(width):
-    ffn = _ffn(capacity=3.0)
+    ffn = _ffn(capacity=100.0)
     x = jax.random.normal(jax.random.key(0), (2, 3, 64))
     dense, _ = ffn(x, width)
     sparse, aux = ffn(x, width, sparse=True)
@@ -46,29 +46,41 @@ def test_sparse_ffn_equals_masked_dense(width):
 
 
 def test_sparse_ffn_overflow_is_counted_and_keeps_top_by_predictor():
-    ffn = _ffn(capacity=1.0)
+    ffn = _ffn(capacity=0.0)
     x = jax.random.normal(jax.random.key(1), (2, 4, 64))
     out, aux = ffn(x, 512, sparse=True)
     pred = np.asarray(ffn.predictor(x, 512), np.float64)
     theta = np.asarray(sparsity.threshold(jnp.asarray(pred, jnp.float32), 0.08), np.float64)
-    cap = sparsity.capacity(0.08 * 512, 512, 1.0)
+    cap = sparsity.capacity(0.08 * 512, 512, 0.0)
     up = np.einsum("BTE,FE->BTF", np.asarray(x[..., ffn.rank:]), np.asarray(ffn.w_up[...]))
     expect_out = np.zeros(out.shape)
-    expect_dropped = np.zeros(2, int)
+    expect_dropped, overflowing = np.zeros(2, int), 0
     for b in range(2):
         for t in range(4):
             kept = np.flatnonzero(pred[b, t] > theta[b, t, 0])
             expect_dropped[b] += max(len(kept) - cap, 0)
+            overflowing += len(kept) > cap
             kept = kept[np.argsort(-pred[b, t, kept])[:cap]]
             act = np.asarray(gelu(jnp.asarray(pred[b, t, kept] - theta[b, t, 0])))
             expect_out[b, t] = (act * up[b, t, kept]) @ np.asarray(ffn.w_down[...])[kept]
     assert expect_dropped.sum() > 0, "the test needs an overflow to have power"
     assert aux["ffn_overflow"].tolist() == expect_dropped.tolist()
     np.testing.assert_allclose(np.asarray(out), expect_out, atol=1e-5, rtol=1e-4)
+    _, masked_aux = ffn(x, 512)  # the masked path reports the share of tokens that would overflow
+    assert float(masked_aux["ffn_overflow_rate"]) == pytest.approx(overflowing / 8)
+
+
+def test_capacity_is_k_plus_sigmas_root_k():
+    """By hand: the demo's F (576 neurons, k = 46.08) and F/8 (72, k = 5.76) at c = 4, and the caps."""
+    assert sparsity.capacity(46.08, 576, 4.0) == 74  # ceil(46.08 + 4·6.788) = ceil(73.23)
+    assert sparsity.capacity(5.76, 72, 4.0) == 16  # ceil(5.76 + 4·2.4) = ceil(15.36)
+    assert sparsity.capacity(256, 200, 4.0) == 200  # never more than the slots there are
+    assert sparsity.capacity(0.5, 10, 0.0) == 1  # at least one
+    assert float(sparsity.overflow_rate(jnp.asarray([15, 16, 17, 40]), 5.76, 4.0)) == 0.5
 
 
 ATTN_CFG = ModelConfig(vocab_size=61, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16,
-                       ffn_dim=64, attn_kind="spark", spark=SparkConfig(attn_k=4, decode_capacity=1.0))
+                       ffn_dim=64, attn_kind="spark", spark=SparkConfig(attn_k=4, decode_capacity_sigmas=0.0))
 
 
 def test_sparse_attention_overflow_is_counted():
@@ -94,7 +106,7 @@ def test_sparse_attention_overflow_is_counted():
 
 SPARK = ModelConfig(vocab_size=61, d_model=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
                     ffn_dim=64, sliding_window=5, ffn_kind="spark", attn_kind="spark",
-                    spark=SparkConfig(ffn_k_frac=0.25, attn_k=4, decode_capacity=4.0))
+                    spark=SparkConfig(ffn_k_frac=0.25, attn_k=4, decode_capacity_sigmas=100.0))
 
 
 @pytest.mark.parametrize("widths", [None, (12, 96, 24, 48)], ids=["full", "mixnmatch"])
@@ -129,7 +141,7 @@ def test_search_decoders_report_decode_overflow():
     from decode.generate import generate
     from decode.sampling import SamplerConfig
 
-    tight = dataclasses.replace(SPARK, spark=dataclasses.replace(SPARK.spark, decode_capacity=1.0))
+    tight = dataclasses.replace(SPARK, spark=dataclasses.replace(SPARK.spark, decode_capacity_sigmas=0.0))
     graphdef, params = nnx.split(Transformer(tight, nnx.Rngs(5)))
     prompts = jnp.asarray([[5, 9, 3, 7, 1, 2], [11, 12, 13, 0, 0, 0]], jnp.int32)
     lengths = jnp.asarray([6, 3], jnp.int32)

@@ -238,7 +238,7 @@ def test_end_to_end_power_broken_variants_fail(bug, monkeypatch):
 SMALL = ModelConfig(vocab_size=61, d_model=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, ffn_dim=64,
                     sliding_window=5)
 SPARK = dataclasses.replace(SMALL, ffn_kind="spark", attn_kind="spark",
-                            spark=SparkConfig(ffn_k_frac=0.25, attn_k=4, decode_capacity=4.0))
+                            spark=SparkConfig(ffn_k_frac=0.25, attn_k=4, decode_capacity_sigmas=100.0))
 GREEDY = SamplerConfig(temperature=0.0)
 
 
