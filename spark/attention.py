@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 
 from spark import cache as kv_cache
@@ -65,8 +66,9 @@ def _rope_qk(q, k, positions_BT, theta, split_at: int | None):
 
 def _project(x_BTD, w_DNH):
     """x·W as a 2-D matmul over [D, N·H] (the 2-D form is never slower on XLA:CPU; see w_o)."""
-    d, n, h = w_DNH.shape
-    return jnp.einsum("BTD,DF->BTF", x_BTD, w_DNH.reshape(d, n * h)).reshape(*x_BTD.shape[:2], n, h)
+    n = w_DNH.shape[1]
+    y = jnp.einsum("BTD,DF->BTF", x_BTD, rearrange(w_DNH, "D N H -> D (N H)"))
+    return rearrange(y, "B T (N H) -> B T N H", N=n)
 
 
 def _scores(q_BTKGH, k_BKSH, scale):
@@ -106,9 +108,7 @@ class Attention(nnx.Module):
             valid = visible_mask(positions_BT, k_pos_BS, self.window)
             new_kv = (keys, values)
 
-        b, t, n, h = q.shape
-        kh = keys.shape[1]
-        q = q.reshape(b, t, kh, n // kh, h)
+        q = rearrange(q, "B T (K G) H -> B T K G H", K=keys.shape[1])  # query heads grouped by KV head
         valid_B11TS = valid[:, None, None]
         if self.cfg.attn_kind == "spark" and sparse and kv is not None:
             out, aux = self._spark_sparse(q, keys, values, valid_B11TS)
@@ -116,8 +116,8 @@ class Attention(nnx.Module):
             out, aux = self._spark(q, keys.astype(dt), values.astype(dt), valid_B11TS)
         else:
             out, aux = self._dense(q, keys.astype(dt), values.astype(dt), valid_B11TS, v_t)
-        out = out.reshape(b, t, n * h).astype(dt)
-        w_o = self.w_o[...].astype(dt).reshape(n * h, -1)  # 2-D: the 3-D einsum is 2x slower at T=1
+        out = rearrange(out, "B T K G H -> B T (K G H)").astype(dt)
+        w_o = rearrange(self.w_o[...].astype(dt), "N H D -> (N H) D")  # 2-D: the 3-D einsum is 2x slower at T=1
         return jnp.einsum("BTF,FD->BTD", out, w_o), new_kv, aux
 
     def qkv(self, x_BTD, positions_BT):

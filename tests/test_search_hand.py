@@ -17,6 +17,7 @@ c3) are drawn as [a, a, b, a] (checked first): s(a) = ln 0.6 = -0.510826, s(b) =
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,6 +56,7 @@ def _run(method, **kw):
     out = jax.jit(lambda p, n, k: search.run_search(_world(), p, n, k, cfg, TASK))(
         jnp.asarray([[A_]]), jnp.asarray([1]), jax.random.key(3))
     out = jax.tree.map(np.asarray, out)
+    chex.assert_shape([out["quality"], out["valid"]], (1, cfg.samples if method == "sample" else cfg.beams))
     if method != "sample":
         assert out["trace"]["cand_tokens"][0, 0, :, 0].tolist() == [A_, A_, B_, A_]  # the draws the comments assume
     return out

@@ -3,6 +3,7 @@ correction or bonus token, the `room` cut), the draft's log-q (the processed dis
 tokens were drawn from), the separate draft cache straight after drafting, and acceptance of a
 full-width draft — draft-side bugs cannot change the output distribution, only these can show them."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,6 +87,8 @@ def test_draft_logq_and_cache_after_a_full_acceptance(small, draft_cache):
         return s, spec.draft(model, s, jax.random.key(5), spec=sc, sampler=TRUNCATING, sparse=True)
 
     s, (drafts, logq, drafted, _, dcache) = run(params)
+    chex.assert_shape([drafts, drafted], (3, gamma))
+    chex.assert_shape(logq, (3, gamma, SMALL.vocab_size))
     assert np.asarray(s.stats["accepted"]).tolist() == [gamma] * 3  # round 1 accepted everything
     assert np.asarray(drafted).all()
     model = nnx.merge(graphdef, params)
