@@ -141,7 +141,7 @@ def test_search_decoders_report_decode_overflow():
     from decode.generate import generate
     from decode.sampling import SamplerConfig
 
-    tight = dataclasses.replace(SPARK, spark=dataclasses.replace(SPARK.spark, decode_capacity_sigmas=0.0))
+    tight = dataclasses.replace(SPARK, num_layers=2, spark=dataclasses.replace(SPARK.spark, decode_capacity_sigmas=0.0))
     graphdef, params = nnx.split(Transformer(tight, nnx.Rngs(5)))
     prompts = jnp.asarray([[5, 9, 3, 7, 1, 2], [11, 12, 13, 0, 0, 0]], jnp.int32)
     lengths = jnp.asarray([6, 3], jnp.int32)

@@ -39,8 +39,8 @@ def test_emit_window_eos_and_room():
     assert np.asarray(h).tolist() == np.asarray(hit).tolist()
 
 
-SMALL = ModelConfig(vocab_size=61, d_model=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, ffn_dim=64,
-                    sliding_window=5)
+SMALL = ModelConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, ffn_dim=64,
+                    sliding_window=5)  # one local (window 5 < the sequences here) and one global layer
 PROMPTS = [[5, 9, 2, 44, 17, 3, 8], [11, 4, 30], [7, 7, 1, 60, 2]]
 TRUNCATING = SamplerConfig(temperature=0.9, top_k=5, top_p=0.8)
 
@@ -91,21 +91,30 @@ def test_draft_logq_and_cache_after_a_full_acceptance(small, draft_cache):
     chex.assert_shape(logq, (3, gamma, SMALL.vocab_size))
     assert np.asarray(s.stats["accepted"]).tolist() == [gamma] * 3  # round 1 accepted everything
     assert np.asarray(drafted).all()
-    model = nnx.merge(graphdef, params)
+    seqs, starts = [], []
     for b in range(3):
         L = int(s.cache.lengths[b])
         committed = np.asarray(s.tokens_BN[b, : s.num_B[b]]).tolist()
         assert len(PROMPTS[b]) + len(committed) == L + 1  # pending sits at L
-        seq = PROMPTS[b] + committed + np.asarray(drafts[b, : gamma - 1]).tolist()  # slots 0 .. L+γ-1
-        ref, _ = model(jnp.asarray([seq]), jnp.arange(len(seq))[None])
-        want = np.asarray(processed_logprobs(ref[0, L:], TRUNCATING))  # the draft's distributions at L .. L+γ-1
+        seqs.append(PROMPTS[b] + committed + np.asarray(drafts[b, : gamma - 1]).tolist())  # slots 0 .. L+γ-1
+        starts.append(L)
+    padded, lens = _batch(seqs)  # right padding: a causal forward's earlier positions do not see it
+
+    @jax.jit
+    def fresh(params):
+        model = nnx.merge(graphdef, params)
+        _, cache = prefill_cache(model, padded, lens, max_new_tokens=4)
+        return model(padded, jnp.broadcast_to(jnp.arange(padded.shape[1]), padded.shape))[0], cache
+
+    ref, ref_cache = fresh(params)
+    for b, (L, seq) in enumerate(zip(starts, seqs, strict=True)):
+        want = np.asarray(processed_logprobs(ref[b, L : L + gamma], TRUNCATING))  # the draft's laws at L .. L+γ-1
         got = np.asarray(logq[b])
         assert (np.isfinite(got) == np.isfinite(want)).all() and (~np.isfinite(want)).any()  # truncation shows
         np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], atol=1e-4)
         if draft_cache == "separate":
-            _, fresh = prefill_cache(model, jnp.asarray([seq]), jnp.asarray([len(seq)]), max_new_tokens=4)
             gk, gv = _kv_upto(dcache, b, len(seq))
-            fk, fv = _kv_upto(fresh, 0, len(seq))
+            fk, fv = _kv_upto(ref_cache, b, len(seq))
             for x, y in zip(gk + gv, fk + fv, strict=True):
                 np.testing.assert_allclose(x, y, atol=1e-4, err_msg=f"row {b}")
     if draft_cache == "shared":
