@@ -246,6 +246,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     matformer_mode: Literal["sum", "sample", "off"] = "sum"
+    loss_chunk: int = 0  # > 0: cross-entropy over this many tokens at a time, never [B, T, V] logits (T % it == 0)
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100
@@ -260,6 +261,8 @@ class TrainConfig:
                f"train.grad_accum ({self.grad_accum}) must divide batch_size ({self.batch_size})")
         _check(self.lr > 0, f"train.lr must be positive, got {self.lr}")
         _check(0 <= self.warmup_steps, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(self.loss_chunk >= 0 and (self.loss_chunk == 0 or self.seq_len % self.loss_chunk == 0),
+               f"train.loss_chunk ({self.loss_chunk}) must be 0 (off) or divide seq_len ({self.seq_len})")
         _check(self.matformer_mode in ("sum", "sample", "off"),
                f"train.matformer_mode must be 'sum', 'sample' or 'off', got {self.matformer_mode!r}")
 

@@ -66,8 +66,35 @@ def token_loss(logits_BTV, targets_BT, mask_BT):
     return jnp.sum(ce * mask_BT), jnp.sum(mask_BT)
 
 
-def _forward(graphdef, params, batch, widths, norm):
+def chunked_token_loss(model, x_BTD, targets_BT, mask_BT, chunk: int):
+    """token_loss of the model's logits at the final hidden states x_BTD, computed `chunk` tokens at
+    a time: a scan whose rematerialised body forms one [B, chunk, V] float32 block of logits, so the
+    [B, T, V] logits (for a 256k vocabulary, the largest tensor of a step) never exist, in the forward
+    or the backward pass."""
+    b, t, d = x_BTD.shape
+    n = t // chunk
+    split = lambda a: a.reshape(b, n, chunk, *a.shape[2:]).swapaxes(0, 1)  # noqa: E731  [n, B, chunk, ...]
+
+    @jax.checkpoint
+    def block(x_BCD, y_BC, m_BC):
+        return token_loss(model.logits(x_BCD), y_BC, m_BC)
+
+    def body(acc, xs):
+        total, count = block(*xs)
+        return (acc[0] + total, acc[1] + count), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (total, count), _ = jax.lax.scan(body, (zero, zero), (split(x_BTD), split(targets_BT), split(mask_BT)))
+    return total, count
+
+
+def _forward(graphdef, params, batch, widths, norm, loss_chunk: int = 0):
     model = nnx.merge(graphdef, params)
+    if loss_chunk:
+        x = model.embed_tokens(batch["inputs"])
+        x, _, stats = model.apply_layers(x, batch["positions"], widths=widths, segment_ids_BT=batch["segment_ids"])
+        total, _ = chunked_token_loss(model, x, batch["targets"], batch["loss_mask"].astype(jnp.float32), loss_chunk)
+        return total / norm, stats
     logits, _, stats = model(batch["inputs"], batch["positions"], widths=widths,
                              segment_ids_BT=batch["segment_ids"], return_aux=True)
     total, _ = token_loss(logits, batch["targets"], batch["loss_mask"])
@@ -84,14 +111,14 @@ def loss_fn(params, graphdef, batch, cfg: Config, step, norm=None):
         norm = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
     metrics = {}
     if cfg.train.matformer_mode == "sample" and len(grans) > 1:
-        branches = [lambda p, w=w: _forward(graphdef, p, batch, w, norm) for _, w in grans]
+        branches = [lambda p, w=w: _forward(graphdef, p, batch, w, norm, cfg.train.loss_chunk) for _, w in grans]
         index = jax.random.randint(jax.random.fold_in(jax.random.key(cfg.train.seed), step), (), 0, len(grans))
         loss, stats = jax.lax.switch(index, branches, params)
         metrics["granularity"] = index
     else:
         losses = []
         for name, w in grans:
-            li, stats = _forward(graphdef, params, batch, w, norm)  # stats of the last (= full) width
+            li, stats = _forward(graphdef, params, batch, w, norm, cfg.train.loss_chunk)  # stats: the last (full) width
             losses.append(li)
             metrics[f"loss_{name}"] = li
         loss = sum(losses)
