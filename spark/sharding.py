@@ -2,7 +2,9 @@
 
 Parameters get a PartitionSpec from their name (PARAM_AXES) through RULES. The FFN width F is
 sharded over 'fsdp', not 'tensor': a MatFormer prefix slice of a tensor-sharded axis would add a
-collective on every call. A dimension that a mesh axis does not divide is replicated instead.
+collective on every call. Both rules are strict: a parameter name without a rule, or a dimension
+that its mesh axes do not divide, is a ConfigError naming the parameter, the dimension and the
+mesh axes (silently replicating it would hide a config that does not shard the way it reads).
 """
 
 from __future__ import annotations
@@ -40,21 +42,31 @@ def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
     return jax.make_mesh(tuple(sizes), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def logical_to_spec(mesh, logical, shape) -> PartitionSpec:
+def logical_to_spec(mesh, logical, shape, name: str = "parameter") -> PartitionSpec:
     out = []
-    for name, dim in zip(logical, shape, strict=True):
-        axes = RULES.get(name) if name else None
-        size = int(np.prod([mesh.shape[a] for a in np.atleast_1d(axes)])) if axes else 1
-        out.append(axes if axes and dim % size == 0 else None)
+    for axis, dim in zip(logical, shape, strict=True):
+        mesh_axes = RULES.get(axis) if axis else None
+        size = int(np.prod([mesh.shape[a] for a in np.atleast_1d(mesh_axes)])) if mesh_axes else 1
+        if dim % size:
+            raise ConfigError(f"{name}: its {axis} dimension ({dim}) is not divisible by mesh axes {mesh_axes} "
+                              f"of size {size}; change mesh.* or the model dims")
+        out.append(mesh_axes)
     return PartitionSpec(*out)
 
 
+def param_name(path) -> str:
+    keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+    while keys and keys[-1] in ("value", "raw_value"):
+        keys.pop()
+    return ".".join(keys)
+
+
 def param_sharding(mesh, path, leaf) -> NamedSharding:
-    name = str(getattr(path[-1], "key", path[-1]))
-    if name in ("value", "raw_value") and len(path) > 1:
-        name = str(getattr(path[-2], "key", path[-2]))
-    logical = PARAM_AXES.get(name, (None,) * leaf.ndim)
-    return NamedSharding(mesh, logical_to_spec(mesh, logical, leaf.shape))
+    name = param_name(path)
+    leaf_name = name.rsplit(".", 1)[-1]
+    if leaf_name not in PARAM_AXES:
+        raise ConfigError(f"no sharding rule for {name!r} ({leaf_name!r} is not in spark/sharding.py PARAM_AXES)")
+    return NamedSharding(mesh, logical_to_spec(mesh, PARAM_AXES[leaf_name], leaf.shape, name))
 
 
 def tree_shardings(mesh, tree):

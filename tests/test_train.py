@@ -49,19 +49,36 @@ def _loss_and_grads(cfg, batch, mesh_cfg):
     return float(loss), jax.tree.map(np.asarray, grads)
 
 
+TP_EXPECTED = {  # leaf name -> PartitionSpec on a (data, fsdp, tensor) mesh
+    "embed": ("tensor", "fsdp"), "w_q": ("fsdp", "tensor", None), "w_k": ("fsdp", "tensor", None),
+    "w_v": ("fsdp", "tensor", None), "w_o": ("tensor", None, "fsdp"), "w_gate": ("fsdp", None),
+    "w_up": ("fsdp", None), "w_down": ("fsdp", None), "w_pred": ("fsdp", None), "scale": (None,)}
+
+
 @pytest.mark.parametrize("kind", ["dense", "spark"])
 def test_eight_device_mesh_matches_one_device(kind, data_dir):
+    """1 device == FSDP over 4 (× data 2) == tensor parallel over 2 (× data 4). The model's heads (4),
+    KV heads (2), vocabulary (260) and widths divide every mesh axis they are sharded over, so
+    every parameter really is split as its PartitionSpec says (checked), none is replicated."""
     cfg = load_config_file(TINY)
+    model = dataclasses.replace(cfg.model, num_heads=4, num_kv_heads=2, vocab_size=260)
     if kind == "dense":
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, ffn_kind="geglu", attn_kind="dense"))
+        model = dataclasses.replace(model, ffn_kind="geglu", attn_kind="dense")
+    cfg = dataclasses.replace(cfg, model=model)
     from spark.data.pipeline import make_dataset
 
     ds = make_dataset(dataclasses.replace(cfg.data, data_dir=data_dir), "train", seq_len=32, batch_size=8,
                       seed=0, train=True)
     batch = next(iter(ds))
+    tp = MeshConfig(4, 1, 2)
+    mesh = sharding.make_mesh(tp, jax.devices())
+    specs = jax.tree_util.tree_flatten_with_path(sharding.tree_shardings(mesh, train_lib.init_state(cfg)["params"]))[0]
+    for path, sh in specs:
+        name = sharding.param_name(path)
+        assert tuple(sh.spec) == TP_EXPECTED[name.rsplit(".", 1)[-1]], name
     l1, g1 = _loss_and_grads(cfg, batch, MeshConfig(1, 1, 1))
     l8, g8 = _loss_and_grads(cfg, batch, MeshConfig(2, 4, 1))
-    l8t, g8t = _loss_and_grads(cfg, batch, MeshConfig(2, 1, 4))
+    l8t, g8t = _loss_and_grads(cfg, batch, tp)
     assert abs(l1 - l8) / l1 < 1e-5 and abs(l1 - l8t) / l1 < 1e-5
     # float32 reductions run in another order on 8 devices: relative error of the whole gradient
     # ≤ 1e-5, of each leaf ≤ 1e-4 (a wrong sharding gives O(1) errors)
@@ -72,6 +89,17 @@ def test_eight_device_mesh_matches_one_device(kind, data_dir):
     assert rel(flat(g1), flat(g8)) < 1e-5 and rel(flat(g1), flat(g8t)) < 1e-5
     for a, b, c in zip(jax.tree.leaves(g1), jax.tree.leaves(g8), jax.tree.leaves(g8t), strict=True):
         assert rel(a, b) < 1e-4 and rel(a, c) < 1e-4
+
+
+def test_sharding_rules_are_strict():
+    """A dimension its mesh axes do not divide, and a parameter without a rule, are ConfigErrors."""
+    cfg = load_config_file(TINY)  # 2 heads, 1 KV head, vocabulary 259
+    params = train_lib.init_state(cfg)["params"]
+    with pytest.raises(ConfigError, match=r"embed: its vocab dimension \(259\) is not divisible by mesh axes tensor"):
+        sharding.tree_shardings(sharding.make_mesh(MeshConfig(2, 1, 4), jax.devices()), params)
+    with pytest.raises(ConfigError, match="no sharding rule for 'extra.w_new'"):
+        sharding.tree_shardings(sharding.make_mesh(MeshConfig(8, 1, 1), jax.devices()),
+                                {"extra": {"w_new": np.zeros((4, 4))}})
 
 
 def test_nonfinite_loss_stops_and_last_checkpoint_restores(tmp_path, data_dir):
