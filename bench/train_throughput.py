@@ -3,6 +3,10 @@ matmul peak it reaches, for the demo configs (Spark + MatFormer vs dense).
 
     python bench/train_throughput.py [--rounds 5] [--json bench/results/train_throughput.json]
 
+Besides the two demo configs, each pod-training ingredient runs as a variant of the Spark demo with
+its switch on (e.g. `spark_matformer+loss_chunk`: train.loss_chunk = 32), interleaved with the
+switch off, so its CPU cost is a ratio measured in one process.
+
 FLOPs per step (counted as 2 per multiply-add, training = 3 x forward):
   forward per token, per granularity with per-layer FFN width w_l:
     sum_l [ 2·D·(N·H + 2·K·H) + 2·N·H·D        q, k, v, o projections
@@ -27,10 +31,11 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import interleaved, write_json  # noqa: E402
 from spark import train_lib  # noqa: E402
-from spark.cli import load_config_file  # noqa: E402
+from spark.cli import load_config_file, override  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"spark_matformer": "configs/cpu_demo.py", "dense": "configs/dense_demo.py"}
+SWITCHED = {"spark_matformer+loss_chunk": ("spark_matformer", "train.loss_chunk", "32")}  # name: (base, field, value)
 
 
 def forward_flops_per_token(m, widths, t: int) -> float:
@@ -76,6 +81,7 @@ def main(argv=None):
     variants = {"gemm_2048_f32": (jax.jit(jnp.matmul), mats, 4)}
     flops, xla = {"gemm_2048_f32": 2.0 * n**3}, {}
     cfgs = {name: load_config_file(os.path.join(ROOT, path)) for name, path in CONFIGS.items()}
+    cfgs |= {name: override(cfgs[base], field, value) for name, (base, field, value) in SWITCHED.items()}
     for name, cfg in cfgs.items():
         fn, batches, xla[name] = step_variant(cfg)
         variants[name] = (fn, batches, 2)
@@ -93,6 +99,10 @@ def main(argv=None):
                                 "xla_flops_per_step": xla[name], "fraction_of_peak": frac, **res[name]}
         xla_g = f"{xla[name] / 1e9:10.2f}" if xla[name] else f"{'n/a':>10}"
         print(f"{name:>16} {s * 1e3:7.1f}ms {toks / s:10.0f} {flops[name] / 1e9:11.2f} {xla_g} {frac:7.1%}")
+    for name, (base, _, _) in SWITCHED.items():
+        ratio = res[base]["median_s"] / res[name]["median_s"]
+        out["configs"][name]["speed_vs_switch_off"] = ratio
+        print(f"{name}: {ratio:.3f}x the step rate of {base}")
     write_json(args.json, out)
     return out
 
