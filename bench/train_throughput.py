@@ -35,7 +35,10 @@ from spark.cli import load_config_file, override  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"spark_matformer": "configs/cpu_demo.py", "dense": "configs/dense_demo.py"}
-SWITCHED = {"spark_matformer+loss_chunk": ("spark_matformer", "train.loss_chunk", "32")}  # name: (base, field, value)
+SWITCHED = {  # name: (base, field, value)
+    "spark_matformer+loss_chunk": ("spark_matformer", "train.loss_chunk", "32"),
+    "spark_matformer+remat_full": ("spark_matformer", "train.remat", "full"),
+}
 
 
 def forward_flops_per_token(m, widths, t: int) -> float:

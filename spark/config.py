@@ -247,6 +247,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     matformer_mode: Literal["sum", "sample", "off"] = "sum"
     loss_chunk: int = 0  # > 0: cross-entropy over this many tokens at a time, never [B, T, V] logits (T % it == 0)
+    remat: Literal["none", "dots_saveable", "full"] = "none"  # what the backward pass recomputes per block
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100
@@ -263,6 +264,8 @@ class TrainConfig:
         _check(0 <= self.warmup_steps, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(self.loss_chunk >= 0 and (self.loss_chunk == 0 or self.seq_len % self.loss_chunk == 0),
                f"train.loss_chunk ({self.loss_chunk}) must be 0 (off) or divide seq_len ({self.seq_len})")
+        _check(self.remat in ("none", "dots_saveable", "full"),
+               f"train.remat must be 'none', 'dots_saveable' or 'full', got {self.remat!r}")
         _check(self.matformer_mode in ("sum", "sample", "off"),
                f"train.matformer_mode must be 'sum', 'sample' or 'off', got {self.matformer_mode!r}")
 

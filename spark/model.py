@@ -45,7 +45,8 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg.rms_eps, pd)
 
     def __call__(self, tokens_BT, positions_BT, cache: KVCache | None = None, widths=None,
-                 segment_ids_BT=None, return_aux: bool = False, sparse: bool = False, logits_at_B=None):
+                 segment_ids_BT=None, return_aux: bool = False, sparse: bool = False, logits_at_B=None,
+                 remat: str = "none"):
         """Returns (logits_BTV float32, cache), plus a dict of per-layer stats [L, ...] if return_aux.
 
         With a cache, the block's K/V are written at `positions_BT` (contiguous per row) and
@@ -56,7 +57,7 @@ class Transformer(nnx.Module):
         just the last prompt token's.
         """
         x = self.embed_tokens(tokens_BT)
-        x, cache, stats = self.apply_layers(x, positions_BT, cache, widths, segment_ids_BT, sparse)
+        x, cache, stats = self.apply_layers(x, positions_BT, cache, widths, segment_ids_BT, sparse, remat)
         if logits_at_B is not None:
             x = jnp.take_along_axis(x, logits_at_B[:, None, None], axis=1)
         logits = self.logits(x)
@@ -73,14 +74,22 @@ class Transformer(nnx.Module):
         emb = self.embed[...].astype(x.dtype)
         return softcap(rows_matmul(x, emb, jnp.float32), self.cfg.final_logit_softcap)
 
-    def apply_layers(self, x_BTD, positions_BT, cache=None, widths=None, segment_ids_BT=None, sparse=False):
-        """The blocks between embedding and output: -> (x_BTD, cache, per-layer stats)."""
+    def apply_layers(self, x_BTD, positions_BT, cache=None, widths=None, segment_ids_BT=None, sparse=False,
+                     remat: str = "none"):
+        """The blocks between embedding and output: -> (x_BTD, cache, per-layer stats).
+
+        `remat` (training, cache=None): "none" keeps every block's activations for the backward
+        pass; "dots_saveable" keeps only matmul outputs and recomputes the rest; "full" keeps only
+        each block's input and recomputes the block (MaxText's names)."""
         widths = self.cfg.check_widths(widths)
         x = x_BTD
         new_k, new_v, auxes = [], [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv, aux = layer(x, positions_BT, kv, widths[i], segment_ids_BT, sparse)
+            if remat != "none" and cache is None:
+                x, kv, aux = _rematted(remat, widths[i], sparse)(layer, x, positions_BT, segment_ids_BT)
+            else:
+                x, kv, aux = layer(x, positions_BT, kv, widths[i], segment_ids_BT, sparse)
             auxes.append(aux)
             if kv is not None:
                 new_k.append(kv[0])
@@ -90,6 +99,18 @@ class Transformer(nnx.Module):
             cache = KVCache(k=tuple(new_k), v=tuple(new_v), lengths=lengths)
         stats = {key: jnp.stack([a[key] for a in auxes]) for key in auxes[0]}
         return x, cache, stats
+
+
+REMAT_POLICIES = {"none": None, "dots_saveable": jax.checkpoint_policies.dots_saveable,
+                  "full": jax.checkpoint_policies.nothing_saveable}
+
+
+def _rematted(remat: str, width: int, sparse: bool):
+    """A block call whose activations are recomputed in the backward pass by REMAT_POLICIES[remat]."""
+    def block(layer, x_BTD, positions_BT, segment_ids_BT):
+        return layer(x_BTD, positions_BT, None, width, segment_ids_BT, sparse)
+
+    return nnx.remat(block, policy=REMAT_POLICIES[remat])
 
 
 def count_params(cfg: ModelConfig) -> int:

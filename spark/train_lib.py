@@ -88,15 +88,17 @@ def chunked_token_loss(model, x_BTD, targets_BT, mask_BT, chunk: int):
     return total, count
 
 
-def _forward(graphdef, params, batch, widths, norm, loss_chunk: int = 0):
+def _forward(graphdef, params, batch, widths, norm, train):
     model = nnx.merge(graphdef, params)
-    if loss_chunk:
+    if train.loss_chunk:
         x = model.embed_tokens(batch["inputs"])
-        x, _, stats = model.apply_layers(x, batch["positions"], widths=widths, segment_ids_BT=batch["segment_ids"])
-        total, _ = chunked_token_loss(model, x, batch["targets"], batch["loss_mask"].astype(jnp.float32), loss_chunk)
+        x, _, stats = model.apply_layers(x, batch["positions"], widths=widths, segment_ids_BT=batch["segment_ids"],
+                                         remat=train.remat)
+        total, _ = chunked_token_loss(model, x, batch["targets"], batch["loss_mask"].astype(jnp.float32),
+                                      train.loss_chunk)
         return total / norm, stats
     logits, _, stats = model(batch["inputs"], batch["positions"], widths=widths,
-                             segment_ids_BT=batch["segment_ids"], return_aux=True)
+                             segment_ids_BT=batch["segment_ids"], return_aux=True, remat=train.remat)
     total, _ = token_loss(logits, batch["targets"], batch["loss_mask"])
     return total / norm, stats
 
@@ -111,14 +113,14 @@ def loss_fn(params, graphdef, batch, cfg: Config, step, norm=None):
         norm = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
     metrics = {}
     if cfg.train.matformer_mode == "sample" and len(grans) > 1:
-        branches = [lambda p, w=w: _forward(graphdef, p, batch, w, norm, cfg.train.loss_chunk) for _, w in grans]
+        branches = [lambda p, w=w: _forward(graphdef, p, batch, w, norm, cfg.train) for _, w in grans]
         index = jax.random.randint(jax.random.fold_in(jax.random.key(cfg.train.seed), step), (), 0, len(grans))
         loss, stats = jax.lax.switch(index, branches, params)
         metrics["granularity"] = index
     else:
         losses = []
         for name, w in grans:
-            li, stats = _forward(graphdef, params, batch, w, norm, cfg.train.loss_chunk)  # stats: the last (full) width
+            li, stats = _forward(graphdef, params, batch, w, norm, cfg.train)  # stats: the last (full) width
             losses.append(li)
             metrics[f"loss_{name}"] = li
         loss = sum(losses)

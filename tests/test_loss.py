@@ -63,3 +63,29 @@ def test_chunked_loss_never_forms_the_full_logits():
 def test_bad_loss_chunk(bad):
     with pytest.raises(ConfigError, match="loss_chunk"):
         TrainConfig(seq_len=32, loss_chunk=bad)
+    with pytest.raises(ConfigError, match="remat"):
+        TrainConfig(remat="some")
+
+
+@pytest.mark.parametrize("remat", ["dots_saveable", "full"])
+def test_remat_gradient_equals_no_remat(remat):
+    """train.remat recomputes block activations in the backward pass: same loss and gradients, and
+    the gradient's jaxpr really holds a rematerialised block (a `checkpoint`/`remat` equation)."""
+    cfg = dataclasses.replace(CFG, model=dataclasses.replace(CFG.model, ffn_kind="spark", attn_kind="spark"),
+                              train=dataclasses.replace(CFG.train, matformer_mode="off"))
+    state = train_lib.init_state(cfg)
+    graphdef = train_lib.graphdef_of(cfg)
+    batch = _batch()
+    on = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, remat=remat, loss_chunk=8))
+
+    def grad_fn(c):
+        return jax.value_and_grad(lambda p: train_lib.loss_fn(p, graphdef, batch, c, 0)[0])
+
+    (l0, g0), (l1, g1) = jax.jit(grad_fn(cfg))(state["params"]), jax.jit(grad_fn(on))(state["params"])
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):  # recomputation reorders f32 sums
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b), np.linalg.norm(a - b) / np.linalg.norm(b)
+    names = {e.primitive.name for e in jax.make_jaxpr(grad_fn(on))(state["params"]).jaxpr.eqns}
+    assert names & {"checkpoint", "remat", "remat2"}, names
+    assert not {"checkpoint", "remat", "remat2"} & {e.primitive.name for e in
+                                                    jax.make_jaxpr(grad_fn(cfg))(state["params"]).jaxpr.eqns}
