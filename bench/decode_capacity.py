@@ -31,7 +31,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import ROOT, ensure_checkpoint, write_json  # noqa: E402
-from spark.cli import load_config_file  # noqa: E402
+from bench.decode import model_configs  # noqa: E402
 from spark.data.pipeline import get_tokenizer, make_dataset  # noqa: E402
 from spark.model import Transformer  # noqa: E402
 from spark.train import load_checkpoint  # noqa: E402
@@ -85,8 +85,7 @@ def demo_batches(workdir, n):
 
 
 def two_b(tokens: int):
-    cfg = load_config_file(os.path.join(ROOT, "configs", "spark_gemma2_2b.py")).model
-    cfg = dataclasses.replace(cfg, num_layers=2, dtype="float32", param_dtype="float32")
+    cfg = model_configs(2, "float32")["spark"]  # configs/spark_gemma2_2b.py, 2 layers (local + global)
     params = nnx.split(Transformer(cfg, nnx.Rngs(0)))[1]
     tok = jax.random.randint(jax.random.key(1), (1, tokens), 0, cfg.vocab_size)
     pos = jnp.arange(tokens, dtype=jnp.int32)[None]

@@ -39,10 +39,6 @@ def beam_step(lm, s: search_lib.State, cfg: search_lib.SearchConfig, task: searc
     live = ~s.stopped_B
     stop_now = live & ~jnp.any(new.valid_BM & ~new.fin_BM, axis=1)
     stats = stats | {"steps": stats["steps"] + live.astype(jnp.int32)}
-    n_c = c["valid"].shape[1]
-    trace = search_lib.record(s.trace, s.t, {
-        "live": live, "s": c["s"], "cum": c["cum"], "cand_valid": c["valid"], "cand_fin": c["fin"], "src": src,
-        "src_ok": ok, "stop": stop_now, "cand_tokens": cand.gen_RL.reshape(b, n_c, -1),
-        "cand_num": cand.n_gen_R.reshape(b, n_c)})
+    trace = search_lib.record(s.trace, s.t, search_lib.candidate_record(live, cand, c, src, ok, stop_now))
     return s.replace(t=s.t + 1, beams=search_lib.keep_where(live, new, s.beams), stopped_B=s.stopped_B | stop_now,
                      stop_step_B=jnp.where(stop_now, s.t, s.stop_step_B), stats=stats, trace=trace)

@@ -96,11 +96,8 @@ def _adopt(s: search_lib.State, cand, c, idx, ok, F, A, src, src_ok, from_fin, p
     stop_now = live & stop
     beams = search_lib.keep_where(live & ~revert, new, s.beams)
     t = s.t
-    b, n_c = keep.shape
-    rec = {"live": live, "s": c["s"], "cum": c["cum"], "cand_valid": c["valid"], "cand_fin": c["fin"], "keep": keep,
-           "surv": idx, "surv_ok": ok, "F": F, "A": A, "src": src, "src_ok": src_ok, "stop": stop_now,
-           "cand_tokens": cand.gen_RL.reshape(b, n_c, -1), "cand_num": cand.n_gen_R.reshape(b, n_c)}
-    trace = search_lib.record(s.trace, t, rec)
+    rec = search_lib.candidate_record(live, cand, c, src, src_ok, stop_now)
+    trace = search_lib.record(s.trace, t, rec | {"keep": keep, "surv": idx, "surv_ok": ok, "F": F, "A": A})
     stats = stats | {"steps": stats["steps"] + live.astype(jnp.int32)}
     return s.replace(t=t + 1, beams=beams, stopped_B=s.stopped_B | stop_now,
                      stop_step_B=jnp.where(stop_now, t, s.stop_step_B),

@@ -35,7 +35,6 @@ from decode.sampling import SamplerConfig, sample
 class DecodeState:
     step: jax.Array  # int32 []: decode steps taken (loop iterations over all rows)
     rows: rollout.Rows  # gen_RL: the generated tokens, pad_id after EOS
-    prompt_lengths_B: jax.Array
     key: jax.Array
     stats: dict  # per-row sums [B] and per-layer sums [L] over decode steps
 
@@ -47,8 +46,7 @@ def _draw(sampler: SamplerConfig):
 def prefill(lm, prompts_BT, prompt_lengths_B, key, *, max_new_tokens: int, pad_id: int) -> DecodeState:
     rows = rollout.start(lm, prompts_BT, prompt_lengths_B, max_new_tokens, pad_id=pad_id)
     row_stats, layer_stats = rollout.zero_stats(lm, rows)
-    return DecodeState(step=jnp.int32(0), rows=rows, prompt_lengths_B=prompt_lengths_B.astype(jnp.int32), key=key,
-                       stats=row_stats | layer_stats)
+    return DecodeState(step=jnp.int32(0), rows=rows, key=key, stats=row_stats | layer_stats)
 
 
 def _loop(lm, state: DecodeState, max_steps, *, sampler, eos_id, pad_id) -> DecodeState:

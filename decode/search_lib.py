@@ -152,6 +152,14 @@ def empty_trace(cfg: SearchConfig, b: int) -> dict:
             "stop": z((), bool), "cand_tokens": z((c, cfg.max_gen), jnp.int32), "cand_num": z((c,), jnp.int32)}
 
 
+def candidate_record(live_B, cand: Rows, c: dict, src_BM, src_ok_BM, stop_B) -> dict:
+    """The step's trace fields every method records: its candidates and the chosen ones."""
+    b, n_c = c["valid"].shape
+    return {"live": live_B, "s": c["s"], "cum": c["cum"], "cand_valid": c["valid"], "cand_fin": c["fin"],
+            "src": src_BM, "src_ok": src_ok_BM, "stop": stop_B, "cand_tokens": cand.gen_RL.reshape(b, n_c, -1),
+            "cand_num": cand.n_gen_R.reshape(b, n_c)}
+
+
 def record(trace, t, rec: dict):
     """Write step t's records (the keys `rec` has) into the trace."""
     return {k: (v.at[t].set(rec[k].astype(v.dtype)) if k in rec else v) for k, v in trace.items()}

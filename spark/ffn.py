@@ -10,7 +10,7 @@ TopK is the soft statistical top-k over the width in use, keeping spark.ffn_k_fr
 
 Sparse-gather decoding (`sparse=True`, for decode steps of a few tokens): the predictor runs
 densely, the threshold picks the active neurons, and only their rows of K2 and V are read — a
-static buffer of ceil(k + c·√k) rows per token (c = spark.decode_capacity_sigmas; (sparsity.capacity_indices: ascending
+static buffer of ceil(k + c·√k) rows per token, c = spark.decode_capacity_sigmas (sparsity.capacity_indices: ascending
 indices, overflow keeps the top by predictor score and is counted in aux['ffn_overflow']).
 Neuron-major rows make every gathered row contiguous; two separate matrices gather 11.5× faster
 than one fused [F, 2D−r] matrix whose rows must be split again (`python bench/decode_layouts.py`).
@@ -79,7 +79,7 @@ class SparkFFN(nnx.Module):
         out = jnp.einsum("BTF,FD->BTD", act * up, self.w_down[:width].astype(dt))
         kept = jnp.sum(act > 0, axis=-1)  # gelu(relu(x − θ)) > 0 exactly where x > θ, as sparse_decode keeps
         rate = sparsity.overflow_rate(kept, self.k_frac * width, self.capacity_sigmas)
-        return out, {"ffn_density": _density(act), "ffn_overflow_rate": rate}
+        return out, {"ffn_density": jnp.mean(kept.astype(jnp.float32)) / width, "ffn_overflow_rate": rate}
 
     def sparse_decode(self, x_BTD, width: int):
         """Same function as __call__ (forward only), reading only the selected rows of K2 and V."""

@@ -45,8 +45,7 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg.rms_eps, pd)
 
     def __call__(self, tokens_BT, positions_BT, cache: KVCache | None = None, widths=None,
-                 segment_ids_BT=None, return_aux: bool = False, sparse: bool = False, logits_at_B=None,
-                 remat: str = "none"):
+                 segment_ids_BT=None, return_aux: bool = False, sparse: bool = False, logits_at_B=None):
         """Returns (logits_BTV float32, cache), plus a dict of per-layer stats [L, ...] if return_aux.
 
         With a cache, the block's K/V are written at `positions_BT` (contiguous per row) and
@@ -57,7 +56,7 @@ class Transformer(nnx.Module):
         just the last prompt token's.
         """
         x = self.embed_tokens(tokens_BT)
-        x, cache, stats = self.apply_layers(x, positions_BT, cache, widths, segment_ids_BT, sparse, remat)
+        x, cache, stats = self.apply_layers(x, positions_BT, cache, widths, segment_ids_BT, sparse)
         if logits_at_B is not None:
             x = jnp.take_along_axis(x, logits_at_B[:, None, None], axis=1)
         logits = self.logits(x)

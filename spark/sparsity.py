@@ -120,4 +120,4 @@ def capacity(k: float, n: int, sigmas: float) -> int:
 
 def overflow_rate(kept, k: float, sigmas: float):
     """Fraction of selections (rows of `kept` counts) that would not fit the decode capacity."""
-    return jnp.mean((kept > math.ceil(k + sigmas * math.sqrt(k))).astype(jnp.float32))
+    return jnp.mean((kept > capacity(k, math.inf, sigmas)).astype(jnp.float32))

@@ -90,16 +90,13 @@ def chunked_token_loss(model, x_BTD, targets_BT, mask_BT, chunk: int):
 
 def _forward(graphdef, params, batch, widths, norm, train):
     model = nnx.merge(graphdef, params)
+    x, _, stats = model.apply_layers(model.embed_tokens(batch["inputs"]), batch["positions"], widths=widths,
+                                     segment_ids_BT=batch["segment_ids"], remat=train.remat)
+    targets, mask = batch["targets"], batch["loss_mask"].astype(jnp.float32)
     if train.loss_chunk:
-        x = model.embed_tokens(batch["inputs"])
-        x, _, stats = model.apply_layers(x, batch["positions"], widths=widths, segment_ids_BT=batch["segment_ids"],
-                                         remat=train.remat)
-        total, _ = chunked_token_loss(model, x, batch["targets"], batch["loss_mask"].astype(jnp.float32),
-                                      train.loss_chunk)
-        return total / norm, stats
-    logits, _, stats = model(batch["inputs"], batch["positions"], widths=widths,
-                             segment_ids_BT=batch["segment_ids"], return_aux=True, remat=train.remat)
-    total, _ = token_loss(logits, batch["targets"], batch["loss_mask"])
+        total, _ = chunked_token_loss(model, x, targets, mask, train.loss_chunk)
+    else:
+        total, _ = token_loss(model.logits(x), targets, mask)
     return total / norm, stats
 
 
