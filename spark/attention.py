@@ -34,22 +34,9 @@ from einops import rearrange
 from flax import nnx
 
 from spark import cache as kv_cache
-from spark import sparsity
-from spark.layers import apply_rope, normal_init, softcap
-
-NEG = -1e30  # finite "minus infinity": an all-masked row gives uniform weights, never NaN
-
-
-def visible_mask(q_pos_BT, k_pos_BS, window: int | None, q_seg_BT=None, k_seg_BS=None):
-    """[B, T, S] True where key s is visible to query t: causal, inside the window, same segment."""
-    q = q_pos_BT[:, :, None]
-    k = k_pos_BS[:, None, :]
-    valid = (k <= q) & (k >= 0)
-    if window is not None:
-        valid &= (q - k) < window
-    if q_seg_BT is not None:
-        valid &= q_seg_BT[:, :, None] == k_seg_BS[:, None, :]
-    return valid
+from spark import flash, sparsity
+from spark.layers import NEG, apply_rope, normal_init, softcap, visible_mask
+from spark.sharding import constrain
 
 
 def _rope_qk(q, k, positions_BT, theta, split_at: int | None):
@@ -110,7 +97,9 @@ class Attention(nnx.Module):
 
         q = rearrange(q, "B T (K G) H -> B T K G H", K=keys.shape[1])  # query heads grouped by KV head
         valid_B11TS = valid[:, None, None]
-        if self.cfg.attn_kind == "spark" and sparse and kv is not None:
+        if kv is None and self.cfg.attn_block:
+            out, aux = self._blocked(q, keys.astype(dt), values.astype(dt), positions_BT, segment_ids_BT)
+        elif self.cfg.attn_kind == "spark" and sparse and kv is not None:
             out, aux = self._spark_sparse(q, keys, values, valid_B11TS)
         elif self.cfg.attn_kind == "spark":
             out, aux = self._spark(q, keys.astype(dt), values.astype(dt), valid_B11TS)
@@ -126,7 +115,8 @@ class Attention(nnx.Module):
         q, k, v = (_project(x_BTD, w[...].astype(dt)) for w in (self.w_q, self.w_k, self.w_v))
         split = cfg.attn_rank if cfg.attn_kind == "spark" and cfg.spark.attn_rope == "split" else None
         q, k = _rope_qk(q, k, positions_BT, cfg.rope_theta, split)
-        return q, k, v
+        return (constrain(q, "batch", None, "heads", None), constrain(k, "batch", None, "kv_heads", None),
+                constrain(v, "batch", None, "kv_heads", None))
 
     def _dense(self, q, keys, values, valid, values_transposed: bool):
         cfg = self.cfg
@@ -145,6 +135,22 @@ class Attention(nnx.Module):
         out = jnp.einsum("BKGTS,BKSH->BTKGH", w.astype(values.dtype), values)
         kept = jnp.sum(keep, axis=-1)
         rate = sparsity.overflow_rate(kept, self.cfg.spark.attn_k, self.cfg.spark.decode_capacity_sigmas)
+        return out, {"keys_per_query": jnp.mean(kept.astype(jnp.float32)), "attn_overflow_rate": rate}
+
+    def _blocked(self, q, keys, values, positions_BT, segment_ids_BT):
+        """Blocked flash attention over the block itself (spark/flash.py): no [T, S] scores."""
+        cfg = self.cfg
+        if cfg.attn_kind == "spark":
+            r = cfg.attn_rank
+            spec = flash.Spec(self.window, cfg.attn_logit_softcap, r**-0.5, cfg.attn_block, rank=r,
+                              gate_scale=(cfg.head_dim - r) ** -0.5, k=cfg.spark.attn_k)
+        else:
+            spec = flash.Spec(self.window, cfg.attn_logit_softcap,
+                              (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5, cfg.attn_block)
+        out, kept = flash.attend(spec, q, keys, values, positions_BT, positions_BT, segment_ids_BT, segment_ids_BT)
+        if cfg.attn_kind == "dense":
+            return out, {}
+        rate = sparsity.overflow_rate(kept, cfg.spark.attn_k, cfg.spark.decode_capacity_sigmas)
         return out, {"keys_per_query": jnp.mean(kept.astype(jnp.float32)), "attn_overflow_rate": rate}
 
     def _spark_sparse(self, q, keys_BKSH, values_BKSH, valid):

@@ -116,8 +116,11 @@ class ModelConfig:
     matformer: MatFormerConfig = MatFormerConfig()
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"
+    attn_block: int = 0  # > 0: attention without a cache (training) as blocked flash attention, this many keys a block
 
     def __post_init__(self):
+        _check(self.attn_block >= 0, f"model.attn_block must be 0 (materialised scores) or positive, "
+                                     f"got {self.attn_block}")
         _check_positive_ints(self, "model", ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
                                              "head_dim", "ffn_dim", "sliding_window", "max_seq_len"))
         _check(self.num_heads % self.num_kv_heads == 0,
@@ -248,6 +251,7 @@ class TrainConfig:
     matformer_mode: Literal["sum", "sample", "off"] = "sum"
     loss_chunk: int = 0  # > 0: cross-entropy over this many tokens at a time, never [B, T, V] logits (T % it == 0)
     remat: Literal["none", "dots_saveable", "full"] = "none"  # what the backward pass recomputes per block
+    scan_layers: bool = False  # layers as one lax.scan over local/global periods: compile time independent of depth
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100

@@ -65,3 +65,18 @@ def rows_matmul(x_BTD, w_FD, out_dtype=None):
         return jnp.einsum("BTD,FD->BTF", x_BTD, w_FD, preferred_element_type=out_dtype)
     y_FN = jnp.einsum("FD,ND->FN", w_FD, x_BTD.reshape(b * t, d), preferred_element_type=out_dtype)
     return jax.lax.optimization_barrier(y_FN).T.reshape(b, t, -1)
+
+
+NEG = -1e30  # finite "minus infinity": an all-masked row gives uniform weights, never NaN
+
+
+def visible_mask(q_pos_BT, k_pos_BS, window: int | None, q_seg_BT=None, k_seg_BS=None):
+    """[B, T, S] True where key s is visible to query t: causal, inside the window, same segment."""
+    q = q_pos_BT[:, :, None]
+    k = k_pos_BS[:, None, :]
+    valid = (k <= q) & (k >= 0)
+    if window is not None:
+        valid &= (q - k) < window
+    if q_seg_BT is not None:
+        valid &= q_seg_BT[:, :, None] == k_seg_BS[:, None, :]
+    return valid

@@ -18,6 +18,7 @@ from spark.cache import KVCache
 from spark.config import ModelConfig
 from spark.ffn import make_ffn
 from spark.layers import RMSNorm, normal_init, rows_matmul, softcap
+from spark.sharding import constrain
 
 
 class Block(nnx.Module):
@@ -30,10 +31,11 @@ class Block(nnx.Module):
         self.ffn = make_ffn(cfg, layer, rngs)
 
     def __call__(self, x_BTD, positions_BT, kv, width: int, segment_ids_BT=None, sparse: bool = False):
+        x_BTD = constrain(x_BTD, "batch", None, None)
         a, kv, aux_a = self.attn(self.pre_attn_norm(x_BTD), positions_BT, kv, segment_ids_BT, sparse)
-        h = x_BTD + self.post_attn_norm(a)
+        h = constrain(x_BTD + self.post_attn_norm(a), "batch", None, None)
         f, aux_f = self.ffn(self.pre_ffw_norm(h), width, sparse)
-        return h + self.post_ffw_norm(f), kv, {**aux_a, **aux_f}
+        return constrain(h + self.post_ffw_norm(f), "batch", None, None), kv, {**aux_a, **aux_f}
 
 
 class Transformer(nnx.Module):
@@ -71,16 +73,22 @@ class Transformer(nnx.Module):
         """Final norm, tied output embedding, final softcap -> float32 logits."""
         x = self.final_norm(x_BTD)
         emb = self.embed[...].astype(x.dtype)
-        return softcap(rows_matmul(x, emb, jnp.float32), self.cfg.final_logit_softcap)
+        logits = softcap(rows_matmul(x, emb, jnp.float32), self.cfg.final_logit_softcap)
+        return constrain(logits, "batch", None, "vocab")
 
     def apply_layers(self, x_BTD, positions_BT, cache=None, widths=None, segment_ids_BT=None, sparse=False,
-                     remat: str = "none"):
+                     remat: str = "none", scan: bool = False):
         """The blocks between embedding and output: -> (x_BTD, cache, per-layer stats).
 
         `remat` (training, cache=None): "none" keeps every block's activations for the backward
         pass; "dots_saveable" keeps only matmul outputs and recomputes the rest; "full" keeps only
-        each block's input and recomputes the block (MaxText's names)."""
+        each block's input and recomputes the block (MaxText's names). `scan` (cache=None) runs the
+        layers as one `lax.scan` over periods of the local/global pattern (`scan_layers`), so the
+        compiled program holds one period's blocks whatever the depth; it needs every period to be
+        alike (`scannable`) and falls back to the unrolled loop otherwise."""
         widths = self.cfg.check_widths(widths)
+        if scan and cache is None and scannable(self, widths):
+            return scan_layers(self, x_BTD, positions_BT, widths, segment_ids_BT, sparse, remat)
         x = x_BTD
         new_k, new_v, auxes = [], [], []
         for i, layer in enumerate(self.layers):
@@ -110,6 +118,49 @@ def _rematted(remat: str, width: int, sparse: bool):
         return layer(x_BTD, positions_BT, None, width, segment_ids_BT, sparse)
 
     return nnx.remat(block, policy=REMAT_POLICIES[remat])
+
+
+def scannable(model: Transformer, widths) -> bool:
+    """True when the layers repeat with the period of the local/global pattern: same structure
+    (graphdef: kind, window, gate sparsity, FFN width) and the same MatFormer width at every
+    position of the period."""
+    period = len(model.cfg.layer_pattern)
+    n = len(model.layers)
+    if n % period:
+        return False
+    graphdefs = [nnx.graphdef(layer) for layer in model.layers]
+    return all(graphdefs[i] == graphdefs[i % period] and widths[i] == widths[i % period] for i in range(n))
+
+
+def scan_layers(model: Transformer, x_BTD, positions_BT, widths, segment_ids_BT=None, sparse=False,
+                remat: str = "none"):
+    """The layers as a `lax.scan` over the L/P periods of the pattern (P = its length): the scan
+    body applies one block per pattern position, with that position's parameters stacked over the
+    periods at trace time ([L/P, ...]; the stored layout stays per layer, so checkpoints, the
+    converter and the decoders are unchanged). Same result as the unrolled loop."""
+    period = len(model.cfg.layer_pattern)
+    layers = list(model.layers)
+    graphdefs = [nnx.graphdef(layers[p]) for p in range(period)]
+    stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(layer) for layer in layers[p::period]])
+               for p in range(period)]
+
+    def block(p, state, x):
+        layer = nnx.merge(graphdefs[p], state)
+        x, _, aux = layer(x, positions_BT, None, widths[p], segment_ids_BT, sparse)
+        return x, aux
+
+    if remat != "none":
+        block = jax.checkpoint(block, policy=REMAT_POLICIES[remat], static_argnums=(0,))
+
+    def body(x, states):
+        auxes = []
+        for p in range(period):
+            x, aux = block(p, states[p], x)
+            auxes.append(aux)
+        return x, {k: jnp.stack([a[k] for a in auxes]) for k in auxes[0]}  # [P, ...] per period
+
+    x, stats = jax.lax.scan(body, x_BTD, stacked)
+    return x, None, {k: v.reshape(len(layers), *v.shape[2:]) for k, v in stats.items()}  # [L/P, P] -> [L]
 
 
 def count_params(cfg: ModelConfig) -> int:

@@ -36,11 +36,17 @@ def threshold(x, k_frac, mask=None, stop_gradient: bool = False):
     `k_frac` is a scalar or broadcasts against x.shape[:-1] + (1,); values are clipped to
     (0, 1] so k_frac >= 1 gives θ = -inf (keep everything).
     """
-    mean, std = masked_moments(x, mask)
+    theta = threshold_from_moments(*masked_moments(x, mask), k_frac)
+    return jax.lax.stop_gradient(theta) if stop_gradient else theta
+
+
+def threshold_from_moments(mean, std, k_frac):
+    """θ = mean + std·Φ⁻¹(1 − k_frac); −inf where k_frac ≥ 1 (keep everything). The one formula:
+    `threshold` takes the moments of a whole row, blocked attention (spark/flash.py) accumulates
+    them over key blocks."""
     k_frac = jnp.asarray(k_frac, jnp.float32)
     z = ndtri(1.0 - jnp.clip(k_frac, 1e-7, 1.0 - 1e-7))  # finite, so gradients stay finite
-    theta = jnp.where(k_frac >= 1.0, -jnp.inf, mean + std * z)
-    return jax.lax.stop_gradient(theta) if stop_gradient else theta
+    return jnp.where(k_frac >= 1.0, -jnp.inf, mean + std * z)
 
 
 def soft_topk(x, k_frac, mask=None, stop_gradient: bool = False):
@@ -73,11 +79,15 @@ def keep_k_of_valid(scores, valid, k: int):
     one valid entry never keeps zero (a skewed row can put every entry below θ).
     """
     n = jnp.sum(valid, axis=-1, keepdims=True).astype(jnp.float32)
-    k_frac = jnp.where(n > k, k / jnp.maximum(n, 1.0), 1.0)
-    keep = keep_mask(scores, k_frac, valid)
+    keep = keep_mask(scores, attn_k_frac(n, k), valid)
     sf = scores.astype(jnp.float32)
     row_max = jnp.max(jnp.where(valid, sf, -jnp.inf), axis=-1, keepdims=True)
     return keep | (valid & (sf >= row_max))
+
+
+def attn_k_frac(n, k: int):
+    """The kept fraction of n visible keys: k/n, or 1 (all) when n ≤ k."""
+    return jnp.where(n > k, k / jnp.maximum(n, 1.0), 1.0)
 
 
 def capacity_indices(scores, keep, capacity: int):

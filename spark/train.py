@@ -69,6 +69,18 @@ def _eval(cfg: Config, eval_fn, params, batch_sh, tok) -> dict:
     return res
 
 
+def sharded_step(cfg: Config, mesh):
+    """(abstract state, state shardings, batch sharding, jitted train step) on `mesh`: the step
+    train.py runs, and the one bench/aot_compile.py compiles for a TPU topology."""
+    batch_sh = sharding.batch_sharding(mesh)
+    abstract = jax.eval_shape(functools.partial(train_lib.init_state, cfg))
+    state_sh = sharding.tree_shardings(mesh, abstract)
+    state_sh["step"] = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    step_fn = jax.jit(functools.partial(train_lib.train_step, cfg=cfg, graphdef=train_lib.graphdef_of(cfg)),
+                      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+    return abstract, state_sh, batch_sh, step_fn
+
+
 def run(cfg: Config, workdir: str, progress: bool = True, kill_after_step: int | None = None) -> dict:
     """Train (or resume) to cfg.train.steps. Returns the last logged metrics.
 
@@ -76,12 +88,9 @@ def run(cfg: Config, workdir: str, progress: bool = True, kill_after_step: int |
     _check_workdir(workdir)
     t = cfg.train
     mesh = sharding.make_mesh(cfg.mesh)
-    batch_sh = sharding.batch_sharding(mesh)
-    graphdef = train_lib.graphdef_of(cfg)
     init_fn = functools.partial(train_lib.init_state, cfg)
-    abstract = jax.eval_shape(init_fn)
-    state_sh = sharding.tree_shardings(mesh, abstract)
-    state_sh["step"] = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    abstract, state_sh, batch_sh, step_fn = sharded_step(cfg, mesh)
+    graphdef = train_lib.graphdef_of(cfg)
     is_main = jax.process_index() == 0
 
     tok = get_tokenizer(cfg.data, workdir)
@@ -102,51 +111,49 @@ def run(cfg: Config, workdir: str, progress: bool = True, kill_after_step: int |
         state = jax.jit(init_fn, out_shardings=state_sh)()
     start = int(state["step"])
 
-    step_fn = jax.jit(functools.partial(train_lib.train_step, cfg=cfg, graphdef=graphdef),
-                      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                      donate_argnums=0)
     eval_fn = jax.jit(functools.partial(train_lib.eval_step, cfg=cfg, graphdef=graphdef))
     writer = metrics.MetricsWriter(workdir, enabled=is_main)
     bar = metrics.progress(t.steps, start, enabled=progress and is_main)
     tokens_per_step = t.batch_size * t.seq_len
     last, t_log, steps_since, acc = {}, time.perf_counter(), 0, None
-    try:
-        for step in range(start, t.steps):
-            state, m = step_fn(state, _global_batch(next(data_it), batch_sh))
-            acc = m if acc is None else jax.tree.map(jnp.add, acc, m)  # on device: no sync per step
-            steps_since += 1
-            done = step + 1
-            logging = done % t.log_every == 0 or done == t.steps
-            saving = done % t.ckpt_every == 0 or done == t.steps
-            if logging or saving:
-                # the loss was computed before this step's update; the new parameters must be finite too
-                loss, pnorm = float(m["loss"]), float(m["param_norm"])
-                if not (np.isfinite(loss) and np.isfinite(pnorm)):
-                    ckpt.wait()
-                    raise TrainingError(
-                        f"non-finite loss ({loss}) or parameters (norm {pnorm}) at step {done}; stopping. "
-                        f"The last good checkpoint (step {ckpt.latest_step()}) is intact in {workdir}/checkpoints")
-            if logging:
-                elapsed = time.perf_counter() - t_log
-                mean = jax.tree.map(lambda x, n=steps_since: x / n, acc)  # averaged over the log interval
-                row = {**mean, "lr": m["lr"], "tokens_per_s": tokens_per_step * steps_since / elapsed}
-                if done % t.eval_every == 0 or done == t.steps:
-                    row.update(_eval(cfg, eval_fn, state["params"], batch_sh, tok))
-                last = writer.write(done, row)
-                bar.set_postfix(loss=f"{last.get('loss_F', last['loss']):.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
-                t_log, steps_since, acc = time.perf_counter(), 0, None
-            if saving:
-                ckpt.save(done, state, data_it.get_state(), cfg)
-                if done == kill_after_step:
-                    ckpt.wait()
-                    if jax.process_count() > 1:  # every host has finished writing before any dies
-                        multihost_utils.sync_global_devices("kill_after_step")
-                    os.kill(os.getpid(), signal.SIGKILL)
-            bar.update(1)
-    finally:
-        bar.close()
-        ckpt.close()
-        writer.close()
+    with jax.set_mesh(mesh):  # the mesh the activation sharding constraints (sharding.constrain) read
+        try:
+            for step in range(start, t.steps):
+                state, m = step_fn(state, _global_batch(next(data_it), batch_sh))
+                acc = m if acc is None else jax.tree.map(jnp.add, acc, m)  # on device: no sync per step
+                steps_since += 1
+                done = step + 1
+                logging = done % t.log_every == 0 or done == t.steps
+                saving = done % t.ckpt_every == 0 or done == t.steps
+                if logging or saving:
+                    # the loss was computed before this step's update; the new parameters must be finite too
+                    loss, pnorm = float(m["loss"]), float(m["param_norm"])
+                    if not (np.isfinite(loss) and np.isfinite(pnorm)):
+                        ckpt.wait()
+                        raise TrainingError(
+                            f"non-finite loss ({loss}) or parameters (norm {pnorm}) at step {done}; stopping. "
+                            f"The last good checkpoint (step {ckpt.latest_step()}) is intact in {workdir}/checkpoints")
+                if logging:
+                    elapsed = time.perf_counter() - t_log
+                    mean = jax.tree.map(lambda x, n=steps_since: x / n, acc)  # averaged over the log interval
+                    row = {**mean, "lr": m["lr"], "tokens_per_s": tokens_per_step * steps_since / elapsed}
+                    if done % t.eval_every == 0 or done == t.steps:
+                        row.update(_eval(cfg, eval_fn, state["params"], batch_sh, tok))
+                    last = writer.write(done, row)
+                    bar.set_postfix(loss=f"{last.get('loss_F', last['loss']):.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+                    t_log, steps_since, acc = time.perf_counter(), 0, None
+                if saving:
+                    ckpt.save(done, state, data_it.get_state(), cfg)
+                    if done == kill_after_step:
+                        ckpt.wait()
+                        if jax.process_count() > 1:  # every host has finished writing before any dies
+                            multihost_utils.sync_global_devices("kill_after_step")
+                        os.kill(os.getpid(), signal.SIGKILL)
+                bar.update(1)
+        finally:
+            bar.close()
+            ckpt.close()
+            writer.close()
     if is_main:
         metrics.plot_losses(workdir)
     return last

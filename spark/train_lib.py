@@ -91,7 +91,8 @@ def chunked_token_loss(model, x_BTD, targets_BT, mask_BT, chunk: int):
 def _forward(graphdef, params, batch, widths, norm, train):
     model = nnx.merge(graphdef, params)
     x, _, stats = model.apply_layers(model.embed_tokens(batch["inputs"]), batch["positions"], widths=widths,
-                                     segment_ids_BT=batch["segment_ids"], remat=train.remat)
+                                     segment_ids_BT=batch["segment_ids"], remat=train.remat,
+                                     scan=train.scan_layers)
     targets, mask = batch["targets"], batch["loss_mask"].astype(jnp.float32)
     if train.loss_chunk:
         total, _ = chunked_token_loss(model, x, targets, mask, train.loss_chunk)
