@@ -34,6 +34,7 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu is used as a compiler only: no TPU is attached
 os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")  # quiets libtpu's probe for a local TPU
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: no lock on a TPU to take
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -64,8 +65,11 @@ def topology_devices(name: str) -> list:
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
     except Exception as e:  # noqa: BLE001  (libtpu raises JaxRuntimeError / ValueError)
-        raise ConfigError(f"unknown TPU topology {name!r} ({str(e).splitlines()[0][:160]}); "
-                          "use e.g. v5e:2x2, v5e:16x16, v5p:4x4x4, v6e:8x8") from None
+        msg = str(e).splitlines()[0][:200]
+        if "external name" in msg or "topology" in msg.lower():
+            raise ConfigError(f"unknown TPU topology {name!r} ({msg}); "
+                              "use e.g. v5e:2x2, v5e:16x16, v5p:4x4x4, v6e:8x8") from None
+        raise ConfigError(f"libtpu could not describe topology {name!r}: {msg}") from None
 
 
 def hbm_bytes(device) -> int:

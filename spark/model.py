@@ -30,11 +30,18 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, layer, rngs)
         self.ffn = make_ffn(cfg, layer, rngs)
 
-    def __call__(self, x_BTD, positions_BT, kv, width: int, segment_ids_BT=None, sparse: bool = False):
+    def __call__(self, x_BTD, positions_BT, kv, width, segment_ids_BT=None, sparse: bool = False, width_index=None):
+        """`width`: the FFN width; or, with a traced `width_index`, a tuple of widths of which the
+        index picks one at run time (`lax.switch` over the FFN only: one compiled block, and a step
+        at width w spends the FFN FLOPs of w)."""
         x_BTD = constrain(x_BTD, "batch", None, None)
         a, kv, aux_a = self.attn(self.pre_attn_norm(x_BTD), positions_BT, kv, segment_ids_BT, sparse)
         h = constrain(x_BTD + self.post_attn_norm(a), "batch", None, None)
-        f, aux_f = self.ffn(self.pre_ffw_norm(h), width, sparse)
+        if width_index is None:
+            f, aux_f = self.ffn(self.pre_ffw_norm(h), width, sparse)
+        else:
+            branches = [lambda x, w=w: self.ffn(x, w, sparse) for w in width]
+            f, aux_f = jax.lax.switch(width_index, branches, self.pre_ffw_norm(h))
         return constrain(h + self.post_ffw_norm(f), "batch", None, None), kv, {**aux_a, **aux_f}
 
 
@@ -77,7 +84,7 @@ class Transformer(nnx.Module):
         return constrain(logits, "batch", None, "vocab")
 
     def apply_layers(self, x_BTD, positions_BT, cache=None, widths=None, segment_ids_BT=None, sparse=False,
-                     remat: str = "none", scan: bool = False):
+                     remat: str = "none", scan: bool = False, width_index=None):
         """The blocks between embedding and output: -> (x_BTD, cache, per-layer stats).
 
         `remat` (training, cache=None): "none" keeps every block's activations for the backward
@@ -85,18 +92,23 @@ class Transformer(nnx.Module):
         each block's input and recomputes the block (MaxText's names). `scan` (cache=None) runs the
         layers as one `lax.scan` over periods of the local/global pattern (`scan_layers`), so the
         compiled program holds one period's blocks whatever the depth; it needs every period to be
-        alike (`scannable`) and falls back to the unrolled loop otherwise."""
-        widths = self.cfg.check_widths(widths)
+        alike (`scannable`) and falls back to the unrolled loop otherwise. With a traced
+        `width_index`, `widths` is a tuple of width tuples (MatFormer granularities) and the index
+        picks one at run time inside each block (training's 'sample' mode)."""
+        if width_index is None:
+            widths = self.cfg.check_widths(widths)
+        else:  # per layer, the tuple of its widths across the granularities
+            widths = tuple(zip(*[self.cfg.check_widths(w) for w in widths], strict=True))
         if scan and cache is None and scannable(self, widths):
-            return scan_layers(self, x_BTD, positions_BT, widths, segment_ids_BT, sparse, remat)
+            return scan_layers(self, x_BTD, positions_BT, widths, segment_ids_BT, sparse, remat, width_index)
         x = x_BTD
         new_k, new_v, auxes = [], [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             if remat != "none" and cache is None:
-                x, kv, aux = _rematted(remat, widths[i], sparse)(layer, x, positions_BT, segment_ids_BT)
+                x, kv, aux = _rematted(remat, widths[i], sparse)(layer, x, positions_BT, segment_ids_BT, width_index)
             else:
-                x, kv, aux = layer(x, positions_BT, kv, widths[i], segment_ids_BT, sparse)
+                x, kv, aux = layer(x, positions_BT, kv, widths[i], segment_ids_BT, sparse, width_index)
             auxes.append(aux)
             if kv is not None:
                 new_k.append(kv[0])
@@ -114,8 +126,8 @@ REMAT_POLICIES = {"none": None, "dots_saveable": jax.checkpoint_policies.dots_sa
 
 def _rematted(remat: str, width: int, sparse: bool):
     """A block call whose activations are recomputed in the backward pass by REMAT_POLICIES[remat]."""
-    def block(layer, x_BTD, positions_BT, segment_ids_BT):
-        return layer(x_BTD, positions_BT, None, width, segment_ids_BT, sparse)
+    def block(layer, x_BTD, positions_BT, segment_ids_BT, width_index):
+        return layer(x_BTD, positions_BT, None, width, segment_ids_BT, sparse, width_index)
 
     return nnx.remat(block, policy=REMAT_POLICIES[remat])
 
@@ -133,7 +145,7 @@ def scannable(model: Transformer, widths) -> bool:
 
 
 def scan_layers(model: Transformer, x_BTD, positions_BT, widths, segment_ids_BT=None, sparse=False,
-                remat: str = "none"):
+                remat: str = "none", width_index=None):
     """The layers as a `lax.scan` over the L/P periods of the pattern (P = its length): the scan
     body applies one block per pattern position, with that position's parameters stacked over the
     periods at trace time ([L/P, ...]; the stored layout stays per layer, so checkpoints, the
@@ -146,7 +158,7 @@ def scan_layers(model: Transformer, x_BTD, positions_BT, widths, segment_ids_BT=
 
     def block(p, state, x):
         layer = nnx.merge(graphdefs[p], state)
-        x, _, aux = layer(x, positions_BT, None, widths[p], segment_ids_BT, sparse)
+        x, _, aux = layer(x, positions_BT, None, widths[p], segment_ids_BT, sparse, width_index)
         return x, aux
 
     if remat != "none":

@@ -6,7 +6,8 @@ grad and checkpointing see ordinary arrays.
 
 MatFormer joint training (train.matformer_mode):
   'sum'    the loss is the sum over all granularities (one forward per granularity);
-  'sample' one granularity per step, drawn from the step number (lax.switch over static widths);
+  'sample' one granularity per step, drawn from the step number: one forward whose FFNs pick the
+           granularity's width at run time (a lax.switch over the FFN inside each block);
   'off'    full width only.
 """
 
@@ -88,11 +89,11 @@ def chunked_token_loss(model, x_BTD, targets_BT, mask_BT, chunk: int):
     return total, count
 
 
-def _forward(graphdef, params, batch, widths, norm, train):
+def _forward(graphdef, params, batch, widths, norm, train, width_index=None):
     model = nnx.merge(graphdef, params)
     x, _, stats = model.apply_layers(model.embed_tokens(batch["inputs"]), batch["positions"], widths=widths,
                                      segment_ids_BT=batch["segment_ids"], remat=train.remat,
-                                     scan=train.scan_layers)
+                                     scan=train.scan_layers, width_index=width_index)
     targets, mask = batch["targets"], batch["loss_mask"].astype(jnp.float32)
     if train.loss_chunk:
         total, _ = chunked_token_loss(model, x, targets, mask, train.loss_chunk)
@@ -110,10 +111,9 @@ def loss_fn(params, graphdef, batch, cfg: Config, step, norm=None):
     if norm is None:
         norm = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
     metrics = {}
-    if cfg.train.matformer_mode == "sample" and len(grans) > 1:
-        branches = [lambda p, w=w: _forward(graphdef, p, batch, w, norm, cfg.train) for _, w in grans]
+    if cfg.train.matformer_mode == "sample" and len(grans) > 1:  # one forward; each FFN switches its width
         index = jax.random.randint(jax.random.fold_in(jax.random.key(cfg.train.seed), step), (), 0, len(grans))
-        loss, stats = jax.lax.switch(index, branches, params)
+        loss, stats = _forward(graphdef, params, batch, tuple(w for _, w in grans), norm, cfg.train, index)
         metrics["granularity"] = index
     else:
         losses = []
