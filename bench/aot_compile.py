@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import re
 import resource
@@ -38,6 +39,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: no l
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import write_json  # noqa: E402
@@ -51,6 +53,7 @@ from spark.train import sharded_step  # noqa: E402
 GIB = 2**30
 HBM_GIB = {"TPU v5 lite": 15.75, "TPU v5": 95.74, "TPU v6 lite": 31.25, "TPU v4": 15.25}
 FIT_FRACTION = 0.85
+SAMPLE = {"batch": 64, "prompt": 2048, "new_tokens": 256}  # --what sample
 
 
 def topology_devices(name: str) -> list:
@@ -87,16 +90,36 @@ def abstract_batch(cfg: Config, batch_sh) -> dict:
 
 
 def train_program(cfg: Config, mesh):
-    """(jitted train step, abstract arguments) for `mesh`."""
+    """(jitted train step, its lower, abstract arguments) for `mesh`."""
     abstract, state_sh, batch_sh, step_fn = sharded_step(cfg, mesh)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
-    return step_fn, (state, abstract_batch(cfg, batch_sh))
+    return step_fn, step_fn.lower, (state, abstract_batch(cfg, batch_sh))
 
 
-def compile_report(fn, args, hbm: int, n_devices: int) -> dict:
-    """Lower and compile `fn` at `args`; per-chip memory and FLOPs, and the fit verdict."""
+def sample_program(cfg: Config, mesh, batch: int, prompt: int, new_tokens: int):
+    """(jitted prefill + decode loop of decode/generate.py, its lower, abstract arguments): `batch` prompts of
+    `prompt` tokens, `new_tokens` sampled in the while_loop; parameters FSDP-sharded as in training,
+    prompts and the KV cache sharded by row."""
+    from decode import generate
+    from decode.sampling import SamplerConfig
+
+    graphdef = train_lib.graphdef_of(cfg)
+    abstract = jax.eval_shape(lambda: train_lib.init_state(cfg)["params"])
+    shardings = sharding.tree_shardings(mesh, abstract)
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    rows = sharding.batch_sharding(mesh)
+    prompts = jax.ShapeDtypeStruct((batch, prompt), jnp.int32, sharding=rows)
+    lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    static = dict(max_new_tokens=new_tokens, sampler=SamplerConfig(), eos_id=1, pad_id=0)
+    return (functools.partial(generate.generate, graphdef, **static),
+            functools.partial(generate.generate.lower, graphdef, **static), (params, prompts, lengths, key))
+
+
+def compile_report(lower, args, hbm: int, n_devices: int) -> dict:
+    """Lower and compile at `args`; per-chip memory, XLA's FLOPs and the fit verdict."""
     t0 = time.perf_counter()
-    lowered = fn.lower(*args)
+    lowered = lower(*args)
     t1 = time.perf_counter()
     try:
         compiled = lowered.compile()
@@ -112,7 +135,7 @@ def compile_report(fn, args, hbm: int, n_devices: int) -> dict:
             "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
             "temp_bytes": mem.temp_size_in_bytes, "alias_bytes": mem.alias_size_in_bytes,
             "total_bytes": total, "hbm_bytes": hbm, "hbm_fraction": round(total / hbm, 4),
-            "fits": bool(total <= FIT_FRACTION * hbm), "flops_per_chip": float(cost.get("flops", 0.0)),
+            "fits": bool(total <= FIT_FRACTION * hbm), "xla_flops_per_chip": float(cost.get("flops", 0.0)),
             "n_devices": n_devices}
 
 
@@ -125,8 +148,34 @@ def _out_of_memory(err, lower_s: float, compile_s: float, hbm: int, n_devices: i
     temp = int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024)
     return {"lower_s": round(lower_s, 2), "compile_s": round(compile_s, 2), "argument_bytes": None,
             "output_bytes": None, "temp_bytes": temp, "alias_bytes": None, "total_bytes": temp, "hbm_bytes": hbm,
-            "hbm_fraction": round(temp / hbm, 4), "fits": False, "flops_per_chip": None, "n_devices": n_devices,
+            "hbm_fraction": round(temp / hbm, 4), "fits": False, "xla_flops_per_chip": None, "n_devices": n_devices,
             "compiler_error": str(err).splitlines()[0][:300]}
+
+
+def matmul_flops(closed_jaxpr, branch: int | None = None) -> float:
+    """2 × multiply-adds of every dot_general in a jaxpr, with scan bodies multiplied by their
+    length (XLA's cost analysis counts a loop body once), a while_loop body once, and of a cond
+    the branch `branch` (MatFormer's run-time width switch: the granularity the step trains) or
+    else the largest. The whole program's count, all devices together."""
+    total = 0.0
+    for eqn in closed_jaxpr.jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lc, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[d] for d in lc])
+        elif name == "scan":
+            total += eqn.params["length"] * matmul_flops(eqn.params["jaxpr"], branch)
+        elif name == "cond":
+            counts = [matmul_flops(b, branch) for b in eqn.params["branches"]]
+            total += counts[branch] if branch is not None and branch < len(counts) else max(counts)
+        else:
+            for key in ("jaxpr", "call_jaxpr", "fun_jaxpr", "body_jaxpr"):
+                sub = eqn.params.get(key)
+                if sub is not None:
+                    sub = sub if hasattr(sub, "jaxpr") else jax.extend.core.ClosedJaxpr(sub, ())
+                    total += matmul_flops(sub, branch)
+    return total
 
 
 def analytic_flops_per_chip(cfg: Config, n_devices: int) -> dict:
@@ -146,15 +195,22 @@ def run(cfg: Config, topology: str, what: str) -> dict:
     devices = topology_devices(topology)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     hbm = hbm_bytes(devices[0])
-    if what != "train":
-        raise ConfigError(f"--what {what!r}: only 'train' is implemented")
+    n = len(devices)
     with jax.set_mesh(mesh):  # as in training: the activation sharding constraints read it
-        fn, args = train_program(cfg, mesh)
-        rep = compile_report(fn, args, hbm, len(devices))
-    analytic = analytic_flops_per_chip(cfg, len(devices))
+        fn, lower, args = train_program(cfg, mesh) if what == "train" else sample_program(cfg, mesh, **SAMPLE)
+        jaxpr = jax.make_jaxpr(fn)(*args)
+        rep = compile_report(lower, args, hbm, n)
     rep.update(topology=topology, device_kind=devices[0].device_kind, mesh=dict(mesh.shape), what=what,
-               analytic_flops_per_chip=analytic["step"], analytic_flops_by_granularity=analytic,
+               flops_per_chip=matmul_flops(jaxpr) / n,
                peak_host_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))
+    if what == "sample":
+        return {**rep, "sample": SAMPLE, "analytic_flops_per_chip": None}
+    analytic = analytic_flops_per_chip(cfg, n)
+    grans = train_lib.granularities(cfg)
+    rep.update(analytic_flops_per_chip=analytic["step"], analytic_flops_by_granularity=analytic)
+    if cfg.train.matformer_mode == "sample" and len(grans) > 1:  # the program as run at each granularity
+        rep["flops_per_chip_by_granularity"] = {name: matmul_flops(jaxpr, i) / n for i, (name, _) in enumerate(grans)}
+        rep["flops_per_chip"] = sum(rep["flops_per_chip_by_granularity"].values()) / len(grans)
     return rep
 
 
@@ -162,23 +218,35 @@ def summary(rep: dict, cfg: Config) -> str:
     gb = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
     t = cfg.train
     verdict = "fits" if rep["fits"] else "DOES NOT FIT"
-    head = [f"{rep['topology']}: {rep['n_devices']} x {rep['device_kind']}, mesh {rep['mesh']}; "
-            f"batch {t.batch_size} x {t.seq_len}, {cfg.model.num_layers} layers, remat {t.remat}, "
-            f"scan {t.scan_layers}, loss_chunk {t.loss_chunk}, matformer {t.matformer_mode}",
-            f"lower {rep['lower_s']:.1f} s, compile {rep['compile_s']:.1f} s, peak host RSS "
-            f"{rep['peak_host_rss_gb']} GB"]
+    if rep["what"] == "sample":
+        what = (f"sampling {rep['sample']['batch']} prompts of {rep['sample']['prompt']} tokens + "
+                f"{rep['sample']['new_tokens']} new")
+    else:
+        what = (f"batch {t.batch_size} x {t.seq_len}, remat {t.remat}, scan {t.scan_layers}, "
+                f"loss_chunk {t.loss_chunk}, attn_block {cfg.model.attn_block}, matformer {t.matformer_mode}")
+    lines = [f"{rep['topology']}: {rep['n_devices']} x {rep['device_kind']}, mesh {rep['mesh']}; "
+             f"{cfg.model.num_layers} layers, {what}",
+             f"lower {rep['lower_s']:.1f} s, compile {rep['compile_s']:.1f} s, peak host RSS "
+             f"{rep['peak_host_rss_gb']} GB"]
     if "compiler_error" in rep:
-        return "\n".join([*head, f"per chip: temporaries {gb(rep['temp_bytes'])} of {gb(rep['hbm_bytes'])} HBM "
+        return "\n".join([*lines, f"per chip: temporaries {gb(rep['temp_bytes'])} of {gb(rep['hbm_bytes'])} HBM "
                           f"({100 * rep['hbm_fraction']:.0f}%)", f"verdict: {verdict} ({rep['compiler_error']})"])
-    ratio = rep["flops_per_chip"] / max(rep["analytic_flops_per_chip"], 1.0)
-    return "\n".join([*head,
-        f"per chip: arguments {gb(rep['argument_bytes'])} + outputs {gb(rep['output_bytes'])} + temporaries "
-        f"{gb(rep['temp_bytes'])} - aliased {gb(rep['alias_bytes'])} = {gb(rep['total_bytes'])} "
-        f"of {gb(rep['hbm_bytes'])} HBM ({100 * rep['hbm_fraction']:.1f}%; compiler's limit, see docstring)",
-        f"FLOPs per chip per step: XLA {rep['flops_per_chip']:.3e}, analytic {rep['analytic_flops_per_chip']:.3e} "
-        f"(x{ratio:.2f})",
-        f"verdict: {verdict} (limit {FIT_FRACTION:.0%} of HBM, headroom "
-        f"{gb(FIT_FRACTION * rep['hbm_bytes'] - rep['total_bytes'])})"])
+    lines.append(f"per chip: arguments {gb(rep['argument_bytes'])} + outputs {gb(rep['output_bytes'])} + "
+                 f"temporaries {gb(rep['temp_bytes'])} - aliased {gb(rep['alias_bytes'])} = "
+                 f"{gb(rep['total_bytes'])} of {gb(rep['hbm_bytes'])} HBM ({100 * rep['hbm_fraction']:.1f}%; "
+                 "the compiler's limit, see the docstring)")
+    flops = f"matmul FLOPs per chip: {rep['flops_per_chip']:.3e} (the program's, loops multiplied out)"
+    if rep.get("analytic_flops_per_chip"):
+        ratio = rep["flops_per_chip"] / rep["analytic_flops_per_chip"]
+        flops += (f"; analytic {rep['analytic_flops_per_chip']:.3e} (x{ratio:.2f}: rematerialisation and the "
+                  "flash backward recompute)")
+    lines.append(flops)
+    for name, f in rep.get("flops_per_chip_by_granularity", {}).items():
+        lines.append(f"  at {name}: {f:.3e} (analytic {rep['analytic_flops_by_granularity'][name]:.3e})")
+    lines.append(f"XLA cost analysis: {rep['xla_flops_per_chip']:.3e} FLOPs per chip (counts each loop body once)")
+    lines.append(f"verdict: {verdict} (limit {FIT_FRACTION:.0%} of HBM, headroom "
+                 f"{gb(FIT_FRACTION * rep['hbm_bytes'] - rep['total_bytes'])})")
+    return "\n".join(lines)
 
 
 def main():

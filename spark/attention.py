@@ -83,7 +83,7 @@ class Attention(nnx.Module):
         if kv is None:
             keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
             v_t = False
-            valid = visible_mask(positions_BT, positions_BT, self.window, segment_ids_BT, segment_ids_BT)
+            k_pos_BS, k_seg_BS = positions_BT, segment_ids_BT
             new_kv = None
         else:
             start_B = positions_BT[:, 0]
@@ -92,20 +92,26 @@ class Attention(nnx.Module):
             values = kv_cache.write_block(kv[1], v, start_B, transposed=v_t)
             b, s = keys.shape[0], keys.shape[2]
             k_pos_BS = jnp.broadcast_to(jnp.arange(s, dtype=positions_BT.dtype), (b, s))
-            valid = visible_mask(positions_BT, k_pos_BS, self.window)
+            k_seg_BS = segment_ids_BT = None  # a cache holds one sequence per row
             new_kv = (keys, values)
 
         q = rearrange(q, "B T (K G) H -> B T K G H", K=keys.shape[1])  # query heads grouped by KV head
-        valid_B11TS = valid[:, None, None]
-        if kv is None and self.cfg.attn_block:
-            out, aux = self._blocked(q, keys.astype(dt), values.astype(dt), positions_BT, segment_ids_BT)
-        elif self.cfg.attn_kind == "spark" and sparse and kv is not None:
+        # training (no cache) and long prefills: blocked flash attention; short blocks (decode, verify): scores
+        if self.cfg.attn_block and (kv is None or (q.shape[1] >= self.cfg.attn_block and not sparse)):
+            values_BKSH = values.swapaxes(2, 3) if v_t else values
+            return self._out(*self._blocked(q, keys.astype(dt), values_BKSH.astype(dt), positions_BT, k_pos_BS,
+                                            segment_ids_BT, k_seg_BS), new_kv, dt)
+        valid_B11TS = visible_mask(positions_BT, k_pos_BS, self.window, segment_ids_BT, k_seg_BS)[:, None, None]
+        if self.cfg.attn_kind == "spark" and sparse and kv is not None:
             out, aux = self._spark_sparse(q, keys, values, valid_B11TS)
         elif self.cfg.attn_kind == "spark":
             out, aux = self._spark(q, keys.astype(dt), values.astype(dt), valid_B11TS)
         else:
             out, aux = self._dense(q, keys.astype(dt), values.astype(dt), valid_B11TS, v_t)
-        out = rearrange(out, "B T K G H -> B T (K G H)").astype(dt)
+        return self._out(out, aux, new_kv, dt)
+
+    def _out(self, out_BTKGH, aux, new_kv, dt):
+        out = rearrange(out_BTKGH, "B T K G H -> B T (K G H)").astype(dt)
         w_o = rearrange(self.w_o[...].astype(dt), "N H D -> (N H) D")  # 2-D: the 3-D einsum is 2x slower at T=1
         return jnp.einsum("BTF,FD->BTD", out, w_o), new_kv, aux
 
@@ -137,8 +143,8 @@ class Attention(nnx.Module):
         rate = sparsity.overflow_rate(kept, self.cfg.spark.attn_k, self.cfg.spark.decode_capacity_sigmas)
         return out, {"keys_per_query": jnp.mean(kept.astype(jnp.float32)), "attn_overflow_rate": rate}
 
-    def _blocked(self, q, keys, values, positions_BT, segment_ids_BT):
-        """Blocked flash attention over the block itself (spark/flash.py): no [T, S] scores."""
+    def _blocked(self, q, keys, values, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS):
+        """Blocked flash attention (spark/flash.py): no [T, S] scores."""
         cfg = self.cfg
         if cfg.attn_kind == "spark":
             r = cfg.attn_rank
@@ -147,7 +153,7 @@ class Attention(nnx.Module):
         else:
             spec = flash.Spec(self.window, cfg.attn_logit_softcap,
                               (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5, cfg.attn_block)
-        out, kept = flash.attend(spec, q, keys, values, positions_BT, positions_BT, segment_ids_BT, segment_ids_BT)
+        out, kept = flash.attend(spec, q, keys, values, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS)
         if cfg.attn_kind == "dense":
             return out, {}
         rate = sparsity.overflow_rate(kept, cfg.spark.attn_k, cfg.spark.decode_capacity_sigmas)

@@ -6,6 +6,7 @@ k[i]: layer i's keys, [B, K, S, H] (after RoPE). v[i]: its values, [B, K, S, H] 
   (One query over S = 4160 slots, K = 4, H = 256 on the CI CPU: [B, S, K, H] is 10.9× slower
   than K [B, K, S, H] + V [B, K, H, S]; `python bench/decode_layouts.py`.)
 lengths: [B] int32, the number of committed positions per row.
+Under a mesh (`jax.set_mesh`) the buffers are sharded by batch row and KV head, like the activations.
 
 The forward writes a block's K/V at its per-row positions and then attends over cache slots
 s ≤ query position, so slots past a row's length are never read: rolling back rejected
@@ -19,6 +20,8 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+from spark.sharding import constrain
 
 
 @flax.struct.dataclass
@@ -37,8 +40,9 @@ def init(cfg, batch: int, max_len: int, slack: int = 8, dtype=None) -> KVCache:
     dtype = jnp.dtype(dtype or cfg.dtype)
     s, kh, h = max_len + slack, cfg.num_kv_heads, cfg.head_dim
     v_shape = (batch, kh, h, s) if values_transposed(cfg) else (batch, kh, s, h)
-    return KVCache(k=tuple(jnp.zeros((batch, kh, s, h), dtype) for _ in range(cfg.num_layers)),
-                   v=tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers)),
+    buf = lambda shape: constrain(jnp.zeros(shape, dtype), "batch", "kv_heads", None, None)  # noqa: E731
+    return KVCache(k=tuple(buf((batch, kh, s, h)) for _ in range(cfg.num_layers)),
+                   v=tuple(buf(v_shape) for _ in range(cfg.num_layers)),
                    lengths=jnp.zeros((batch,), jnp.int32))
 
 

@@ -1,9 +1,12 @@
 """Checkpoints: the only file that knows orbax.
 
-Each step directory holds the train state (StandardSave), the data iterator's state and the
-run's config (JSON). Saves are async; the newest `keep` are kept. Restoring checks that the saved
-config describes the same model and optimizer shapes, so a checkpoint from another config is a
-clear error, never a silent re-initialisation.
+Each step directory holds the parameters and the rest of the train state ({step, opt_state}) as
+two items (StandardSave), the data iterator's state and the run's config (JSON), so sampling
+restores the parameters alone (an AdamW state is twice their size). A params-only checkpoint (no
+'train' item: `spark/convert.py` writes one) resumes training with a fresh optimizer state.
+Checkpoints written before the split hold one 'state' item; they still load (whole).
+Saves are async; the newest `keep` are kept. Restoring checks that the saved config describes the
+same model, so a checkpoint from another config is a clear error, never a silent re-initialisation.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ class CheckpointError(ConfigError):
     pass
 
 
+def _abstract(tree):
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
 def config_json(cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
@@ -32,7 +39,7 @@ class Checkpointer:
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                             create=True)
         self._mngr = ocp.CheckpointManager(os.path.abspath(directory), options=opts,
-                                           item_names=("state", "data", "config"))
+                                           item_names=("params", "train", "state", "data", "config"))
 
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
@@ -41,9 +48,15 @@ class Checkpointer:
         return sorted(self._mngr.all_steps())
 
     def save(self, step: int, state, data_state: dict, cfg) -> None:
-        self._mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config_json(cfg))))
+        """state: {step, params, opt_state}, or {params} alone (a params-only checkpoint)."""
+        items = {"params": ocp.args.StandardSave(state["params"]), "data": ocp.args.JsonSave(data_state),
+                 "config": ocp.args.JsonSave(config_json(cfg))}
+        if "opt_state" in state:
+            items["train"] = ocp.args.StandardSave({"step": state["step"], "opt_state": state["opt_state"]})
+        self._mngr.save(step, args=ocp.args.Composite(**items))
+
+    def _has(self, step: int, item: str) -> bool:
+        return (self._mngr.directory / str(step) / item).exists()
 
     def saved_config(self, step: int) -> dict:
         """The config JSON saved with `step`; CheckpointError if it cannot be read."""
@@ -53,7 +66,36 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint step {step} is unreadable: {type(e).__name__}: {e}") from None
 
     def restore(self, step: int, abstract_state, cfg) -> tuple[object, dict]:
-        """(state, data_state) of `step`; raises CheckpointError on a config mismatch or corruption."""
+        """(state, data_state) of `step`; raises CheckpointError on a config mismatch or corruption.
+        From a params-only checkpoint, state is {params} (no step, no opt_state)."""
+        self._check_config(step, cfg)
+        if self._has(step, "state"):  # written before params and optimizer state were split
+            out = self._restore(step, state=ocp.args.StandardRestore(_abstract(abstract_state)),
+                                data=ocp.args.JsonRestore())
+            return out["state"], out["data"]
+        items = {"params": ocp.args.StandardRestore(_abstract(abstract_state["params"]))}
+        if self._has(step, "train"):
+            items["train"] = ocp.args.StandardRestore(_abstract(
+                {"step": abstract_state["step"], "opt_state": abstract_state["opt_state"]}))
+        if self._has(step, "data"):
+            items["data"] = ocp.args.JsonRestore()
+        out = self._restore(step, **items)
+        return {**out.get("train", {}), "params": out["params"]}, out.get("data") or {}
+
+    def restore_params(self, step: int, abstract_state, cfg):
+        """The parameters of `step`, read alone (checkpoints from before the split are read whole)."""
+        if self._has(step, "state"):
+            return self.restore(step, abstract_state, cfg)[0]["params"]
+        self._check_config(step, cfg)
+        return self._restore(step, params=ocp.args.StandardRestore(_abstract(abstract_state["params"])))["params"]
+
+    def _restore(self, step: int, **items) -> dict:
+        try:
+            return self._mngr.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint step {step} is unreadable: {type(e).__name__}: {e}") from None
+
+    def _check_config(self, step: int, cfg) -> None:
         saved = self.saved_config(step)
         ours = config_json(cfg)
         for section in ("model",):
@@ -65,13 +107,6 @@ class Checkpointer:
                 diff = sorted(k for k in ours[section] if theirs.get(k) != ours[section][k])
                 raise CheckpointError(f"checkpoint at step {step} was written by another config "
                                       f"({section} differs in: {', '.join(diff)})")
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-        try:
-            out = self._mngr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"checkpoint step {step} is unreadable: {type(e).__name__}: {e}") from None
-        return out["state"], out["data"]
 
     def wait(self) -> None:
         self._mngr.wait_until_finished()

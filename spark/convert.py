@@ -159,8 +159,7 @@ def convert_dir(hf_dir: str, out: str, dtype: str = "float32") -> str:
     params = params_from_state_dict(model_cfg, read_safetensors_dir(hf_dir))
     abstract = jax.eval_shape(lambda: train_lib.init_state(cfg))["params"]
     params = _like(abstract, params)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params,
-             "opt_state": train_lib.make_optimizer(cfg).init(params)}
+    state = {"params": params}  # params only: training from it starts a fresh optimizer state
     if os.path.exists(os.path.join(out, "checkpoints")):
         raise ConfigError(f"{out!r} already holds checkpoints; convert into a new directory")
     os.makedirs(out, exist_ok=True)

@@ -106,7 +106,12 @@ def run(cfg: Config, workdir: str, progress: bool = True, kill_after_step: int |
     if latest is not None:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
         state, data_state = ckpt.restore(latest, target, cfg)
-        data_it.set_state(data_state)
+        if "opt_state" not in state:  # a params-only checkpoint (e.g. converted): a fresh optimizer state
+            state = jax.jit(lambda p: {"step": jnp.int32(latest), "params": p,
+                                       "opt_state": train_lib.make_optimizer(cfg).init(p)},
+                            out_shardings=state_sh)(state["params"])
+        if data_state:
+            data_it.set_state(data_state)
     else:
         state = jax.jit(init_fn, out_shardings=state_sh)()
     start = int(state["step"])
@@ -175,7 +180,7 @@ def load_checkpoint(workdir: str, step: int | None = None):
         if step not in ck.all_steps():
             raise checkpoint.CheckpointError(f"no checkpoint step {step} in {ckdir!r} (have {ck.all_steps()})")
         cfg = from_dict(Config, ck.saved_config(step))
-        state, _ = ck.restore(step, jax.eval_shape(functools.partial(train_lib.init_state, cfg)), cfg)
+        params = ck.restore_params(step, jax.eval_shape(functools.partial(train_lib.init_state, cfg)), cfg)
     finally:
         ck.close()
-    return cfg, jax.tree.map(jnp.asarray, state["params"]), step
+    return cfg, jax.tree.map(jnp.asarray, params), step

@@ -240,7 +240,7 @@ def test_sentencepiece_tokenizer_is_trained_into_the_workdir_and_sampled(tmp_pat
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, data_dir):
     _train_cli(tmp_path, data_dir, "--config.train.steps=2", "--config.train.ckpt_every=2", OFF)
-    state_dir = tmp_path / "checkpoints" / "2" / "state"
+    state_dir = tmp_path / "checkpoints" / "2" / "train"  # what a resume reads besides the parameters
     for root, _, files in os.walk(state_dir):
         for f in files:
             with open(os.path.join(root, f), "wb") as fh:

@@ -1,0 +1,68 @@
+"""Checkpoint format: parameters and optimizer state are separate items, so sampling reads the
+parameters alone; a params-only checkpoint resumes training with a fresh optimizer state; a
+checkpoint written before the split (one 'state' item) still loads and resumes."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from spark import checkpoint, train_lib
+from spark.cli import load_config_file, override
+from spark.train import load_checkpoint, run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cfg(data_dir, steps):
+    cfg = load_config_file(os.path.join(ROOT, "configs", "tiny.py"))
+    for k, v in [("data.data_dir", data_dir), ("train.matformer_mode", "off"), ("train.steps", str(steps)),
+                 ("train.ckpt_every", "2"), ("train.log_every", "1"), ("train.eval_every", "100")]:
+        cfg = override(cfg, k, v)
+    return cfg
+
+
+def _steps_logged(workdir):
+    return [json.loads(x)["step"] for x in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def test_params_only_restore_and_resume_with_fresh_optimizer(tmp_path, data_dir):
+    run(_cfg(data_dir, 2), str(tmp_path), progress=False)
+    step_dir = tmp_path / "checkpoints" / "2"
+    assert {"params", "train", "data", "config"} <= set(os.listdir(step_dir)) and not (step_dir / "state").exists()
+    _, params, _ = load_checkpoint(str(tmp_path))
+    shutil.rmtree(step_dir / "train")  # sampling never reads it; without it this is a params-only checkpoint
+    _, params_alone, step = load_checkpoint(str(tmp_path))
+    assert step == 2
+    jax.tree.map(np.testing.assert_array_equal, params_alone, params)
+    run(_cfg(data_dir, 4), str(tmp_path), progress=False)  # resumes at step 2, fresh AdamW moments
+    assert _steps_logged(tmp_path) == [1, 2, 3, 4]
+    ck = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+    cfg = _cfg(data_dir, 4)
+    state, _ = ck.restore(4, jax.eval_shape(lambda: train_lib.init_state(cfg)), cfg)
+    ck.close()
+    assert int(state["step"]) == 4
+    # fresh moments at step 2: after two updates AdamW's step counter is 2, not 4
+    counts = [int(x) for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x) == 0 and x.dtype == np.int32]
+    assert counts and set(counts) == {2}, counts
+
+
+def test_checkpoint_from_before_the_split_loads_and_resumes(tmp_path, data_dir):
+    """Written the old way (one 'state' item with params and optimizer state together)."""
+    cfg = _cfg(data_dir, 2)
+    state = train_lib.init_state(cfg)
+    mngr = ocp.CheckpointManager(str(tmp_path / "checkpoints"), item_names=("state", "data", "config"),
+                                 options=ocp.CheckpointManagerOptions(create=True))
+    state["step"] = np.int32(2)
+    mngr.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({}),
+                                         config=ocp.args.JsonSave(checkpoint.config_json(cfg))))
+    mngr.wait_until_finished()
+    mngr.close()
+    _, params, step = load_checkpoint(str(tmp_path))
+    assert step == 2
+    jax.tree.map(np.testing.assert_array_equal, params, state["params"])
+    run(_cfg(data_dir, 4), str(tmp_path), progress=False)
+    assert _steps_logged(tmp_path) == [3, 4]
