@@ -4,8 +4,9 @@ matmul peak it reaches, for the demo configs (Spark + MatFormer vs dense).
     python bench/train_throughput.py [--rounds 5] [--json bench/results/train_throughput.json]
 
 Besides the two demo configs, each pod-training ingredient runs as a variant of the Spark demo with
-its switch on (e.g. `spark_matformer+loss_chunk`: train.loss_chunk = 32), interleaved with the
-switch off, so its CPU cost is a ratio measured in one process.
+its switch on (e.g. `spark_matformer+loss_chunk`: train.loss_chunk = 32), and `+pod` with all of
+them (the 2B configs' combination), interleaved with the demo as it is (every switch off: the
+default), so each CPU cost is a ratio measured in one process.
 
 FLOPs per step (counted as 2 per multiply-add, training = 3 x forward):
   forward per token, per granularity with per-layer FFN width w_l:
@@ -35,10 +36,20 @@ from spark.cli import load_config_file, override  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"spark_matformer": "configs/cpu_demo.py", "dense": "configs/dense_demo.py"}
-SWITCHED = {  # name: (base, field, value)
-    "spark_matformer+loss_chunk": ("spark_matformer", "train.loss_chunk", "32"),
-    "spark_matformer+remat_full": ("spark_matformer", "train.remat", "full"),
+POD = {"train.loss_chunk": "32", "train.remat": "full", "train.scan_layers": "True", "model.attn_block": "32"}
+SWITCHED = {  # name: (base, {field: value}); "+pod" is every pod-training switch of configs/*_2b.py at once
+    "spark_matformer+loss_chunk": ("spark_matformer", {"train.loss_chunk": "32"}),
+    "spark_matformer+remat_full": ("spark_matformer", {"train.remat": "full"}),
+    "spark_matformer+scan_layers": ("spark_matformer", {"train.scan_layers": "True"}),
+    "spark_matformer+attn_block": ("spark_matformer", {"model.attn_block": "32"}),
+    "spark_matformer+pod": ("spark_matformer", POD),
 }
+
+
+def _switched(cfg, fields: dict):
+    for field, value in fields.items():
+        cfg = override(cfg, field, value)
+    return cfg
 
 
 def forward_flops_per_token(m, widths, t: int) -> float:
@@ -84,7 +95,7 @@ def main(argv=None):
     variants = {"gemm_2048_f32": (jax.jit(jnp.matmul), mats, 4)}
     flops, xla = {"gemm_2048_f32": 2.0 * n**3}, {}
     cfgs = {name: load_config_file(os.path.join(ROOT, path)) for name, path in CONFIGS.items()}
-    cfgs |= {name: override(cfgs[base], field, value) for name, (base, field, value) in SWITCHED.items()}
+    cfgs |= {name: _switched(cfgs[base], fields) for name, (base, fields) in SWITCHED.items()}
     for name, cfg in cfgs.items():
         fn, batches, xla[name] = step_variant(cfg)
         variants[name] = (fn, batches, 2)
@@ -93,7 +104,7 @@ def main(argv=None):
     peak = flops["gemm_2048_f32"] / res["gemm_2048_f32"]["median_s"]
     out = {"peak_gemm_flops_per_s": peak, "rounds": args.rounds, "configs": {}}
     print(f"measured f32 GEMM peak: {peak / 1e9:.0f} GFLOP/s")
-    print(f"{'config':>16} {'step':>9} {'tokens/s':>10} {'GFLOP/step':>11} {'XLA GFLOP':>10} {'of peak':>8}")
+    print(f"{'config':>28} {'step':>9} {'tokens/s':>10} {'GFLOP/step':>11} {'XLA GFLOP':>10} {'of peak':>8}")
     for name, cfg in cfgs.items():
         s = res[name]["median_s"]
         toks = cfg.train.batch_size * cfg.train.seq_len
@@ -101,8 +112,8 @@ def main(argv=None):
         out["configs"][name] = {"step_s": s, "tokens_per_s": toks / s, "flops_per_step": flops[name],
                                 "xla_flops_per_step": xla[name], "fraction_of_peak": frac, **res[name]}
         xla_g = f"{xla[name] / 1e9:10.2f}" if xla[name] else f"{'n/a':>10}"
-        print(f"{name:>16} {s * 1e3:7.1f}ms {toks / s:10.0f} {flops[name] / 1e9:11.2f} {xla_g} {frac:7.1%}")
-    for name, (base, _, _) in SWITCHED.items():
+        print(f"{name:>28} {s * 1e3:7.1f}ms {toks / s:10.0f} {flops[name] / 1e9:11.2f} {xla_g} {frac:7.1%}")
+    for name, (base, _) in SWITCHED.items():
         ratio = res[base]["median_s"] / res[name]["median_s"]
         out["configs"][name]["speed_vs_switch_off"] = ratio
         print(f"{name}: {ratio:.3f}x the step rate of {base}")

@@ -90,7 +90,7 @@ def constrain(x, *logical):
         mesh_axes = RULES.get(axis) if axis else None
         size = int(np.prod([mesh.shape[a] for a in np.atleast_1d(mesh_axes)])) if mesh_axes else 1
         spec.append(mesh_axes if size > 1 and dim % size == 0 else None)
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec)) if any(spec) else x
 
 
 def batch_sharding(mesh) -> NamedSharding:

@@ -158,3 +158,43 @@ def test_aot_errors_are_one_line():
 
     with pytest.raises(ConfigError, match="unknown TPU topology 'v9x:2x2'"):
         aot_compile.topology_devices("v9x:2x2")
+
+
+def test_matmul_flops_counts_loops_and_branches_by_hand():
+    """A [4, 8] x [8, 16] matmul is 2·4·8·16 = 1024 FLOPs; inside a scan of length 5 it counts 5×;
+    of a two-branch switch (the second with two such matmuls) the branch asked for, else the larger."""
+    from bench.aot_compile import matmul_flops
+
+    a, b = jnp.ones((4, 8)), jnp.ones((8, 16))
+    assert matmul_flops(jax.make_jaxpr(jnp.matmul)(a, b)) == 1024
+
+    def scanned(a, b):
+        return jax.lax.scan(lambda c, _: (c + a @ b, None), jnp.zeros((4, 16)), None, length=5)[0]
+
+    assert matmul_flops(jax.make_jaxpr(jax.jit(scanned))(a, b)) == 5 * 1024
+
+    def switched(i, a, b):
+        return jax.lax.switch(i, [lambda a, b: a @ b, lambda a, b: (a @ b) @ jnp.ones((16, 16))], a, b)
+
+    jaxpr = jax.make_jaxpr(switched)(0, a, b)
+    assert matmul_flops(jaxpr, 0) == 1024 and matmul_flops(jaxpr, 1) == 1024 + 2 * 4 * 16 * 16
+    assert matmul_flops(jaxpr) == 1024 + 2 * 4 * 16 * 16
+
+
+def test_activations_are_pinned_batch_sharded_under_the_mesh():
+    """Under `jax.set_mesh` the train step pins activations to batch-sharded layouts (block input,
+    residual and output; q, k, v; the logits): 6 per block + 1, and the same on the gradients. Without those pins XLA may keep the
+    FSDP-sharded weights in place and replicate activations (681 GiB per chip for 2 layers of 2B)."""
+    from bench.aot_compile import train_program
+    from spark import sharding
+
+    model = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, ffn_dim=64)
+    cfg = Config(model=model, train=TrainConfig(batch_size=8, seq_len=16, matformer_mode="off"),
+                 mesh=MeshConfig(data=1, fsdp=4))
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:4])
+    with jax.set_mesh(mesh):
+        _, lower, args = train_program(cfg, mesh)
+        text = lower(*args).as_text()
+    pins = [line for line in text.splitlines() if "sharding_constraint" in line]
+    assert len(pins) == 2 * (6 * model.num_layers + 1)  # forward, and their cotangents in the backward
+    assert all('[{"data", "fsdp"}' in line for line in pins), pins[:3]
