@@ -111,7 +111,8 @@ def sample_program(cfg: Config, mesh, batch: int, prompt: int, new_tokens: int):
     prompts = jax.ShapeDtypeStruct((batch, prompt), jnp.int32, sharding=rows)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)
     key = jax.eval_shape(lambda: jax.random.key(0))
-    static = dict(max_new_tokens=new_tokens, sampler=SamplerConfig(), eos_id=1, pad_id=0)
+    static = dict(max_new_tokens=new_tokens, sampler=SamplerConfig(), eos_id=1, pad_id=0,
+                  scan_prefill=cfg.train.scan_layers)
     return (functools.partial(generate.generate, graphdef, **static),
             functools.partial(generate.generate.lower, graphdef, **static), (params, prompts, lengths, key))
 

@@ -59,11 +59,12 @@ def _loop(lm, state: DecodeState, max_steps, *, sampler, eos_id, pad_id) -> Deco
                          stats={k: v + new[k] for k, v in state.stats.items()})
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "pad_id", "widths", "sparse"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "pad_id", "widths", "sparse",
+                                             "scan_prefill"))
 def start(graphdef, params, prompts_BT, prompt_lengths_B, key, *, max_new_tokens: int, pad_id: int = 0,
-          widths=None, sparse: bool = True) -> DecodeState:
+          widths=None, sparse: bool = True, scan_prefill: bool = False) -> DecodeState:
     """Jitted prefill: a DecodeState ready for `decode`."""
-    lm = rollout.ModelLM(nnx.merge(graphdef, params), widths, sparse)
+    lm = rollout.ModelLM(nnx.merge(graphdef, params), widths, sparse, scan_prefill)
     return prefill(lm, prompts_BT, prompt_lengths_B, key, max_new_tokens=max_new_tokens, pad_id=pad_id)
 
 
@@ -84,11 +85,13 @@ def summarize(state: DecodeState) -> dict:
     return {k: v if v.dtype == jnp.int32 else v / steps for k, v in state.stats.items()} | {"steps": state.step}
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", *_STEP_ARGS))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "scan_prefill", *_STEP_ARGS))
 def generate(graphdef, params, prompts_BT, prompt_lengths_B, key, *, max_new_tokens: int,
-             sampler: SamplerConfig, eos_id: int, pad_id: int, widths=None, sparse: bool = True):
-    """Returns (new_tokens [B, max_new_tokens] padded with pad_id after EOS, num_new [B], stats)."""
-    lm = rollout.ModelLM(nnx.merge(graphdef, params), widths, sparse)
+             sampler: SamplerConfig, eos_id: int, pad_id: int, widths=None, sparse: bool = True,
+             scan_prefill: bool = False):
+    """Returns (new_tokens [B, max_new_tokens] padded with pad_id after EOS, num_new [B], stats).
+    `scan_prefill` runs the prefill's layers as one lax.scan (the decode loop stays unrolled)."""
+    lm = rollout.ModelLM(nnx.merge(graphdef, params), widths, sparse, scan_prefill)
     state = prefill(lm, prompts_BT, prompt_lengths_B, key, max_new_tokens=max_new_tokens, pad_id=pad_id)
     state = _loop(lm, state, max_new_tokens, sampler=sampler, eos_id=eos_id, pad_id=pad_id)
     return state.rows.gen_RL, state.rows.n_gen_R, summarize(state)

@@ -45,14 +45,16 @@ class Rows:
     done_R: jax.Array  # bool: emitted EOS
 
 
-def prefill_cache(model, prompts_BT, prompt_lengths_B, *, max_new_tokens: int, widths=None, slack: int = 8):
+def prefill_cache(model, prompts_BT, prompt_lengths_B, *, max_new_tokens: int, widths=None, slack: int = 8,
+                  scan: bool = False):
     """The prompts' K/V in a fresh cache with room for max_new_tokens (+ slack) ->
-    (logits_BV at each row's last prompt token, cache with lengths = prompt lengths)."""
+    (logits_BV at each row's last prompt token, cache with lengths = prompt lengths). `scan`: the
+    layers as one lax.scan (compile time independent of depth)."""
     b, t = prompts_BT.shape
     cache = kv_cache.init(model.cfg, b, t + max_new_tokens, slack)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     lengths = prompt_lengths_B.astype(jnp.int32)
-    logits, cache = model(prompts_BT, positions, cache=cache, widths=widths, logits_at_B=lengths - 1)
+    logits, cache = model(prompts_BT, positions, cache=cache, widths=widths, logits_at_B=lengths - 1, scan=scan)
     return logits[:, 0], cache.replace(lengths=lengths)
 
 
@@ -61,11 +63,12 @@ class ModelLM:
     Spark decode stats come back split: per-row overflow counts (summed over layers) and per-layer
     means (FFN density, keys per query)."""
 
-    def __init__(self, model, widths=None, sparse: bool = True):
-        self.model, self.widths, self.sparse = model, widths, sparse
+    def __init__(self, model, widths=None, sparse: bool = True, scan_prefill: bool = False):
+        self.model, self.widths, self.sparse, self.scan_prefill = model, widths, sparse, scan_prefill
 
     def prefill(self, prompts_BT, lengths_B, max_new: int):
-        return prefill_cache(self.model, prompts_BT, lengths_B, max_new_tokens=max_new, widths=self.widths)
+        return prefill_cache(self.model, prompts_BT, lengths_B, max_new_tokens=max_new, widths=self.widths,
+                             scan=self.scan_prefill)
 
     def __call__(self, tok_R, pos_R, cache):
         logits, cache, aux = self.model(tok_R[:, None], pos_R[:, None], cache=cache, widths=self.widths,

@@ -30,6 +30,9 @@ def _abstract(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+HOW_NOT_WHAT = {"attn_block"}  # model fields that change how it is computed, not the function: free to differ
+
+
 def config_json(cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
@@ -103,8 +106,8 @@ class Checkpointer:
                 theirs = config_json(from_dict(type(getattr(cfg, section)), saved.get(section, {})))
             except Exception:  # noqa: BLE001 - an invalid saved config differs everywhere
                 theirs = {}
-            if theirs != ours[section]:
-                diff = sorted(k for k in ours[section] if theirs.get(k) != ours[section][k])
+            diff = sorted(k for k in ours[section] if theirs.get(k) != ours[section][k] and k not in HOW_NOT_WHAT)
+            if diff:
                 raise CheckpointError(f"checkpoint at step {step} was written by another config "
                                       f"({section} differs in: {', '.join(diff)})")
 

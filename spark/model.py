@@ -54,7 +54,8 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg.rms_eps, pd)
 
     def __call__(self, tokens_BT, positions_BT, cache: KVCache | None = None, widths=None,
-                 segment_ids_BT=None, return_aux: bool = False, sparse: bool = False, logits_at_B=None):
+                 segment_ids_BT=None, return_aux: bool = False, sparse: bool = False, logits_at_B=None,
+                 scan: bool = False):
         """Returns (logits_BTV float32, cache), plus a dict of per-layer stats [L, ...] if return_aux.
 
         With a cache, the block's K/V are written at `positions_BT` (contiguous per row) and
@@ -62,10 +63,10 @@ class Transformer(nnx.Module):
         widths (MatFormer Mix'n'Match); None is full width. `sparse` runs the Spark layers'
         sparse-gather decode path (same function, for blocks of a few tokens). `logits_at_B`
         computes the logits at one block index per row only (logits [B, 1, V]): a prefill needs
-        just the last prompt token's.
+        just the last prompt token's. `scan` runs the layers as one lax.scan (`apply_layers`).
         """
         x = self.embed_tokens(tokens_BT)
-        x, cache, stats = self.apply_layers(x, positions_BT, cache, widths, segment_ids_BT, sparse)
+        x, cache, stats = self.apply_layers(x, positions_BT, cache, widths, segment_ids_BT, sparse, scan=scan)
         if logits_at_B is not None:
             x = jnp.take_along_axis(x, logits_at_B[:, None, None], axis=1)
         logits = self.logits(x)
@@ -99,8 +100,8 @@ class Transformer(nnx.Module):
             widths = self.cfg.check_widths(widths)
         else:  # per layer, the tuple of its widths across the granularities
             widths = tuple(zip(*[self.cfg.check_widths(w) for w in widths], strict=True))
-        if scan and cache is None and scannable(self, widths):
-            return scan_layers(self, x_BTD, positions_BT, widths, segment_ids_BT, sparse, remat, width_index)
+        if scan and not sparse and scannable(self, widths):
+            return scan_layers(self, x_BTD, positions_BT, widths, segment_ids_BT, sparse, remat, width_index, cache)
         x = x_BTD
         new_k, new_v, auxes = [], [], []
         for i, layer in enumerate(self.layers):
@@ -145,34 +146,43 @@ def scannable(model: Transformer, widths) -> bool:
 
 
 def scan_layers(model: Transformer, x_BTD, positions_BT, widths, segment_ids_BT=None, sparse=False,
-                remat: str = "none", width_index=None):
+                remat: str = "none", width_index=None, cache: KVCache | None = None):
     """The layers as a `lax.scan` over the L/P periods of the pattern (P = its length): the scan
     body applies one block per pattern position, with that position's parameters stacked over the
     periods at trace time ([L/P, ...]; the stored layout stays per layer, so checkpoints, the
-    converter and the decoders are unchanged). Same result as the unrolled loop."""
+    converter and the decoders are unchanged). A cache (prefill) is stacked the same way and
+    unstacked after. Same result as the unrolled loop."""
     period = len(model.cfg.layer_pattern)
     layers = list(model.layers)
+    stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)  # noqa: E731
     graphdefs = [nnx.graphdef(layers[p]) for p in range(period)]
-    stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(layer) for layer in layers[p::period]])
-               for p in range(period)]
+    xs = [stack([nnx.state(layer) for layer in layers[p::period]]) for p in range(period)]
+    if cache is not None:
+        xs = [(st, stack(cache.k[p::period]), stack(cache.v[p::period])) for p, st in enumerate(xs)]
 
-    def block(p, state, x):
+    def block(p, state, x, kv):
         layer = nnx.merge(graphdefs[p], state)
-        x, _, aux = layer(x, positions_BT, None, widths[p], segment_ids_BT, sparse, width_index)
-        return x, aux
+        return layer(x, positions_BT, kv, widths[p], segment_ids_BT, sparse, width_index)
 
-    if remat != "none":
+    if remat != "none" and cache is None:
         block = jax.checkpoint(block, policy=REMAT_POLICIES[remat], static_argnums=(0,))
 
-    def body(x, states):
-        auxes = []
+    def body(x, xs_p):
+        auxes, kvs = [], []
         for p in range(period):
-            x, aux = block(p, states[p], x)
+            state, kv = (xs_p[p], None) if cache is None else (xs_p[p][0], xs_p[p][1:])
+            x, kv, aux = block(p, state, x, kv)
             auxes.append(aux)
-        return x, {k: jnp.stack([a[k] for a in auxes]) for k in auxes[0]}  # [P, ...] per period
+            kvs.append(kv)
+        stats = {k: jnp.stack([a[k] for a in auxes]) for k in auxes[0]}  # [P, ...] per period
+        return x, (stats, kvs if cache is not None else None)
 
-    x, stats = jax.lax.scan(body, x_BTD, stacked)
-    return x, None, {k: v.reshape(len(layers), *v.shape[2:]) for k, v in stats.items()}  # [L/P, P] -> [L]
+    x, (stats, kvs) = jax.lax.scan(body, x_BTD, xs)
+    stats = {k: v.reshape(len(layers), *v.shape[2:]) for k, v in stats.items()}  # [L/P, P] -> [L]
+    if cache is not None:  # kvs[p] = (k, v) stacked [L/P, ...]: back to one buffer per layer
+        unstack = lambda i: tuple(kvs[layer % period][i][layer // period] for layer in range(len(layers)))  # noqa: E731
+        cache = KVCache(k=unstack(0), v=unstack(1), lengths=positions_BT[:, -1].astype(jnp.int32) + 1)
+    return x, cache, stats
 
 
 def count_params(cfg: ModelConfig) -> int:
