@@ -56,12 +56,12 @@ def test_blocked_equals_materialised_values_and_gradients(name):
     def loss(fn):
         return lambda p, x: jnp.sum(fn(p, x, pos, seg)[0] * ct)
 
-    (out_r, aux_r), (out_b, aux_b) = ref(params, x, pos, seg), blk(params, x, pos, seg)
+    (out_r, aux_r), (out_b, aux_b) = jax.jit(ref)(params, x, pos, seg), jax.jit(blk)(params, x, pos, seg)
     np.testing.assert_allclose(out_b, out_r, rtol=1e-5, atol=1e-5)
     for key in aux_r:
         np.testing.assert_allclose(aux_b[key], aux_r[key], rtol=1e-6)
-    g_r = jax.grad(loss(ref), argnums=(0, 1))(params, x)
-    g_b = jax.grad(loss(blk), argnums=(0, 1))(params, x)
+    g_r = jax.jit(jax.grad(loss(ref), argnums=(0, 1)))(params, x)
+    g_b = jax.jit(jax.grad(loss(blk), argnums=(0, 1)))(params, x)
     for a, b in zip(jax.tree.leaves(g_r), jax.tree.leaves(g_b), strict=True):
         scale = float(jnp.max(jnp.abs(a)))
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * scale)
@@ -74,7 +74,8 @@ def test_spark_threshold_keeps_what_the_materialised_rule_keeps():
     x, pos, seg = _inputs(seed=1)
     ref, params = _attn_fn(dataclasses.replace(cfg, spark=SparkConfig(attn_k=2)), layer)
     blk, _ = _attn_fn(dataclasses.replace(cfg, spark=SparkConfig(attn_k=2), attn_block=4), layer)
-    assert float(ref(params, x, pos, seg)[1]["keys_per_query"]) == float(blk(params, x, pos, seg)[1]["keys_per_query"])
+    kept = [float(jax.jit(f)(params, x, pos, seg)[1]["keys_per_query"]) for f in (ref, blk)]
+    assert kept[0] == kept[1]
 
 
 def test_hand_worked_two_keys():
@@ -104,12 +105,12 @@ def test_blocked_prefill_equals_materialised_prefill(kind):
     cfg = CASES[f"{kind}-local"][0]
     tokens = jax.random.randint(jax.random.key(5), (2, 21), 0, cfg.vocab_size)
     pos = jnp.broadcast_to(jnp.arange(21), (2, 21))
-    outs = []
-    for block in (0, 8):
-        c = dataclasses.replace(cfg, attn_block=block)
-        model = Transformer(c, nnx.Rngs(0))
-        logits, cache = model(tokens[:, :20], pos[:, :20], cache=kv_cache.init(c, 2, 24))
+    @nnx.jit
+    def run(model):
+        logits, cache = model(tokens[:, :20], pos[:, :20], cache=kv_cache.init(model.cfg, 2, 24))
         step, _ = model(tokens[:, 20:], pos[:, 20:], cache=cache)
-        outs.append((logits, cache.k, cache.v, step))
+        return logits, cache.k, cache.v, step
+
+    outs = [run(Transformer(dataclasses.replace(cfg, attn_block=block), nnx.Rngs(0))) for block in (0, 8)]
     for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1]), strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
