@@ -40,7 +40,10 @@ class Block(nnx.Module):
         if width_index is None:
             f, aux_f = self.ffn(self.pre_ffw_norm(h), width, sparse)
         else:
-            branches = [lambda x, w=w: self.ffn(x, w, sparse) for w in width]
+            # each branch rematerialised: differentiating a cond keeps the union of every branch's
+            # residuals (zeros for the branches not taken); checkpointed, a branch's residual is its
+            # input. Spark 2B, 2 layers on v5p: 27.5 -> 7.1 GiB per chip for +1.9% matmul FLOPs.
+            branches = [jax.checkpoint(lambda x, w=w: self.ffn(x, w, sparse)) for w in width]
             f, aux_f = jax.lax.switch(width_index, branches, self.pre_ffw_norm(h))
         return constrain(h + self.post_ffw_norm(f), "batch", None, None), kv, {**aux_a, **aux_f}
 
