@@ -18,9 +18,12 @@ $(STAMP): pyproject.toml
 test: setup
 	$(BIN)/python -m pytest -n 2 tests
 
+# the CPU demo: JAX_PLATFORMS=cpu keeps libtpu (installed by the test extra, used as a compiler by
+# bench/aot_compile.py) from probing for a TPU; set JAX_PLATFORMS yourself to run it elsewhere
 demo: setup
-	$(BIN)/python train.py --config configs/cpu_demo.py --workdir runs/demo
-	$(BIN)/python sample.py --workdir runs/demo --prompt 'def ' --max_new_tokens 120
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(BIN)/python train.py --config configs/cpu_demo.py --workdir runs/demo
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(BIN)/python sample.py --workdir runs/demo --prompt 'def ' \
+		--max_new_tokens 120
 
 bench: setup
 	$(BIN)/python bench/sparsity.py --json bench/results/sparsity.json

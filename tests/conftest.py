@@ -3,6 +3,8 @@
 import os
 import shutil
 
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the suite is CPU-only; libtpu (test extra) is a compiler here
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # both pytest workers may load it for the AOT test
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The suite is compile-bound: LLVM at -O0 compiles ~30% faster; XLA's own HLO passes (fusion,
