@@ -131,7 +131,7 @@ def _libtpu():
 
 
 def test_aot_compile_for_a_tpu_topology():
-    """A 2-layer Spark + MatFormer step at batch 8 x 64 on v5e:2x2 (4 chips), as the 2B configs train
+    """A 2-layer Spark + MatFormer step at batch 8 x 32 on v5e:2x2 (4 chips), as the 2B configs train
     (scan, remat, blocked attention, chunked loss, sampled granularity): the TPU compiler runs on
     this CPU machine and memory_analysis reads back sizes that add up; the state is FSDP-sharded
     (arguments per chip ≈ a quarter of the state)."""
@@ -140,9 +140,9 @@ def test_aot_compile_for_a_tpu_topology():
 
     # TPU tiles are (8, 128): smaller minor dims would be padded and hide the sharding
     model = dataclasses.replace(SPARK, num_layers=2, d_model=256, head_dim=128, ffn_dim=512, vocab_size=512,
-                                attn_block=16)
-    cfg = Config(model=model, train=TrainConfig(batch_size=8, seq_len=64, matformer_mode="sample", scan_layers=True,
-                                                remat="full", loss_chunk=32), mesh=MeshConfig(data=1, fsdp=-1))
+                                attn_block=16, matformer=MatFormerConfig((2, 1)))
+    cfg = Config(model=model, train=TrainConfig(batch_size=8, seq_len=32, matformer_mode="sample", scan_layers=True,
+                                                remat="full", loss_chunk=16), mesh=MeshConfig(data=1, fsdp=-1))
     rep = aot_compile.run(cfg, "v5e:2x2", "train")
     assert rep["n_devices"] == 4 and rep["device_kind"] == "TPU v5 lite" and rep["mesh"]["fsdp"] == 4
     assert rep["hbm_bytes"] == int(15.75 * 2**30) and rep["fits"] and 0 < rep["hbm_fraction"] < 0.01

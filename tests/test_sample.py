@@ -72,7 +72,7 @@ def test_json_output_and_checkpoint_path_and_widths(workdir):
 def corrupt_workdir(workdir, tmp_path_factory):
     w = str(tmp_path_factory.mktemp("corrupt"))
     shutil.copytree(workdir, w, dirs_exist_ok=True)
-    for root, _, files in os.walk(os.path.join(w, "checkpoints", "4", "state")):
+    for root, _, files in os.walk(os.path.join(w, "checkpoints", "4", "params")):
         for f in files:
             with open(os.path.join(root, f), "wb") as fh:
                 fh.write(b"garbage")
