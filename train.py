@@ -20,6 +20,7 @@ def main(argv=None):
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--no_progress", action="store_true")
     ap.add_argument("--kill_after_step", type=int, help="crash testing: SIGKILL after this step's checkpoint")
+    ap.add_argument("--sigterm_after_step", type=int, help="preemption testing: SIGTERM after this step")
     ap.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() with defaults")
     ap.add_argument("--coordinator_address")
     ap.add_argument("--num_processes", type=int)
@@ -42,11 +43,12 @@ def main(argv=None):
     from spark.train import TrainingError, run
 
     try:
-        last = run(cfg, args.workdir, progress=not args.no_progress, kill_after_step=args.kill_after_step)
+        last = run(cfg, args.workdir, progress=not args.no_progress, kill_after_step=args.kill_after_step,
+                   sigterm_after_step=args.sigterm_after_step)
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    if last and jax.process_index() == 0:
+    if last and "preempted_at_step" not in last and jax.process_index() == 0:
         # loss_F: the full-width model's loss (the progress bar's); loss: the trained objective (summed
         # over the MatFormer granularities in "sum" mode)
         keys = [k for k in ("loss_F", "loss", "eval_loss", "eval_bpb", "tokens_per_s") if k in last]

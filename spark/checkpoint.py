@@ -111,6 +111,9 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint at step {step} was written by another config "
                                       f"({section} differs in: {', '.join(diff)})")
 
+    def delete(self, step: int) -> None:
+        self._mngr.delete(step)
+
     def wait(self) -> None:
         self._mngr.wait_until_finished()
 

@@ -20,14 +20,23 @@ def _plain(v):
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str, enabled: bool = True):
+    """Appends to metrics.jsonl and tensorboard. A run resumed from step N first drops what an
+    earlier run logged after N (rows of metrics.jsonl; tensorboard's purge_step), so a resumed run
+    never holds two rows for a step."""
+
+    def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            if resume_step is not None and os.path.exists(self.path):
+                keep = [r for r in read_jsonl(self.path) if r["step"] <= resume_step]
+                with open(self.path, "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in keep)
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge)
 
     def write(self, step: int, metrics: dict) -> dict:
         row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}

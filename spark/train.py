@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import sys
+import threading
 import time
 
 import jax
@@ -81,10 +83,56 @@ def sharded_step(cfg: Config, mesh):
     return abstract, state_sh, batch_sh, step_fn
 
 
-def run(cfg: Config, workdir: str, progress: bool = True, kill_after_step: int | None = None) -> dict:
+class _PreemptionFlag:
+    """SIGTERM (a preempted or stopped VM) asks the loop to checkpoint the current step and stop.
+    One process: a handler sets a flag (the previous handler comes back after the run). Several:
+    jax.distributed's preemption service catches SIGTERM on any host and
+    `reached_preemption_sync_point` turns true at the same step on every host."""
+
+    def __init__(self):
+        self.hit, self._old = False, None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._on_term)
+
+    def _on_term(self, signum, frame):
+        self.hit = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        return self.hit
+
+    def restore(self):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _restore_newest_intact(ckpt, target, cfg, is_main: bool):
+    """(step, state, data_state) of the newest checkpoint that reads back, or None when there is
+    none. An unreadable newer one is reported on one line and deleted (it would block saving that
+    step again); a config mismatch is an error, not a fall-back."""
+    steps = sorted(ckpt.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+        try:
+            state, data_state = ckpt.restore(step, target, cfg)
+        except checkpoint.CheckpointError as e:
+            if "unreadable" not in str(e) or i + 1 == len(steps):
+                raise
+            if is_main:
+                print(f"warning: checkpoint step {step} is unreadable ({str(e).splitlines()[0][:160]}); "
+                      f"deleting it and trying step {steps[i + 1]}", file=sys.stderr)
+            ckpt.delete(step)
+            continue
+        return step, state, data_state
+    return None
+
+
+def run(cfg: Config, workdir: str, progress: bool = True, kill_after_step: int | None = None,
+        sigterm_after_step: int | None = None) -> dict:
     """Train (or resume) to cfg.train.steps. Returns the last logged metrics.
 
-    kill_after_step (crash testing): SIGKILL this process once that step's checkpoint is on disk."""
+    kill_after_step (crash testing): SIGKILL this process once that step's checkpoint is on disk.
+    sigterm_after_step (preemption testing): SIGTERM this process after that step."""
     _check_workdir(workdir)
     t = cfg.train
     mesh = sharding.make_mesh(cfg.mesh)
@@ -102,22 +150,30 @@ def run(cfg: Config, workdir: str, progress: bool = True, kill_after_step: int |
                         seed=t.seed, train=True, process_index=jax.process_index(),
                         process_count=jax.process_count(), tokenizer=tok)
     data_it = iter(data)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
-        state, data_state = ckpt.restore(latest, target, cfg)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    restored = _restore_newest_intact(ckpt, target, cfg, is_main)
+    if restored is not None:
+        latest, state, data_state = restored
         if "opt_state" not in state:  # a params-only checkpoint (e.g. converted): a fresh optimizer state
             state = jax.jit(lambda p: {"step": jnp.int32(latest), "params": p,
                                        "opt_state": train_lib.make_optimizer(cfg).init(p)},
                             out_shardings=state_sh)(state["params"])
         if data_state:
             data_it.set_state(data_state)
+        if latest > t.steps:
+            ckpt.close()
+            raise ConfigError(f"the checkpoint in {workdir} is at step {latest}, past train.steps ({t.steps}); "
+                              f"set --config.train.steps above {latest} to train on")
+        if is_main:
+            print(f"resuming from step {latest}" + (": already done (train.steps)" if latest == t.steps else ""),
+                  file=sys.stderr)
     else:
         state = jax.jit(init_fn, out_shardings=state_sh)()
     start = int(state["step"])
 
     eval_fn = jax.jit(functools.partial(train_lib.eval_step, cfg=cfg, graphdef=graphdef))
-    writer = metrics.MetricsWriter(workdir, enabled=is_main)
+    writer = metrics.MetricsWriter(workdir, enabled=is_main, resume_step=start if restored is not None else None)
+    preempted = _PreemptionFlag()
     bar = metrics.progress(t.steps, start, enabled=progress and is_main)
     tokens_per_step = t.batch_size * t.seq_len
     last, t_log, steps_since, acc = {}, time.perf_counter(), 0, None
@@ -147,7 +203,10 @@ def run(cfg: Config, workdir: str, progress: bool = True, kill_after_step: int |
                     last = writer.write(done, row)
                     bar.set_postfix(loss=f"{last.get('loss_F', last['loss']):.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
                     t_log, steps_since, acc = time.perf_counter(), 0, None
-                if saving:
+                if done == sigterm_after_step:  # preemption testing: what a spot VM receives
+                    os.kill(os.getpid(), signal.SIGTERM)
+                stop = preempted.reached(done)
+                if saving or stop:
                     ckpt.save(done, state, data_it.get_state(), cfg)
                     if done == kill_after_step:
                         ckpt.wait()
@@ -155,7 +214,15 @@ def run(cfg: Config, workdir: str, progress: bool = True, kill_after_step: int |
                             multihost_utils.sync_global_devices("kill_after_step")
                         os.kill(os.getpid(), signal.SIGKILL)
                 bar.update(1)
+                if stop:
+                    ckpt.wait()
+                    last = {**last, "preempted_at_step": done}
+                    if is_main:
+                        print(f"preempted (SIGTERM): checkpoint of step {done} saved; run the same command to "
+                              "resume", file=sys.stderr)
+                    break
         finally:
+            preempted.restore()
             bar.close()
             ckpt.close()
             writer.close()
