@@ -117,8 +117,17 @@ def read_prompts(args) -> list[str]:
     if args.prompt_file:
         if not os.path.isfile(args.prompt_file):
             raise ConfigError(f"prompt file {args.prompt_file!r} not found")
-        with open(args.prompt_file) as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompts += [line.rstrip("\n") for line in f if line.strip()]
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"prompt file {args.prompt_file!r} is not UTF-8 (byte {e.start}: "
+                              f"{e.object[e.start:e.start + 1]!r})") from None
+    for i, p in enumerate(prompts):  # a --prompt with bytes the shell's locale could not decode
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(f"prompt {i} is not valid UTF-8") from None
     if not prompts:
         raise ConfigError("give at least one --prompt or --prompt_file")
     if any(not p for p in prompts):

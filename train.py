@@ -15,7 +15,11 @@ from spark.cli import load_config_file, main_guard, override, split_overrides
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     rest, overrides = split_overrides(argv)
-    ap = argparse.ArgumentParser(description="Train a Spark/MatFormer transformer.")
+    ap = argparse.ArgumentParser(
+        description="Train a Spark/MatFormer transformer.",
+        epilog="Any config field can be overridden: --config.SECTION.FIELD=VALUE, e.g. --config.train.steps=200 "
+               "--config.model.attn_block=512 --config.data.data_dir=/data/tfds (the resolved config is printed "
+               "and written to WORKDIR/config.json).")
     ap.add_argument("--config", required=True, help="configs/*.py file with get_config()")
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--no_progress", action="store_true")

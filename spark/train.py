@@ -8,6 +8,7 @@ with an error before anything non-finite is saved.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import sys
@@ -140,6 +141,12 @@ def run(cfg: Config, workdir: str, progress: bool = True, kill_after_step: int |
     abstract, state_sh, batch_sh, step_fn = sharded_step(cfg, mesh)
     graphdef = train_lib.graphdef_of(cfg)
     is_main = jax.process_index() == 0
+    if is_main:  # the resolved config, on the console and at the workdir root
+        resolved = checkpoint.config_json(cfg)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(resolved, f, indent=2)
+        for section in ("model", "train", "data", "mesh"):
+            print(f"config.{section}: {json.dumps(resolved[section], separators=(',', ':'))}", file=sys.stderr)
 
     tok = get_tokenizer(cfg.data, workdir)
     if tok.vocab_size != cfg.model.vocab_size:

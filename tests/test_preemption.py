@@ -43,7 +43,10 @@ def test_sigterm_checkpoints_and_resume_equals_uninterrupted(tmp_path, data_dir,
     last = run(_cfg(data_dir, 7), w, progress=False, sigterm_after_step=5)  # between the checkpoints at 4 and 8
     assert last["preempted_at_step"] == 5
     assert sorted(os.listdir(os.path.join(w, "checkpoints")))[-1] == "5"  # the current step, not the last 4
-    assert "preempted (SIGTERM): checkpoint of step 5 saved" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "preempted (SIGTERM): checkpoint of step 5 saved" in err
+    assert '"steps":7' in err.split("config.train: ")[1].splitlines()[0]  # the resolved config is printed
+    assert json.load(open(os.path.join(w, "config.json")))["train"]["steps"] == 7  # and written
     run(_cfg(data_dir, 7), w, progress=False)
     assert "resuming from step 5" in capsys.readouterr().err
     assert _losses(w) == _losses(uninterrupted)  # exactly: same batches, same state, no duplicate rows
@@ -61,7 +64,8 @@ def test_corrupt_newest_checkpoint_falls_back_and_metrics_do_not_repeat(tmp_path
     run(_cfg(data_dir, 7), w, progress=False)
     err = capsys.readouterr().err
     assert "warning: checkpoint step 7 is unreadable" in err and "trying step 4" in err
-    assert len(err.strip().splitlines()) <= 3  # one warning line, not a TensorStore spec
+    lines = [x for x in err.strip().splitlines() if not x.startswith("config.")]
+    assert len(lines) == 2, lines  # one warning line (not a TensorStore spec) and "resuming from step 4"
     assert _losses(w) == _losses(uninterrupted)  # steps 5..7 retrained, rows 5..7 replaced, not appended
 
 

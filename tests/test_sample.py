@@ -145,3 +145,18 @@ def test_bad_checkpoints_give_one_line_errors(workdir, corrupt_workdir, tmp_path
     for args, msg in cases:
         code, err = _sample_in_process(sample_cli, capsys, *args, "--prompt", "a")
         assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (args, err[-2000:])
+
+
+def test_prompts_that_are_not_utf8_are_one_line_errors(sample_cli, tmp_path):
+    import argparse
+
+    from spark.errors import ConfigError
+
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9\n".encode("latin-1"))
+    args = argparse.Namespace(prompt=[], prompt_file=str(bad), max_new_tokens=8)
+    with pytest.raises(ConfigError, match="is not UTF-8 \\(byte 3"):
+        sample_cli.read_prompts(args)
+    args = argparse.Namespace(prompt=["ok", "x\udce9"], prompt_file=None, max_new_tokens=8)  # surrogateescape'd
+    with pytest.raises(ConfigError, match="prompt 1 is not valid UTF-8"):
+        sample_cli.read_prompts(args)

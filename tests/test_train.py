@@ -120,6 +120,7 @@ def test_nonfinite_loss_stops_and_last_checkpoint_restores(tmp_path, data_dir):
     (["--config.train.stepz=3"], "unknown config key 'train.stepz'"),
     (["--config.train.steps=abc"], "--config.train.steps expects int"),
     (["--config.data.name=no_such_dataset"], "cannot open dataset 'no_such_dataset'"),
+    (["--config.data.name=lm1b"], "dataset 'lm1b' is not prepared in"),  # never a download inside training
     (["--workdir=/proc/forbidden"], "is not writable"),
 ])
 def test_cli_bad_inputs_give_one_line_errors(tmp_path, data_dir, extra, msg):

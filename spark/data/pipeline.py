@@ -64,11 +64,18 @@ def source(cfg: DataConfig, split: str):
 
         return tasks.source(cfg.name, split)
     try:
-        return tfds.data_source(cfg.name, split=split, data_dir=cfg.data_dir)
-    except (tfds.core.registered.DatasetNotFoundError, ValueError, FileNotFoundError,
-            AssertionError) as e:
+        builder = tfds.builder(cfg.name, data_dir=cfg.data_dir)
+        if not builder.is_prepared():  # never download inside training (on every host; offline it hangs)
+            where = f" --data_dir {cfg.data_dir}" if cfg.data_dir else ""
+            raise ConfigError(f"dataset {cfg.name!r} is not prepared in {builder.data_dir}; prepare it once with: "
+                              f"tfds build {cfg.name} --file_format array_record{where}")
+        return builder.as_data_source(split=split)
+    except ConfigError:
+        raise
+    except (tfds.core.registered.DatasetNotFoundError, ValueError, FileNotFoundError, AssertionError,
+            NotImplementedError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"cannot open dataset {cfg.name!r} split {split!r}: {first}") from None
+        raise ConfigError(f"cannot open dataset {cfg.name!r} split {split!r}: {first[:200]}") from None
 
 
 def _to_model_batch(b: dict) -> dict:
