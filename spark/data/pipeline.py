@@ -63,19 +63,26 @@ def source(cfg: DataConfig, split: str):
         from spark import tasks
 
         return tasks.source(cfg.name, split)
-    try:
-        builder = tfds.builder(cfg.name, data_dir=cfg.data_dir)
-        if not builder.is_prepared():  # never download inside training (on every host; offline it hangs)
-            where = f" --data_dir {cfg.data_dir}" if cfg.data_dir else ""
-            raise ConfigError(f"dataset {cfg.name!r} is not prepared in {builder.data_dir}; prepare it once with: "
-                              f"tfds build {cfg.name} --file_format array_record{where}")
-        return builder.as_data_source(split=split)
-    except ConfigError:
-        raise
+    try:  # download=False: never download_and_prepare inside training (on every host; offline it hangs)
+        return tfds.data_source(cfg.name, split=split, data_dir=cfg.data_dir, download=False)
     except (tfds.core.registered.DatasetNotFoundError, ValueError, FileNotFoundError, AssertionError,
             NotImplementedError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        builder = _unprepared_builder(cfg)
+        if builder is not None:
+            where = f" --data_dir {cfg.data_dir}" if cfg.data_dir else ""
+            raise ConfigError(f"dataset {cfg.name!r} is not prepared in {builder.data_dir}; prepare it once with: "
+                              f"tfds build {cfg.name} --file_format array_record{where}") from None
         raise ConfigError(f"cannot open dataset {cfg.name!r} split {split!r}: {first[:200]}") from None
+
+
+def _unprepared_builder(cfg: DataConfig):
+    """The tfds builder of a known dataset that is not prepared in data_dir, else None."""
+    try:
+        builder = tfds.builder(cfg.name, data_dir=cfg.data_dir)
+    except Exception:  # noqa: BLE001 - an unknown name: the caller reports tfds' own message
+        return None
+    return None if builder.is_prepared() else builder
 
 
 def _to_model_batch(b: dict) -> dict:
