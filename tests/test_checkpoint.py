@@ -17,12 +17,16 @@ from spark.train import load_checkpoint, run
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _cfg(data_dir, steps):
+def tiny_run(data_dir, steps, ckpt_every: int = 2):
+    """configs/tiny.py at one granularity, logging every step (tests/test_preemption.py uses it too)."""
     cfg = load_config_file(os.path.join(ROOT, "configs", "tiny.py"))
     for k, v in [("data.data_dir", data_dir), ("train.matformer_mode", "off"), ("train.steps", str(steps)),
-                 ("train.ckpt_every", "2"), ("train.log_every", "1"), ("train.eval_every", "100")]:
+                 ("train.ckpt_every", str(ckpt_every)), ("train.log_every", "1"), ("train.eval_every", "100")]:
         cfg = override(cfg, k, v)
     return cfg
+
+
+_cfg = tiny_run
 
 
 def _batch(cfg):

@@ -7,20 +7,14 @@ import json
 import os
 
 import pytest
+from test_checkpoint import tiny_run
 
-from spark.cli import load_config_file, override
 from spark.errors import ConfigError
 from spark.train import run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _cfg(data_dir, steps):
-    cfg = load_config_file(os.path.join(ROOT, "configs", "tiny.py"))
-    for k, v in [("data.data_dir", data_dir), ("train.matformer_mode", "off"), ("train.steps", str(steps)),
-                 ("train.ckpt_every", "4"), ("train.log_every", "1"), ("train.eval_every", "100")]:
-        cfg = override(cfg, k, v)
-    return cfg
+    return tiny_run(data_dir, steps, ckpt_every=4)
 
 
 def _rows(workdir):
