@@ -209,11 +209,11 @@ def main(argv=None):
     kw = dict(max_new_tokens=args.max_new_tokens, sampler=sampler, eos_id=tok.eos_id, pad_id=tok.pad_id,
               widths=widths, sparse=not args.no_sparse)
     fn = generate
-    if not args.speculative:
-        kw["scan_prefill"] = cfg.train.scan_layers  # a config that trains scanned prefills scanned too
     if args.speculative:
         kw.update(spec=dataclasses.replace(spec_cfg, draft_widths=draft_widths))
         fn = speculative.generate
+    else:
+        kw["scan_prefill"] = cfg.train.scan_layers  # a config that trains scanned prefills scanned too
     run_args = (params, jnp.asarray(arr), lengths, jax.random.key(args.seed))
     if scfg is not None:
         return run_search(args, scfg, cfg, tok, prompts, run_args, widths, step)

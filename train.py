@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from spark.cli import load_config_file, main_guard, override, split_overrides
+from spark.cli import apply_overrides, load_config_file, main_guard, split_overrides
 
 
 def main(argv=None):
@@ -31,9 +31,7 @@ def main(argv=None):
     ap.add_argument("--process_id", type=int)
     args = ap.parse_args(rest)
 
-    cfg = load_config_file(args.config)
-    for key, raw in overrides:
-        cfg = override(cfg, key, raw)
+    cfg = apply_overrides(load_config_file(args.config), overrides)
 
     import jax
 

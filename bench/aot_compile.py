@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import write_json  # noqa: E402
 from bench.train_throughput import forward_flops_per_token  # noqa: E402
 from spark import sharding, train_lib  # noqa: E402
-from spark.cli import load_config_file, main_guard, override, split_overrides  # noqa: E402
+from spark.cli import apply_overrides, load_config_file, main_guard, split_overrides  # noqa: E402
 from spark.config import Config  # noqa: E402
 from spark.errors import ConfigError  # noqa: E402
 from spark.train import sharded_step  # noqa: E402
@@ -92,8 +92,7 @@ def abstract_batch(cfg: Config, batch_sh) -> dict:
 def train_program(cfg: Config, mesh):
     """(jitted train step, its lower, abstract arguments) for `mesh`."""
     abstract, state_sh, batch_sh, step_fn = sharded_step(cfg, mesh)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
-    return step_fn, step_fn.lower, (state, abstract_batch(cfg, batch_sh))
+    return step_fn, step_fn.lower, (sharding.sharded_shapes(abstract, state_sh), abstract_batch(cfg, batch_sh))
 
 
 def sample_program(cfg: Config, mesh, batch: int, prompt: int, new_tokens: int):
@@ -105,8 +104,7 @@ def sample_program(cfg: Config, mesh, batch: int, prompt: int, new_tokens: int):
 
     graphdef = train_lib.graphdef_of(cfg)
     abstract = jax.eval_shape(lambda: train_lib.init_state(cfg)["params"])
-    shardings = sharding.tree_shardings(mesh, abstract)
-    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    params = sharding.sharded_shapes(abstract, sharding.tree_shardings(mesh, abstract))
     rows = sharding.batch_sharding(mesh)
     prompts = jax.ShapeDtypeStruct((batch, prompt), jnp.int32, sharding=rows)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)
@@ -122,10 +120,14 @@ def compile_report(lower, args, hbm: int, n_devices: int) -> dict:
     t0 = time.perf_counter()
     lowered = lower(*args)
     t1 = time.perf_counter()
+    cache = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)  # a TPU executable cannot be read back on CPU
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
         return _out_of_memory(e, t1 - t0, time.perf_counter() - t1, hbm, n_devices)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
     t2 = time.perf_counter()
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -258,9 +260,7 @@ def main():
     ap.add_argument("--what", default="train", choices=["train", "sample"])
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    cfg = load_config_file(args.config)
-    for key, raw in overrides:
-        cfg = override(cfg, key, raw)
+    cfg = apply_overrides(load_config_file(args.config), overrides)
     rep = run(cfg, args.topology, args.what)
     print(summary(rep, cfg))
     if args.json:

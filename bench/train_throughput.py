@@ -32,7 +32,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import interleaved, write_json  # noqa: E402
 from spark import train_lib  # noqa: E402
-from spark.cli import load_config_file, override  # noqa: E402
+from spark.cli import apply_overrides, load_config_file  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"spark_matformer": "configs/cpu_demo.py", "dense": "configs/dense_demo.py"}
@@ -45,11 +45,6 @@ SWITCHED = {  # name: (base, {field: value}); "+pod" is every pod-training switc
     "spark_matformer+pod": ("spark_matformer", POD),
 }
 
-
-def _switched(cfg, fields: dict):
-    for field, value in fields.items():
-        cfg = override(cfg, field, value)
-    return cfg
 
 
 def forward_flops_per_token(m, widths, t: int) -> float:
@@ -95,7 +90,7 @@ def main(argv=None):
     variants = {"gemm_2048_f32": (jax.jit(jnp.matmul), mats, 4)}
     flops, xla = {"gemm_2048_f32": 2.0 * n**3}, {}
     cfgs = {name: load_config_file(os.path.join(ROOT, path)) for name, path in CONFIGS.items()}
-    cfgs |= {name: _switched(cfgs[base], fields) for name, (base, fields) in SWITCHED.items()}
+    cfgs |= {name: apply_overrides(cfgs[base], fields.items()) for name, (base, fields) in SWITCHED.items()}
     for name, cfg in cfgs.items():
         fn, batches, xla[name] = step_variant(cfg)
         variants[name] = (fn, batches, 2)

@@ -139,9 +139,12 @@ class Attention(nnx.Module):
         p = jax.nn.softmax(jnp.where(keep, softcap(s1, self.cfg.attn_logit_softcap), NEG), axis=-1)
         w = p * jnp.where(keep, jax.nn.softplus(s2), 0.0)
         out = jnp.einsum("BKGTS,BKSH->BTKGH", w.astype(values.dtype), values)
-        kept = jnp.sum(keep, axis=-1)
+        return out, self._spark_stats(jnp.sum(keep, axis=-1))
+
+    def _spark_stats(self, kept):
+        """The masked paths' Spark stats from the kept-key counts per query."""
         rate = sparsity.overflow_rate(kept, self.cfg.spark.attn_k, self.cfg.spark.decode_capacity_sigmas)
-        return out, {"keys_per_query": jnp.mean(kept.astype(jnp.float32)), "attn_overflow_rate": rate}
+        return {"keys_per_query": jnp.mean(kept.astype(jnp.float32)), "attn_overflow_rate": rate}
 
     def _blocked(self, q, keys, values, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS):
         """Blocked flash attention (spark/flash.py): no [T, S] scores."""
@@ -154,10 +157,7 @@ class Attention(nnx.Module):
             spec = flash.Spec(self.window, cfg.attn_logit_softcap,
                               (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5, cfg.attn_block)
         out, kept = flash.attend(spec, q, keys, values, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS)
-        if cfg.attn_kind == "dense":
-            return out, {}
-        rate = sparsity.overflow_rate(kept, cfg.spark.attn_k, cfg.spark.decode_capacity_sigmas)
-        return out, {"keys_per_query": jnp.mean(kept.astype(jnp.float32)), "attn_overflow_rate": rate}
+        return out, ({} if cfg.attn_kind == "dense" else self._spark_stats(kept))
 
     def _spark_sparse(self, q, keys_BKSH, values_BKSH, valid):
         cfg, dt = self.cfg, q.dtype

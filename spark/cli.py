@@ -86,6 +86,13 @@ def override(obj, key: str, raw: str, prefix: str = ""):
     return dataclasses.replace(obj, **{head: _coerce(full, raw, hints[head])})
 
 
+def apply_overrides(cfg, overrides):
+    """cfg with every (dotted key, raw string) of `overrides` set, in order."""
+    for key, raw in overrides:
+        cfg = override(cfg, key, raw)
+    return cfg
+
+
 def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """Separate `--config.a.b=v` (or `--config.a.b v`) from the other arguments."""
     rest, over, i = [], [], 0

@@ -110,7 +110,8 @@ class Transformer(nnx.Module):
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             if remat != "none" and cache is None:
-                x, kv, aux = _rematted(remat, widths[i], sparse)(layer, x, positions_BT, segment_ids_BT, width_index)
+                x, kv, aux = _block_fn(remat)(nnx.graphdef(layer), nnx.state(layer), x, positions_BT, None,
+                                              widths[i], segment_ids_BT, sparse, width_index)
             else:
                 x, kv, aux = layer(x, positions_BT, kv, widths[i], segment_ids_BT, sparse, width_index)
             auxes.append(aux)
@@ -128,12 +129,16 @@ REMAT_POLICIES = {"none": None, "dots_saveable": jax.checkpoint_policies.dots_sa
                   "full": jax.checkpoint_policies.nothing_saveable}
 
 
-def _rematted(remat: str, width: int, sparse: bool):
-    """A block call whose activations are recomputed in the backward pass by REMAT_POLICIES[remat]."""
-    def block(layer, x_BTD, positions_BT, segment_ids_BT, width_index):
-        return layer(x_BTD, positions_BT, None, width, segment_ids_BT, sparse, width_index)
+def _block_call(graphdef, state, x_BTD, positions_BT, kv, width, segment_ids_BT, sparse, width_index):
+    """One block from its graphdef and state: the function rematerialisation and the scan run."""
+    return nnx.merge(graphdef, state)(x_BTD, positions_BT, kv, width, segment_ids_BT, sparse, width_index)
 
-    return nnx.remat(block, policy=REMAT_POLICIES[remat])
+
+def _block_fn(remat: str):
+    """_block_call, with its activations recomputed in the backward pass by REMAT_POLICIES[remat]."""
+    if remat == "none":
+        return _block_call
+    return jax.checkpoint(_block_call, policy=REMAT_POLICIES[remat], static_argnums=(0, 5, 7))
 
 
 def scannable(model: Transformer, widths) -> bool:
@@ -163,18 +168,14 @@ def scan_layers(model: Transformer, x_BTD, positions_BT, widths, segment_ids_BT=
     if cache is not None:
         xs = [(st, stack(cache.k[p::period]), stack(cache.v[p::period])) for p, st in enumerate(xs)]
 
-    def block(p, state, x, kv):
-        layer = nnx.merge(graphdefs[p], state)
-        return layer(x, positions_BT, kv, widths[p], segment_ids_BT, sparse, width_index)
-
-    if remat != "none" and cache is None:
-        block = jax.checkpoint(block, policy=REMAT_POLICIES[remat], static_argnums=(0,))
+    block = _block_fn(remat if cache is None else "none")
 
     def body(x, xs_p):
         auxes, kvs = [], []
         for p in range(period):
             state, kv = (xs_p[p], None) if cache is None else (xs_p[p][0], xs_p[p][1:])
-            x, kv, aux = block(p, state, x, kv)
+            x, kv, aux = block(graphdefs[p], state, x, positions_BT, kv, widths[p], segment_ids_BT, sparse,
+                               width_index)
             auxes.append(aux)
             kvs.append(kv)
         stats = {k: jnp.stack([a[k] for a in auxes]) for k in auxes[0]}  # [P, ...] per period

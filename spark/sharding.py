@@ -42,11 +42,16 @@ def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
     return jax.make_mesh(tuple(sizes), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
+def _mesh_axes(mesh, axis):
+    """(the mesh axes a logical axis maps to, or None; the number of devices along them)."""
+    mesh_axes = RULES.get(axis) if axis else None
+    return mesh_axes, int(np.prod([mesh.shape[a] for a in np.atleast_1d(mesh_axes)])) if mesh_axes else 1
+
+
 def logical_to_spec(mesh, logical, shape, name: str = "parameter") -> PartitionSpec:
     out = []
     for axis, dim in zip(logical, shape, strict=True):
-        mesh_axes = RULES.get(axis) if axis else None
-        size = int(np.prod([mesh.shape[a] for a in np.atleast_1d(mesh_axes)])) if mesh_axes else 1
+        mesh_axes, size = _mesh_axes(mesh, axis)
         if dim % size:
             raise ConfigError(f"{name}: its {axis} dimension ({dim}) is not divisible by mesh axes {mesh_axes} "
                               f"of size {size}; change mesh.* or the model dims")
@@ -87,10 +92,15 @@ def constrain(x, *logical):
         return x
     spec = []
     for axis, dim in zip(logical, x.shape, strict=True):
-        mesh_axes = RULES.get(axis) if axis else None
-        size = int(np.prod([mesh.shape[a] for a in np.atleast_1d(mesh_axes)])) if mesh_axes else 1
+        mesh_axes, size = _mesh_axes(mesh, axis)
         spec.append(mesh_axes if size > 1 and dim % size == 0 else None)
     return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec)) if any(spec) else x
+
+
+def sharded_shapes(abstract, shardings):
+    """ShapeDtypeStructs of an abstract tree (jax.eval_shape's) carrying their shardings: what
+    orbax restores into and what an ahead-of-time compile lowers at."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 def batch_sharding(mesh) -> NamedSharding:

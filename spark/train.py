@@ -7,6 +7,7 @@ with an error before anything non-finite is saved.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -157,8 +158,7 @@ def run(cfg: Config, workdir: str, progress: bool = True, kill_after_step: int |
                         seed=t.seed, train=True, process_index=jax.process_index(),
                         process_count=jax.process_count(), tokenizer=tok)
     data_it = iter(data)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
-    restored = _restore_newest_intact(ckpt, target, cfg, is_main)
+    restored = _restore_newest_intact(ckpt, sharding.sharded_shapes(abstract, state_sh), cfg, is_main)
     if restored is not None:
         latest, state, data_state = restored
         if "opt_state" not in state:  # a params-only checkpoint (e.g. converted): a fresh optimizer state
@@ -184,55 +184,52 @@ def run(cfg: Config, workdir: str, progress: bool = True, kill_after_step: int |
     bar = metrics.progress(t.steps, start, enabled=progress and is_main)
     tokens_per_step = t.batch_size * t.seq_len
     last, t_log, steps_since, acc = {}, time.perf_counter(), 0, None
-    with jax.set_mesh(mesh):  # the mesh the activation sharding constraints (sharding.constrain) read
-        try:
-            for step in range(start, t.steps):
-                state, m = step_fn(state, _global_batch(next(data_it), batch_sh))
-                acc = m if acc is None else jax.tree.map(jnp.add, acc, m)  # on device: no sync per step
-                steps_since += 1
-                done = step + 1
-                logging = done % t.log_every == 0 or done == t.steps
-                saving = done % t.ckpt_every == 0 or done == t.steps
-                if logging or saving:
-                    # the loss was computed before this step's update; the new parameters must be finite too
-                    loss, pnorm = float(m["loss"]), float(m["param_norm"])
-                    if not (np.isfinite(loss) and np.isfinite(pnorm)):
-                        ckpt.wait()
-                        raise TrainingError(
-                            f"non-finite loss ({loss}) or parameters (norm {pnorm}) at step {done}; stopping. "
-                            f"The last good checkpoint (step {ckpt.latest_step()}) is intact in {workdir}/checkpoints")
-                if logging:
-                    elapsed = time.perf_counter() - t_log
-                    mean = jax.tree.map(lambda x, n=steps_since: x / n, acc)  # averaged over the log interval
-                    row = {**mean, "lr": m["lr"], "tokens_per_s": tokens_per_step * steps_since / elapsed}
-                    if done % t.eval_every == 0 or done == t.steps:
-                        row.update(_eval(cfg, eval_fn, state["params"], batch_sh, tok))
-                    last = writer.write(done, row)
-                    bar.set_postfix(loss=f"{last.get('loss_F', last['loss']):.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
-                    t_log, steps_since, acc = time.perf_counter(), 0, None
-                if done == sigterm_after_step:  # preemption testing: what a spot VM receives
-                    os.kill(os.getpid(), signal.SIGTERM)
-                stop = preempted.reached(done)
-                if saving or stop:
-                    ckpt.save(done, state, data_it.get_state(), cfg)
-                    if done == kill_after_step:
-                        ckpt.wait()
-                        if jax.process_count() > 1:  # every host has finished writing before any dies
-                            multihost_utils.sync_global_devices("kill_after_step")
-                        os.kill(os.getpid(), signal.SIGKILL)
-                bar.update(1)
-                if stop:
+    with contextlib.ExitStack() as cleanup:  # on exit, in reverse: SIGTERM handler, bar, checkpoints, metrics
+        for close in (writer.close, ckpt.close, bar.close, preempted.restore):
+            cleanup.callback(close)
+        cleanup.enter_context(jax.set_mesh(mesh))  # the mesh the activation sharding pins (sharding.constrain) read
+        for step in range(start, t.steps):
+            state, m = step_fn(state, _global_batch(next(data_it), batch_sh))
+            acc = m if acc is None else jax.tree.map(jnp.add, acc, m)  # on device: no sync per step
+            steps_since += 1
+            done = step + 1
+            logging = done % t.log_every == 0 or done == t.steps
+            saving = done % t.ckpt_every == 0 or done == t.steps
+            if logging or saving:
+                # the loss was computed before this step's update; the new parameters must be finite too
+                loss, pnorm = float(m["loss"]), float(m["param_norm"])
+                if not (np.isfinite(loss) and np.isfinite(pnorm)):
                     ckpt.wait()
-                    last = {**last, "preempted_at_step": done}
-                    if is_main:
-                        print(f"preempted (SIGTERM): checkpoint of step {done} saved; run the same command to "
-                              "resume", file=sys.stderr)
-                    break
-        finally:
-            preempted.restore()
-            bar.close()
-            ckpt.close()
-            writer.close()
+                    raise TrainingError(
+                        f"non-finite loss ({loss}) or parameters (norm {pnorm}) at step {done}; stopping. "
+                        f"The last good checkpoint (step {ckpt.latest_step()}) is intact in {workdir}/checkpoints")
+            if logging:
+                elapsed = time.perf_counter() - t_log
+                mean = jax.tree.map(lambda x, n=steps_since: x / n, acc)  # averaged over the log interval
+                row = {**mean, "lr": m["lr"], "tokens_per_s": tokens_per_step * steps_since / elapsed}
+                if done % t.eval_every == 0 or done == t.steps:
+                    row.update(_eval(cfg, eval_fn, state["params"], batch_sh, tok))
+                last = writer.write(done, row)
+                bar.set_postfix(loss=f"{last.get('loss_F', last['loss']):.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+                t_log, steps_since, acc = time.perf_counter(), 0, None
+            if done == sigterm_after_step:  # preemption testing: what a spot VM receives
+                os.kill(os.getpid(), signal.SIGTERM)
+            stop = preempted.reached(done)
+            if saving or stop:
+                ckpt.save(done, state, data_it.get_state(), cfg)
+                if done == kill_after_step:
+                    ckpt.wait()
+                    if jax.process_count() > 1:  # every host has finished writing before any dies
+                        multihost_utils.sync_global_devices("kill_after_step")
+                    os.kill(os.getpid(), signal.SIGKILL)
+            bar.update(1)
+            if stop:
+                ckpt.wait()
+                last = {**last, "preempted_at_step": done}
+                if is_main:
+                    print(f"preempted (SIGTERM): checkpoint of step {done} saved; run the same command to "
+                          "resume", file=sys.stderr)
+                break
     if is_main:
         metrics.plot_losses(workdir)
     return last
