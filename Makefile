@@ -1,17 +1,18 @@
-# make setup | test | demo | bench | lint  — setup is idempotent (stamp file keyed on pyproject.toml).
+# make setup | test | demo | bench | lint  — setup is idempotent (stamp file keyed on pyproject.toml and
+# constraints.txt: the exact tested versions; pyproject.toml holds the ranges users install from).
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test demo bench lint py312 clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
 	@touch $(STAMP)
 
 # two pytest workers: the suite is compile-bound and XLA compiles on one core (fresh cache: 419 s vs 625 s)
@@ -35,7 +36,11 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check spark decode tests bench configs *.py
-	$(BIN)/shellcheck -x tpu_setup/*.sh .ci/run
+	$(BIN)/shellcheck -x tpu_setup/*.sh .ci/run .ci/resolve_py312.sh
+
+# pyproject.toml's ranges resolve for Python 3.12 (Colab's), with a wheel for every package (needs the index)
+py312:
+	.ci/resolve_py312.sh
 
 clean:
 	rm -rf $(VENV) .jax_cache

@@ -28,6 +28,7 @@ import re
 import sys
 import time
 
+from spark import paths
 from spark.cli import main_guard
 from spark.errors import ConfigError
 
@@ -140,13 +141,12 @@ def read_prompts(args) -> list[str]:
 def resolve_checkpoint(args) -> tuple[str, int | None]:
     if args.workdir:
         return args.workdir, None
-    path = os.path.normpath(args.checkpoint)
-    if not os.path.isdir(path):
+    path = paths.path(args.checkpoint.rstrip("/"))
+    if not path.is_dir():
         raise ConfigError(f"checkpoint {args.checkpoint!r} not found")
-    head, step = os.path.split(path)
-    if not re.fullmatch(r"\d+", step) or os.path.basename(head) != "checkpoints":
+    if not re.fullmatch(r"\d+", path.name) or path.parent.name != "checkpoints":
         raise ConfigError(f"--checkpoint must be WORKDIR/checkpoints/STEP, got {args.checkpoint!r}")
-    return os.path.dirname(head), int(step)
+    return str(path.parent.parent), int(path.name)
 
 
 def pick_widths(model_cfg, widths: str | None, granularity: int | None, flag: str = "--widths"):

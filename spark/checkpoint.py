@@ -5,19 +5,21 @@ two items (StandardSave), the data iterator's state and the run's config (JSON),
 restores the parameters alone (an AdamW state is twice their size). A params-only checkpoint (no
 'train' item: `spark/convert.py` writes one) resumes training with a fresh optimizer state.
 Checkpoints written before the split hold one 'state' item; they still load (whole).
-Saves are async; the newest `keep` are kept. Restoring checks that the saved config describes the
-same model, so a checkpoint from another config is a clear error, never a silent re-initialisation.
+Saves are async; the newest `keep` are kept. Restoring checks that the saved config gives the
+parameters the same shapes (SHAPE_FIELDS), so a checkpoint of another model is a clear error, never
+a silent re-initialisation; the other model fields (layer_pattern, matformer, dtype, sparsity, …)
+may change between runs — `model_changes` names them so the trainer can say so.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import jax
 import orbax.checkpoint as ocp
 
+from spark import paths
 from spark.config import from_dict
 from spark.errors import ConfigError
 
@@ -30,7 +32,31 @@ def _abstract(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-HOW_NOT_WHAT = {"attn_block"}  # model fields that change how it is computed, not the function: free to differ
+# The model fields that set a parameter's shape (or its presence): a checkpoint restores only into a
+# config that agrees on all of them. `spark.ffn_rank` sizes the Spark FFN predictor (w_pred [F, r]),
+# compared by its effective value (None = d_model // 2; irrelevant to a GeGLU FFN).
+# tests/test_checkpoint.py checks the list against the parameter shapes, field by field.
+SHAPE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_dim",
+                "spark_ffn_dim", "layer_ffn_dims", "ffn_kind", "spark.ffn_rank")
+
+
+def _flat_model(m) -> dict:
+    d = config_json(m)
+    flat = {**{k: v for k, v in d.items() if k != "spark"}, **{f"spark.{k}": v for k, v in d["spark"].items()}}
+    flat["spark.ffn_rank"] = m.ffn_rank if m.ffn_kind == "spark" else None
+    return flat
+
+
+def model_differences(saved: dict, cfg) -> tuple[list[str], list[str]]:
+    """(shape fields, other fields) where the model of config JSON `saved` differs from cfg.model.
+    Fields added since `saved` was written take their defaults; an unreadable one differs everywhere."""
+    ours = _flat_model(cfg.model)
+    try:
+        theirs = _flat_model(from_dict(type(cfg.model), saved.get("model", {})))
+    except Exception:  # noqa: BLE001 - an invalid saved config differs everywhere
+        theirs = {}
+    diff = sorted(k for k in ours if theirs.get(k, object()) != ours[k])
+    return [k for k in diff if k in SHAPE_FIELDS], [k for k in diff if k not in SHAPE_FIELDS]
 
 
 def config_json(cfg) -> dict:
@@ -41,7 +67,7 @@ class Checkpointer:
     def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                             create=True)
-        self._mngr = ocp.CheckpointManager(os.path.abspath(directory), options=opts,
+        self._mngr = ocp.CheckpointManager(paths.path(directory), options=opts,
                                            item_names=("params", "train", "state", "data", "config"))
 
     def latest_step(self) -> int | None:
@@ -98,18 +124,15 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"checkpoint step {step} is unreadable: {type(e).__name__}: {e}") from None
 
+    def model_changes(self, step: int, cfg) -> list[str]:
+        """The model fields (none of them shapes) in which cfg differs from the config saved with step."""
+        return model_differences(self.saved_config(step), cfg)[1]
+
     def _check_config(self, step: int, cfg) -> None:
-        saved = self.saved_config(step)
-        ours = config_json(cfg)
-        for section in ("model",):
-            try:  # fields added since the checkpoint was written take their defaults
-                theirs = config_json(from_dict(type(getattr(cfg, section)), saved.get(section, {})))
-            except Exception:  # noqa: BLE001 - an invalid saved config differs everywhere
-                theirs = {}
-            diff = sorted(k for k in ours[section] if theirs.get(k) != ours[section][k] and k not in HOW_NOT_WHAT)
-            if diff:
-                raise CheckpointError(f"checkpoint at step {step} was written by another config "
-                                      f"({section} differs in: {', '.join(diff)})")
+        shapes, _ = model_differences(self.saved_config(step), cfg)
+        if shapes:
+            raise CheckpointError(f"checkpoint at step {step} was written by another config (model differs in: "
+                                  f"{', '.join(shapes)}, which set parameter shapes)")
 
     def delete(self, step: int) -> None:
         self._mngr.delete(step)

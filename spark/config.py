@@ -217,16 +217,18 @@ class DataConfig:
     """name: 'python_stdlib' (the embedded corpus: the running Python's standard library), a
     reasoning task of spark/tasks ('countdown', 'pathfind', 'modchain': generated on the fly, loss
     on the solution only; use tokenizer='task'), or any tfds dataset prepared in array_record
-    format (e.g. 'lm1b'); text_key names its text feature."""
+    format (e.g. 'lm1b'); text_key names its text feature. name None: a config that needs the user
+    to name a dataset (the 2B pod configs); building its pipeline says which flag to set."""
 
-    name: str = "python_stdlib"
+    name: str | None = "python_stdlib"
     data_dir: str | None = None  # None: ~/tensorflow_datasets
     train_split: str = "train"
     eval_split: str = "validation"
     text_key: str = "text"
     tokenizer: Literal["byte", "sentencepiece", "task"] = "byte"  # "task": the reasoning tasks' words
     spm_vocab_size: int = 2048  # when training a SentencePiece model
-    spm_model: str | None = None  # None: WORKDIR/tokenizer.model, trained on the train split if missing
+    spm_model: str | None = None  # local or gs://; None: WORKDIR/tokenizer.model (see spm_train)
+    spm_train: bool = True  # no spm_model and no WORKDIR/tokenizer.model: train one on the train split
     spm_train_chars: int = 5_000_000  # characters of the train split the SentencePiece model sees
 
     def __post_init__(self):

@@ -1,10 +1,14 @@
 """Import Hugging Face Gemma-2 weights (`Gemma2ForCausalLM` state dict or safetensors files).
 
     python -m spark.convert --hf_dir gemma-2-2b/ --out runs/gemma2_2b      # then: sample.py --workdir …
+    python -m spark.convert --hf_dir gemma-2-2b/ --out gs://B/run --config configs/gemma2_2b.py
+    python train.py --config configs/gemma2_2b.py --workdir gs://B/run --config.data.name=…   # continues
 
 turns a local HF checkpoint directory (config.json, *.safetensors, tokenizer.model) into a training
-workdir of this project: a step-0 checkpoint (parameters + a fresh optimizer state, so training
-can continue from it) and WORKDIR/tokenizer.model. As a library:
+workdir of this project (local or gs://): a params-only step-0 checkpoint (training from it starts a
+fresh optimizer state) and WORKDIR/tokenizer.model. With --config the checkpoint carries that
+config (its layer_pattern, matformer, dtype, data and train settings), so train.py with the same
+config continues from it; the HF weights must have its parameter shapes. As a library:
 
     cfg = config_from_hf(json.load(open("config.json")))
     model = Transformer(cfg, nnx.Rngs(0))
@@ -20,7 +24,6 @@ import argparse
 import glob
 import json
 import os
-import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -135,11 +138,14 @@ def read_safetensors_dir(path: str) -> dict:
 REQUIRED = ("config.json", "tokenizer.model")
 
 
-def convert_dir(hf_dir: str, out: str, dtype: str = "float32") -> str:
-    """HF Gemma-2 directory -> training workdir (checkpoint step 0 + tokenizer.model); returns out."""
+def convert_dir(hf_dir: str, out: str, dtype: str = "float32", config: str | None = None) -> str:
+    """HF Gemma-2 directory -> training workdir (checkpoint step 0 + tokenizer.model); returns out.
+    config: a config file whose model the weights load into (shape fields must agree with the HF
+    config.json; `dtype` is then the config's own)."""
     import jax
 
-    from spark import checkpoint, train_lib
+    from spark import checkpoint, paths, train_lib
+    from spark.cli import load_config_file
     from spark.config import Config, DataConfig
     from spark.data.tokenizer import SentencePieceTokenizer
 
@@ -156,15 +162,23 @@ def convert_dir(hf_dir: str, out: str, dtype: str = "float32") -> str:
         raise ConfigError(f"tokenizer.model has {tok.vocab_size} pieces but config.json says vocab_size "
                           f"{model_cfg.vocab_size}")
     cfg = Config(model=model_cfg, data=DataConfig(tokenizer="sentencepiece"))
+    if config is not None:
+        cfg = load_config_file(config)
+        shapes, _ = checkpoint.model_differences(checkpoint.config_json(Config(model=model_cfg)), cfg)
+        if shapes:
+            raise ConfigError(f"the weights in {hf_dir} do not fit {config}: model differs in {', '.join(shapes)}")
+        if cfg.model.ffn_kind != "geglu" or cfg.model.attn_kind != "dense":
+            raise ConfigError(f"{config} is not the dense GeGLU model HF Gemma-2 weights load into")
     params = params_from_state_dict(model_cfg, read_safetensors_dir(hf_dir))
     abstract = jax.eval_shape(lambda: train_lib.init_state(cfg))["params"]
     params = _like(abstract, params)
     state = {"params": params}  # params only: training from it starts a fresh optimizer state
-    if os.path.exists(os.path.join(out, "checkpoints")):
+    root = paths.path(out)
+    if (root / "checkpoints").exists():
         raise ConfigError(f"{out!r} already holds checkpoints; convert into a new directory")
-    os.makedirs(out, exist_ok=True)
-    shutil.copyfile(os.path.join(hf_dir, "tokenizer.model"), os.path.join(out, "tokenizer.model"))
-    ck = checkpoint.Checkpointer(os.path.join(out, "checkpoints"), async_save=False)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "tokenizer.model").write_bytes(paths.path(os.path.join(hf_dir, "tokenizer.model")).read_bytes())
+    ck = checkpoint.Checkpointer(root / "checkpoints", async_save=False)
     ck.save(0, state, {}, cfg)
     ck.close()
     return out
@@ -189,9 +203,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Convert a local Hugging Face Gemma-2 checkpoint into a workdir.")
     ap.add_argument("--hf_dir", required=True, help="config.json + *.safetensors + tokenizer.model")
     ap.add_argument("--out", required=True, help="the new workdir (sample.py --workdir OUT)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="compute dtype (without --config)")
+    ap.add_argument("--config", help="a config file to continue training with (e.g. configs/gemma2_2b.py): the "
+                                     "checkpoint carries it, so train.py --config FILE --workdir OUT resumes")
     args = ap.parse_args(argv)
-    out = convert_dir(args.hf_dir, args.out, args.dtype)
+    out = convert_dir(args.hf_dir, args.out, args.dtype, args.config)
     print(f"wrote {out} (checkpoint step 0, tokenizer.model)")
 
 

@@ -1,14 +1,17 @@
 """Run metrics: WORKDIR/metrics.jsonl (one JSON object per logged step), tensorboard event files
-(tensorboardX, no TensorFlow), a tqdm progress bar, and a PNG of the loss curves at the end."""
+(tensorboardX, no TensorFlow; gs:// through google-cloud-storage), a tqdm progress bar, and a PNG
+of the loss curves at the end. WORKDIR may be local or gs://… (spark.paths)."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 
 import numpy as np
 from tqdm import tqdm
+
+from spark import paths
 
 
 def _plain(v):
@@ -20,29 +23,29 @@ def _plain(v):
 
 
 class MetricsWriter:
-    """Appends to metrics.jsonl and tensorboard. A run resumed from step N first drops what an
-    earlier run logged after N (rows of metrics.jsonl; tensorboard's purge_step), so a resumed run
-    never holds two rows for a step."""
+    """Writes metrics.jsonl and tensorboard. A run resumed from step N first drops what an earlier
+    run logged after N (rows of metrics.jsonl; tensorboard's purge_step), so a resumed run never
+    holds two rows for a step. metrics.jsonl is rewritten whole at each row (an object store
+    cannot append; a run logs thousands of rows, not millions)."""
 
     def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self._tb = None
+        self.path = paths.path(workdir) / "metrics.jsonl"
+        self._tb, self._lines = None, []
         if enabled:
             from tensorboardX import SummaryWriter
 
-            if resume_step is not None and os.path.exists(self.path):
-                keep = [r for r in read_jsonl(self.path) if r["step"] <= resume_step]
-                with open(self.path, "w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in keep)
+            if resume_step is not None and self.path.exists():
+                self._lines = [json.dumps(r) + "\n" for r in read_jsonl(self.path) if r["step"] <= resume_step]
+                paths.write_text_atomic(self.path, "".join(self._lines))
             purge = None if resume_step is None else resume_step + 1
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge)
+            self._tb = SummaryWriter(str(paths.path(workdir) / "tb"), purge_step=purge)
 
     def write(self, step: int, metrics: dict) -> dict:
         row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            self._lines.append(json.dumps(row) + "\n")
+            paths.write_text_atomic(self.path, "".join(self._lines))
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self._tb.add_scalar(k, v, step)
@@ -55,11 +58,11 @@ class MetricsWriter:
     def close(self):
         if self._tb is not None:
             self._tb.close()
+            self._tb = None  # now, not at exit: tensorboardX's gs:// writer uploads again when collected
 
 
-def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in paths.path(path).read_text().splitlines() if line.strip()]
 
 
 def progress(total: int, initial: int, enabled: bool = True):
@@ -69,8 +72,8 @@ def progress(total: int, initial: int, enabled: bool = True):
 def plot_losses(workdir: str) -> str | None:
     """loss_curves.png: training loss per granularity (mean over each log interval) and held-out
     loss per granularity, against step."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = paths.path(workdir) / "metrics.jsonl"
+    if not path.exists():
         return None
     import matplotlib
 
@@ -88,8 +91,10 @@ def plot_losses(workdir: str) -> str | None:
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    out = os.path.join(workdir, "loss_curves.png")
+    out = paths.path(workdir) / "loss_curves.png"
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    return out
+    out.write_bytes(png.getvalue())
+    return str(out)

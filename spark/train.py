@@ -11,8 +11,11 @@ import contextlib
 import functools
 import json
 import os
+import pathlib
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 
@@ -21,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from spark import checkpoint, metrics, sharding, train_lib
+from spark import checkpoint, metrics, paths, sharding, train_lib
 from spark.config import Config, from_dict
 from spark.data.pipeline import get_tokenizer, make_dataset
 from spark.errors import ConfigError
@@ -33,13 +36,21 @@ class TrainingError(RuntimeError):
 
 def _check_workdir(workdir: str) -> None:
     try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        root = paths.path(workdir)
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write_probe_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
     except OSError as e:
-        raise ConfigError(f"workdir {workdir!r} is not writable: {e.strerror}") from None
+        raise ConfigError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from None
+
+
+def _tokenizer(cfg: Config, workdir: str):
+    tok = get_tokenizer(cfg.data, workdir)
+    if tok.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) must equal the tokenizer's vocabulary "
+                          f"({tok.vocab_size})")
+    return tok
 
 
 def _global_batch(local: dict, batch_sh) -> dict:
@@ -83,6 +94,37 @@ def sharded_step(cfg: Config, mesh):
     step_fn = jax.jit(functools.partial(train_lib.train_step, cfg=cfg, graphdef=train_lib.graphdef_of(cfg)),
                       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
     return abstract, state_sh, batch_sh, step_fn
+
+
+class _Profiler:
+    """A jax.profiler trace of steps [a, b) (0-based, as the loop counts) into WORKDIR/profile
+    (TensorBoard's profile plugin or Perfetto read it). A remote workdir: traced locally, then copied."""
+
+    def __init__(self, workdir: str, steps: tuple[int, int] | None):
+        self.steps, self.dest, self.local = steps, paths.path(workdir) / "profile", None
+
+    def at(self, step: int, state) -> None:
+        if self.steps and step == self.steps[0]:
+            jax.block_until_ready(state)
+            self.local = tempfile.mkdtemp(prefix="profile_") if paths.is_remote(self.dest) else str(self.dest)
+            jax.profiler.start_trace(self.local)
+        elif self.steps and step == self.steps[1]:
+            jax.block_until_ready(state)
+            self.stop()
+
+    def stop(self) -> None:
+        if self.local is None:
+            return
+        jax.profiler.stop_trace()
+        if paths.is_remote(self.dest):
+            for f in pathlib.Path(self.local).rglob("*"):
+                if f.is_file():
+                    target = self.dest / f.relative_to(self.local).as_posix()
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(f.read_bytes())
+            shutil.rmtree(self.local, ignore_errors=True)
+        print(f"profile of steps {self.steps[0] + 1}..{self.steps[1]} written to {self.dest}", file=sys.stderr)
+        self.local = None
 
 
 class _PreemptionFlag:
@@ -129,31 +171,31 @@ def _restore_newest_intact(ckpt, target, cfg, is_main: bool):
     return None
 
 
-def run(cfg: Config, workdir: str, progress: bool = True, kill_after_step: int | None = None,
-        sigterm_after_step: int | None = None) -> dict:
+def run(cfg: Config, workdir: str, progress: bool = True, sigterm_after_step: int | None = None,
+        profile_steps: tuple[int, int] | None = None) -> dict:
     """Train (or resume) to cfg.train.steps. Returns the last logged metrics.
 
-    kill_after_step (crash testing): SIGKILL this process once that step's checkpoint is on disk.
+    profile_steps (a, b): a jax.profiler trace of steps a+1..b (0-based [a, b)) in WORKDIR/profile.
     sigterm_after_step (preemption testing): SIGTERM this process after that step."""
     _check_workdir(workdir)
     t = cfg.train
     mesh = sharding.make_mesh(cfg.mesh)
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]  # the batch is split over both axes
+    if (t.batch_size // t.grad_accum) % rows:
+        raise ConfigError(f"train.batch_size / grad_accum ({t.batch_size} / {t.grad_accum}) must be a multiple of "
+                          f"the {rows} devices the batch is split over (mesh data x fsdp)")
     init_fn = functools.partial(train_lib.init_state, cfg)
     abstract, state_sh, batch_sh, step_fn = sharded_step(cfg, mesh)
     graphdef = train_lib.graphdef_of(cfg)
     is_main = jax.process_index() == 0
     if is_main:  # the resolved config, on the console and at the workdir root
         resolved = checkpoint.config_json(cfg)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(resolved, f, indent=2)
+        paths.write_text_atomic(paths.path(workdir) / "config.json", json.dumps(resolved, indent=2))
         for section in ("model", "train", "data", "mesh"):
             print(f"config.{section}: {json.dumps(resolved[section], separators=(',', ':'))}", file=sys.stderr)
 
-    tok = get_tokenizer(cfg.data, workdir)
-    if tok.vocab_size != cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) must equal the tokenizer's vocabulary "
-                          f"({tok.vocab_size})")
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_ckpts)
+    tok = _tokenizer(cfg, workdir)
+    ckpt = checkpoint.Checkpointer(paths.path(workdir) / "checkpoints", keep=t.keep_ckpts)
     data = make_dataset(cfg.data, cfg.data.train_split, seq_len=t.seq_len, batch_size=t.batch_size,
                         seed=t.seed, train=True, process_index=jax.process_index(),
                         process_count=jax.process_count(), tokenizer=tok)
@@ -171,9 +213,13 @@ def run(cfg: Config, workdir: str, progress: bool = True, kill_after_step: int |
             ckpt.close()
             raise ConfigError(f"the checkpoint in {workdir} is at step {latest}, past train.steps ({t.steps}); "
                               f"set --config.train.steps above {latest} to train on")
+        changed = ckpt.model_changes(latest, cfg)  # on every process: orbax's restore synchronises them
         if is_main:
             print(f"resuming from step {latest}" + (": already done (train.steps)" if latest == t.steps else ""),
                   file=sys.stderr)
+            if changed:
+                print(f"note: model.{', model.'.join(changed)} differ from the checkpoint's config; continuing "
+                      "with this config's values (none of them changes a parameter shape)", file=sys.stderr)
     else:
         state = jax.jit(init_fn, out_shardings=state_sh)()
     start = int(state["step"])
@@ -188,7 +234,10 @@ def run(cfg: Config, workdir: str, progress: bool = True, kill_after_step: int |
         for close in (writer.close, ckpt.close, bar.close, preempted.restore):
             cleanup.callback(close)
         cleanup.enter_context(jax.set_mesh(mesh))  # the mesh the activation sharding pins (sharding.constrain) read
+        profiler = _Profiler(workdir, profile_steps)
+        cleanup.callback(profiler.stop)
         for step in range(start, t.steps):
+            profiler.at(step, state)
             state, m = step_fn(state, _global_batch(next(data_it), batch_sh))
             acc = m if acc is None else jax.tree.map(jnp.add, acc, m)  # on device: no sync per step
             steps_since += 1
@@ -214,14 +263,11 @@ def run(cfg: Config, workdir: str, progress: bool = True, kill_after_step: int |
                 t_log, steps_since, acc = time.perf_counter(), 0, None
             if done == sigterm_after_step:  # preemption testing: what a spot VM receives
                 os.kill(os.getpid(), signal.SIGTERM)
+                if jax.process_count() > 1:  # the notice reaches the other hosts asynchronously; a real one
+                    time.sleep(2.0)  # arrives ~30 s before the VM stops, a tiny test run would end first
             stop = preempted.reached(done)
             if saving or stop:
                 ckpt.save(done, state, data_it.get_state(), cfg)
-                if done == kill_after_step:
-                    ckpt.wait()
-                    if jax.process_count() > 1:  # every host has finished writing before any dies
-                        multihost_utils.sync_global_devices("kill_after_step")
-                    os.kill(os.getpid(), signal.SIGKILL)
             bar.update(1)
             if stop:
                 ckpt.wait()
@@ -235,21 +281,40 @@ def run(cfg: Config, workdir: str, progress: bool = True, kill_after_step: int |
     return last
 
 
+def evaluate(cfg: Config, workdir: str, step: int | None = None) -> dict:
+    """The held-out metrics the training loop logs (eval_loss per granularity, eval_bpb), of the
+    checkpoint at `step` (the latest when None), on cfg's mesh, data and eval_batches."""
+    _check_workdir(workdir)
+    mesh = sharding.make_mesh(cfg.mesh)
+    abstract, state_sh, batch_sh, _ = sharded_step(cfg, mesh)
+    ckpt = checkpoint.Checkpointer(paths.path(workdir) / "checkpoints", async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise checkpoint.CheckpointError(f"no checkpoint to evaluate in {workdir!r}")
+        params = ckpt.restore_params(step, sharding.sharded_shapes(abstract, state_sh), cfg)
+    finally:
+        ckpt.close()
+    eval_fn = jax.jit(functools.partial(train_lib.eval_step, cfg=cfg, graphdef=train_lib.graphdef_of(cfg)))
+    with jax.set_mesh(mesh):
+        return {"step": step, **_eval(cfg, eval_fn, params, batch_sh, _tokenizer(cfg, workdir))}
+
+
 def load_checkpoint(workdir: str, step: int | None = None):
     """(config, params, step) of a training workdir's checkpoint (the latest when step is None).
 
     Every way this can fail for a user (no such directory, no checkpoint, unreadable files) raises
     a one-line CheckpointError."""
-    ckdir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckdir):
+    ckdir = paths.path(workdir) / "checkpoints"
+    if not ckdir.is_dir():
         raise checkpoint.CheckpointError(f"no checkpoints in {workdir!r} (expected {ckdir}/)")
     ck = checkpoint.Checkpointer(ckdir, async_save=False)
     try:
         step = ck.latest_step() if step is None else step
         if step is None:
-            raise checkpoint.CheckpointError(f"no checkpoint found in {ckdir!r}")
+            raise checkpoint.CheckpointError(f"no checkpoint found in {str(ckdir)!r}")
         if step not in ck.all_steps():
-            raise checkpoint.CheckpointError(f"no checkpoint step {step} in {ckdir!r} (have {ck.all_steps()})")
+            raise checkpoint.CheckpointError(f"no checkpoint step {step} in {str(ckdir)!r} (have {ck.all_steps()})")
         cfg = from_dict(Config, ck.saved_config(step))
         params = ck.restore_params(step, jax.eval_shape(functools.partial(train_lib.init_state, cfg)), cfg)
     finally:

@@ -88,3 +88,51 @@ def test_checkpoint_from_before_the_split_loads_and_resumes(tmp_path, data_dir):
     jax.tree.map(np.testing.assert_array_equal, params, state["params"])
     run(_cfg(data_dir, 4), str(tmp_path), progress=False)
     assert _steps_logged(tmp_path) == [3, 4]
+
+
+def _param_shapes(model_cfg):
+    from flax import nnx
+
+    from spark.model import Transformer
+
+    state = jax.eval_shape(lambda: nnx.state(Transformer(model_cfg, nnx.Rngs(0)), nnx.Param))
+    return jax.tree.map(lambda x: x.shape, state)
+
+
+def test_shape_fields_are_exactly_the_fields_that_set_parameter_shapes():
+    """Every model field, changed alone: checkpoint.model_differences calls it a shape field iff the
+    parameter shapes change, so a restore refuses exactly the configs it cannot load."""
+    import dataclasses
+
+    from spark.config import Config, MatFormerConfig, ModelConfig, SparkConfig
+
+    geglu = ModelConfig(ffn_dim=128)
+    spark = ModelConfig(ffn_dim=128, ffn_kind="spark", attn_kind="spark")
+    changes = {  # field: (base, value)
+        "vocab_size": (geglu, 300), "d_model": (geglu, 96), "num_layers": (geglu, 2), "num_heads": (geglu, 8),
+        "num_kv_heads": (geglu, 4), "head_dim": (geglu, 32), "ffn_dim": (geglu, 64), "spark_ffn_dim": (spark, 96),
+        "layer_ffn_dims": (geglu, (64, 128, 64, 128)), "ffn_kind": (geglu, "spark"),
+        "layer_pattern": (geglu, ("global",)), "sliding_window": (geglu, 8), "max_seq_len": (geglu, 64),
+        "attn_logit_softcap": (geglu, None), "final_logit_softcap": (geglu, None),
+        "query_pre_attn_scalar": (geglu, 8.0), "rope_theta": (geglu, 5e5), "rms_eps": (geglu, 1e-5),
+        "attn_kind": (geglu, "spark"), "gate_sparsity": (geglu, (0.5, 0.0, 0.5, 0.0)),
+        "matformer": (geglu, MatFormerConfig((1,))), "dtype": (geglu, "bfloat16"),
+        "param_dtype": (geglu, "bfloat16"), "attn_block": (geglu, 16),
+        "spark.ffn_k_frac": (spark, 0.2), "spark.ffn_rank": (spark, 16), "spark.attn_k": (spark, 8),
+        "spark.attn_rank": (spark, 4), "spark.attn_rope": (spark, "full"), "spark.stop_grad_threshold": (spark, True),
+        "spark.decode_capacity_sigmas": (spark, 2.0),
+    }
+    fields = {f.name for f in dataclasses.fields(ModelConfig) if f.name != "spark"}
+    assert set(changes) == fields | {f"spark.{f.name}" for f in dataclasses.fields(SparkConfig)}  # new fields: add
+    for field, (base, value) in changes.items():
+        if field.startswith("spark."):
+            changed = dataclasses.replace(base, spark=dataclasses.replace(base.spark, **{field[6:]: value}))
+        else:
+            changed = dataclasses.replace(base, **{field: value})
+        shapes, other = checkpoint.model_differences(checkpoint.config_json(Config(model=changed)), Config(model=base))
+        reshaped = _param_shapes(changed) != _param_shapes(base)
+        also = ["spark.ffn_rank"] if field == "ffn_kind" else []  # a GeGLU FFN has no predictor rank
+        assert (shapes, other) == ((sorted([field, *also]), []) if reshaped else ([], [field])), (field, shapes, other)
+    # the effective predictor rank: None means d_model // 2, and a GeGLU FFN has none
+    explicit = dataclasses.replace(spark, spark=SparkConfig(ffn_rank=32))
+    assert checkpoint.model_differences(checkpoint.config_json(Config(model=explicit)), Config(model=spark))[0] == []

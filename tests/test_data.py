@@ -2,12 +2,14 @@
 goes through the same grain packing pipeline."""
 
 import numpy as np
+import pytest
 import tensorflow_datasets as tfds
 
 from spark.config import DataConfig
 from spark.data import stdlib
 from spark.data.pipeline import make_dataset
 from spark.data.tokenizer import BOS, EOS, ByteTokenizer
+from spark.errors import ConfigError
 
 
 def _fake_root(tmp_path):
@@ -82,3 +84,23 @@ def test_byte_tokenizer_round_trip():
     tok = ByteTokenizer()
     ids = tok.encode("héllo ∑", bos=True, eos=True)
     assert ids[0] == BOS and ids[-1] == EOS and tok.decode(ids) == "héllo ∑"
+
+
+@pytest.mark.parametrize("name", ["gemma2_2b", "spark_gemma2_2b"])
+def test_pod_configs_load_without_data_and_name_the_flags_when_built(name, tmp_path):
+    """The 2B configs load (bench/aot_compile.py needs no data) and stop at the tokenizer / the
+    pipeline with one line that names the flag to set."""
+    import os
+
+    from spark.cli import load_config_file
+    from spark.data.pipeline import get_tokenizer, source
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config_file(os.path.join(root, "configs", f"{name}.py"))
+    assert cfg.data.tokenizer == "sentencepiece" and cfg.model.vocab_size == 256_000
+    with pytest.raises(ConfigError, match=r"set --config.data.spm_model=PATH") as e:
+        get_tokenizer(cfg.data, str(tmp_path))
+    assert "\n" not in str(e.value) and os.listdir(tmp_path) == []  # nothing trained in its place
+    with pytest.raises(ConfigError, match=r"set --config.data.name=NAME") as e:
+        source(cfg.data, cfg.data.train_split)
+    assert "\n" not in str(e.value)

@@ -162,3 +162,48 @@ def test_convert_cli_bad_input_one_line_errors(hf_dir, tmp_path, capsys):
         code = _convert("--hf_dir", str(src), "--out", str(tmp_path / f"out_{name}"))
         err = capsys.readouterr().err
         assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (name, err)
+
+
+def test_convert_with_a_config_then_training_continues(hf_dir, tmp_path, data_dir, capsys):
+    """`spark.convert --config FILE`: the checkpoint carries that config (non-shape fields differ from
+    the HF-derived one: matformer, dtype), train.py with the same FILE resumes from it (fresh optimizer,
+    the converted weights, not a new init); a config whose shapes differ is a one-line error."""
+    import jax
+
+    from spark.checkpoint import config_json
+    from spark.train import load_checkpoint, run
+
+    d, _ = hf_dir
+    cfg_file = tmp_path / "tiny_gemma.py"
+    cfg_file.write_text(f'''
+from spark.config import Config, DataConfig, MatFormerConfig, ModelConfig, TrainConfig
+
+def get_config(ffn_dim=128):
+    model = ModelConfig(vocab_size=300, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                        ffn_dim=ffn_dim, sliding_window=6, query_pre_attn_scalar=16.0, max_seq_len=64,
+                        matformer=MatFormerConfig((1,)), dtype="bfloat16")
+    data = DataConfig(data_dir={data_dir!r}, tokenizer="sentencepiece", spm_train=False)
+    return Config(model=model, data=data, train=TrainConfig(steps=2, batch_size=8, seq_len=32, lr=1e-3,
+                                                            warmup_steps=0, matformer_mode="off", log_every=1))
+''')
+    out = str(tmp_path / "w")
+    assert _convert("--hf_dir", str(d), "--out", out, "--config", str(cfg_file)) == 0
+    saved, converted, step = load_checkpoint(out)
+    from spark.cli import load_config_file
+
+    cfg = load_config_file(str(cfg_file))
+    assert step == 0 and config_json(saved) == config_json(cfg)
+    capsys.readouterr()
+    run(cfg, out, progress=False)
+    err = capsys.readouterr().err
+    assert "resuming from step 0" in err and "note:" not in err
+    _, trained, step = load_checkpoint(out)
+    assert step == 2
+    moved = max(float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
+                for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(converted), strict=True))
+    assert 0 < moved <= 3e-3  # two AdamW steps of lr 1e-3 from the converted weights, not a new init
+    bad = tmp_path / "bad.py"
+    bad.write_text(cfg_file.read_text().replace("ffn_dim=128", "ffn_dim=96"))
+    assert _convert("--hf_dir", str(d), "--out", str(tmp_path / "w2"), "--config", str(bad)) == 2
+    err = capsys.readouterr().err
+    assert "do not fit" in err and "model differs in ffn_dim" in err and len(err.strip().splitlines()) == 1

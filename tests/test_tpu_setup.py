@@ -28,7 +28,7 @@ def test_pod_create_setup_train_delete():
                                    "--runtime-version=tpu-ubuntu2204-base --spot ")
     code, out, _ = dry("setup.sh", "--name", "spark-pod", "--repo", "https://example.com/spark.git")
     assert code == 0 and "--worker=all" in out and "git\\ clone" in out
-    assert "pip\\ install\\ -q\\ -e\\ \\'.\\[tpu\\]\\'" in out
+    assert "pip\\ install\\ -q\\ -c\\ constraints.txt\\ -e\\ \\'.\\[tpu\\]\\'" in out
     code, out, _ = dry("train.sh", "--name", "spark-pod", "--workdir", "gs://b/run")
     assert code == 0 and out.count("\n") == 1 and "--worker=all" in out
     launch = "train.py\\ --config\\ configs/spark_gemma2_2b.py\\ --workdir\\ gs://b/run\\ --no_progress\\ --distributed"

@@ -121,7 +121,7 @@ tpu_copy_repo() {
 # The same pinned install as `make setup`, plus jax's TPU extra (libtpu) at the pinned jax version.
 install_cmd() {
   local extra="$1"
-  printf '%s' "cd ~/$REMOTE_DIR && (command -v python3.11 >/dev/null || (sudo apt-get update -q && sudo apt-get install -yq python3.11 python3.11-venv)) && python3.11 -m venv .venv && .venv/bin/pip install -q -e '.[$extra]'"
+  printf '%s' "cd ~/$REMOTE_DIR && (command -v python3.11 >/dev/null || (sudo apt-get update -q && sudo apt-get install -yq python3.11 python3.11-venv)) && python3.11 -m venv .venv && .venv/bin/pip install -q -c constraints.txt -e '.[$extra]'"
 }
 
 tpu_install() {

@@ -11,13 +11,12 @@ The iterator's state (`get_state`/`set_state`) is saved with each checkpoint.
 
 from __future__ import annotations
 
-import os
-
 import grain
 import grain.experimental as grain_exp
 import numpy as np
 import tensorflow_datasets as tfds
 
+from spark import paths
 from spark.config import DataConfig
 from spark.data import stdlib
 from spark.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, train_sentencepiece
@@ -33,12 +32,16 @@ def get_tokenizer(cfg: DataConfig, workdir: str | None = None):
         from spark.tasks import TaskTokenizer
 
         return TaskTokenizer()
-    path = cfg.spm_model or (os.path.join(workdir, "tokenizer.model") if workdir else None)
+    path = cfg.spm_model or (str(paths.path(workdir) / "tokenizer.model") if workdir else None)
     if path is None:
         raise ConfigError("data.tokenizer='sentencepiece' needs data.spm_model or a workdir")
-    if not os.path.exists(path):
+    if not paths.path(path).exists():
         if cfg.spm_model:
             raise ConfigError(f"SentencePiece model {path!r} not found")
+        if not cfg.spm_train:
+            raise ConfigError(f"this config needs a SentencePiece model and {path} does not exist: set "
+                              "--config.data.spm_model=PATH (local or gs://; e.g. the Gemma tokenizer.model, "
+                              "which python -m spark.convert writes into its --out workdir)")
         import jax
         from jax.experimental import multihost_utils
 
@@ -57,6 +60,9 @@ def _text(x) -> str:
 
 def source(cfg: DataConfig, split: str):
     """A random-access source of examples for one split."""
+    if cfg.name is None:
+        raise ConfigError("this config trains on a tfds dataset you name: set --config.data.name=NAME (prepared "
+                          "once with: tfds build NAME --file_format array_record), e.g. --config.data.name=c4/en")
     if cfg.name == "python_stdlib":
         return stdlib.prepare(cfg.data_dir).as_data_source(split=split)
     if _is_task(cfg):

@@ -6,7 +6,7 @@ eos_id, pad_id and bytes_per_id (UTF-8 bytes each id stands for; bits per byte d
 
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
 
@@ -44,8 +44,10 @@ class SentencePieceTokenizer:
     def __init__(self, model_path: str):
         import sentencepiece as spm
 
-        self.path = model_path
-        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        from spark import paths
+
+        self.path = model_path  # local or gs://…: read through epath
+        self.sp = spm.SentencePieceProcessor(model_proto=paths.path(model_path).read_bytes())
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
         sizes = []
@@ -69,8 +71,10 @@ class SentencePieceTokenizer:
 
 
 def train_sentencepiece(texts, model_path: str, vocab_size: int, max_chars: int = 5_000_000) -> str:
-    """Train a BPE SentencePiece model on an iterable of strings; writes model_path (+ .vocab)."""
+    """Train a BPE SentencePiece model on an iterable of strings; writes model_path (local or gs://)."""
     import sentencepiece as spm
+
+    from spark import paths
 
     def lines():
         total = 0
@@ -82,11 +86,10 @@ def train_sentencepiece(texts, model_path: str, vocab_size: int, max_chars: int 
             if total >= max_chars:
                 return
 
-    prefix = model_path.removesuffix(".model")
-    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    model = io.BytesIO()
     try:  # rare characters fall back to their UTF-8 bytes (256 byte pieces are in the vocabulary)
         spm.SentencePieceTrainer.train(
-            sentence_iterator=lines(), model_prefix=prefix, vocab_size=vocab_size, model_type="bpe",
+            sentence_iterator=lines(), model_writer=model, vocab_size=vocab_size, model_type="bpe",
             character_coverage=0.9995, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
             remove_extra_whitespaces=False, split_digits=True, max_sentence_length=1 << 16,
             num_threads=2, minloglevel=2)
@@ -94,4 +97,7 @@ def train_sentencepiece(texts, model_path: str, vocab_size: int, max_chars: int 
         from spark.errors import ConfigError
 
         raise ConfigError(f"SentencePiece training failed: {str(e).strip().splitlines()[0]}") from None
-    return prefix + ".model"
+    out = paths.path(model_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(model.getvalue())
+    return model_path
