@@ -1,12 +1,15 @@
 """Run metrics: WORKDIR/metrics.jsonl (one JSON object per logged step), tensorboard event files
-(tensorboardX, no TensorFlow; gs:// through google-cloud-storage), a tqdm progress bar, and a PNG
-of the loss curves at the end. WORKDIR may be local or gs://… (spark.paths)."""
+(tensorboardX, no TensorFlow), a tqdm progress bar, and a PNG of the loss curves at the end.
+WORKDIR may be local or gs://… (spark.paths)."""
 
 from __future__ import annotations
 
 import io
 import json
 import math
+import pathlib
+import shutil
+import tempfile
 
 import numpy as np
 from tqdm import tqdm
@@ -26,12 +29,14 @@ class MetricsWriter:
     """Writes metrics.jsonl and tensorboard. A run resumed from step N first drops what an earlier
     run logged after N (rows of metrics.jsonl; tensorboard's purge_step), so a resumed run never
     holds two rows for a step. metrics.jsonl is rewritten whole at each row (an object store
-    cannot append; a run logs thousands of rows, not millions)."""
+    cannot append; a run logs thousands of rows, not millions). For a remote workdir the event
+    files are written locally and uploaded whole after each row (what tensorboardX's own gs://
+    writer does, without its second upload when it is garbage-collected at exit)."""
 
     def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self.path = paths.path(workdir) / "metrics.jsonl"
-        self._tb, self._lines = None, []
+        self._tb, self._lines, self._tb_dest, self._tb_local = None, [], paths.path(workdir) / "tb", None
         if enabled:
             from tensorboardX import SummaryWriter
 
@@ -39,7 +44,9 @@ class MetricsWriter:
                 self._lines = [json.dumps(r) + "\n" for r in read_jsonl(self.path) if r["step"] <= resume_step]
                 paths.write_text_atomic(self.path, "".join(self._lines))
             purge = None if resume_step is None else resume_step + 1
-            self._tb = SummaryWriter(str(paths.path(workdir) / "tb"), purge_step=purge)
+            if paths.is_remote(self._tb_dest):
+                self._tb_local = tempfile.mkdtemp(prefix="tb_")
+            self._tb = SummaryWriter(self._tb_local or str(self._tb_dest), purge_step=purge)
 
     def write(self, step: int, metrics: dict) -> dict:
         row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
@@ -53,12 +60,24 @@ class MetricsWriter:
                     for i, x in enumerate(v):
                         if isinstance(x, (int, float)):
                             self._tb.add_scalar(f"{k}/layer{i}", x, step)
+            self._upload_events()
         return row
+
+    def _upload_events(self):
+        if self._tb_local is None:
+            return
+        self._tb.flush()
+        for f in pathlib.Path(self._tb_local).iterdir():
+            (self._tb_dest / f.name).write_bytes(f.read_bytes())
 
     def close(self):
         if self._tb is not None:
             self._tb.close()
-            self._tb = None  # now, not at exit: tensorboardX's gs:// writer uploads again when collected
+            self._upload_events()
+            self._tb = None
+        if self._tb_local is not None:
+            shutil.rmtree(self._tb_local, ignore_errors=True)
+            self._tb_local = None
 
 
 def read_jsonl(path) -> list[dict]:

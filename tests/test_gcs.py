@@ -15,8 +15,26 @@ from test_checkpoint import tiny_run
 BUCKET = "spark-test"
 
 
+def _send_generation_on_download(objects):
+    """Real GCS answers a media GET with its generation (x-goog-generation); the emulator does not,
+    so tensorstore reads generation 0 and a later conditional write of the OCDBT manifest fails
+    now and then ("Malformed StorageGeneration"). Add the header the real service sends."""
+    download = objects.download
+
+    def with_generation(request, response, storage, *args, **kwargs):
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+            response["x-goog-generation"] = str(obj["generation"])
+        except Exception:  # noqa: BLE001 - not found: the emulator's own 404 follows
+            pass
+        return download(request, response, storage, *args, **kwargs)
+
+    return with_generation
+
+
 @pytest.fixture(scope="module")
 def gcs():
+    from gcp_storage_emulator.handlers import objects
     from gcp_storage_emulator.server import create_server
 
     with socket.socket() as s:
@@ -28,6 +46,7 @@ def gcs():
     logging.getLogger("gcsfs").setLevel(logging.ERROR)  # "could not determine bucket type": no credentials
     logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(objects, "download", _send_generation_on_download(objects))
         mp.setenv("STORAGE_EMULATOR_HOST", url)  # gcsfs and google-cloud-storage
         mp.setenv("TENSORSTORE_GCS_HTTP_URL", url)  # orbax's array writes
         mp.setenv("GCE_METADATA_ROOT", f"127.0.0.1:{port}")  # tensorstore's credential probe: answered at once

@@ -1,4 +1,4 @@
-"""Training: 2 processes killed and resumed == 1 process, 1-device == 8-device mesh, non-finite stop, CLI errors."""
+"""Training: 1-device == 8-device mesh, grad accumulation, non-finite stop, eval-only and profiling, CLI errors."""
 
 import dataclasses
 import functools
