@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import pathlib
 import shutil
 import tempfile
 
@@ -67,8 +66,7 @@ class MetricsWriter:
         if self._tb_local is None:
             return
         self._tb.flush()
-        for f in pathlib.Path(self._tb_local).iterdir():
-            (self._tb_dest / f.name).write_bytes(f.read_bytes())
+        paths.upload_tree(self._tb_local, self._tb_dest)
 
     def close(self):
         if self._tb is not None:

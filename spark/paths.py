@@ -30,3 +30,15 @@ def write_text_atomic(p, text: str) -> None:
     tmp = p.parent / f".{p.name}.tmp{os.getpid()}"
     tmp.write_text(text)
     tmp.replace(p)
+
+
+def upload_tree(local: str, dest) -> None:
+    """Copy every file under the local directory `local` to the same relative path under `dest`
+    (for writers that only know local files: tensorboard events, profiler traces)."""
+    import pathlib
+
+    for f in pathlib.Path(local).rglob("*"):
+        if f.is_file():
+            target = path(dest) / f.relative_to(local).as_posix()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(f.read_bytes())

@@ -11,7 +11,6 @@ import contextlib
 import functools
 import json
 import os
-import pathlib
 import shutil
 import signal
 import sys
@@ -117,11 +116,7 @@ class _Profiler:
             return
         jax.profiler.stop_trace()
         if paths.is_remote(self.dest):
-            for f in pathlib.Path(self.local).rglob("*"):
-                if f.is_file():
-                    target = self.dest / f.relative_to(self.local).as_posix()
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(f.read_bytes())
+            paths.upload_tree(self.local, self.dest)
             shutil.rmtree(self.local, ignore_errors=True)
         print(f"profile of steps {self.steps[0] + 1}..{self.steps[1]} written to {self.dest}", file=sys.stderr)
         self.local = None
