@@ -1,0 +1,136 @@
+"""decode/verify.py: the exact output law of each verifier, enumerated over every draft tuple of its
+draft law, equals the target p (V = 4, k = 2 and 3); power checks (a verifier fed the wrong draft law
+is not lossless); K-SEQ's acceptance against the optimal multi-draft acceptance; hand-worked cases."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from decode import verify
+
+V = 4
+
+
+def _laws(seed):
+    rng = np.random.default_rng(seed)
+    p, q = rng.dirichlet(np.ones(V)), rng.dirichlet(np.ones(V))
+    return p.astype(np.float32), q.astype(np.float32)
+
+
+def _iid(q, k):
+    tuples = np.array(list(itertools.product(range(V), repeat=k)))
+    return tuples, np.prod(q[tuples], axis=1)
+
+
+def _without_replacement(q, k):
+    """Successive sampling from q: ordered distinct tuples and their probabilities."""
+    tuples = np.array(list(itertools.permutations(range(V), k)))
+    probs = np.ones(len(tuples))
+    for i in range(k):
+        left = 1.0 - (q[tuples[:, :i]].sum(axis=1) if i else 0.0)
+        probs *= q[tuples[:, i]] / left
+    return tuples, probs
+
+
+def _law(verifier, p, q, tuples, probs):
+    """sum over draft tuples of P(tuple) * the verifier's output law given it."""
+    one = lambda x: verify.output_law(x, *verifier(jnp.asarray(p), jnp.asarray(q), x))  # noqa: E731
+    laws = np.asarray(jax.jit(jax.vmap(one))(jnp.asarray(tuples)))
+    return probs @ laws
+
+
+VERIFIERS = {
+    "kseq": (verify.kseq, _iid),
+    "recursive_with": (lambda p, q, x: verify.recursive(p, q, x, without_replacement=False), _iid),
+    "recursive_without": (verify.recursive, _without_replacement),
+}
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("name", list(VERIFIERS))
+def test_output_law_is_the_target(name, k):
+    verifier, drafts = VERIFIERS[name]
+    for seed in range(4):
+        p, q = _laws(seed)
+        law = _law(verifier, p, q, *drafts(q, k))
+        np.testing.assert_allclose(law, p, atol=3e-6, err_msg=f"{name} k={k} seed={seed}")
+
+
+@pytest.mark.parametrize("name,wrong", [("kseq", _without_replacement), ("recursive_with", _without_replacement),
+                                        ("recursive_without", _iid)])
+def test_power_a_verifier_fed_the_other_draft_law_is_not_lossless(name, wrong):
+    verifier, _ = VERIFIERS[name]
+    worst = max(float(np.abs(_law(verifier, p, q, *wrong(q, 3)) - p).max()) for p, q in map(_laws, range(4)))
+    assert worst > 0.01, worst
+
+
+def test_target_only_is_lossless_for_any_set_and_counts_duplicates_once():
+    for seed in range(4):
+        p, q = _laws(seed)
+        for cand in ([int(np.argmax(q))], list(np.argsort(-q)[:3]), [1, 1, 2], [3, 0, 3, 0]):
+            x = jnp.asarray(cand)
+            acc, res = verify.target_only(jnp.asarray(p), x)
+            np.testing.assert_allclose(np.asarray(verify.output_law(x, acc, res)), p, atol=2e-6)
+            reached = 1.0 - float(jnp.prod(1.0 - acc))
+            assert abs(reached - p[sorted(set(cand))].sum()) < 2e-6  # acceptance = p(S)
+
+
+def _alpha_star_iid(p, q, k):
+    """Optimal k-draft acceptance for i.i.d. drafts: min over prefixes H of the tokens sorted by
+    ascending p/q of p(H) + 1 - q(H)^k (research notes §2.2)."""
+    order = np.argsort(p / np.maximum(q, 1e-30))
+    return min(p[order[:j]].sum() + 1.0 - q[order[:j]].sum() ** k for j in range(V + 1))
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_kseq_acceptance_is_near_optimal_and_never_above_it(k):
+    for seed in range(6):
+        p, q = _laws(seed)
+        rho = float(verify.kseq_rho(jnp.asarray(p), jnp.asarray(q), k))
+        beta = np.minimum(q, p / rho).sum()
+        acc = 1.0 - (1.0 - beta) ** k
+        best = _alpha_star_iid(p.astype(np.float64), q.astype(np.float64), k)
+        assert (1 - 1 / np.e) * best - 1e-6 <= acc <= best + 1e-6, (seed, acc, best)
+        single = 1.0 - 0.5 * np.abs(p - q).sum()  # k = 1: 1 - TV
+        assert acc >= single - 1e-6
+
+
+def test_hand_worked_cases():
+    p, q = jnp.array([0.5, 0.3, 0.2]), jnp.array([0.2, 0.3, 0.5])
+    # K-SEQ, k = 2: for rho in [1, 2], beta = 0.2 + 0.5/rho, and 1 - (1 - beta)^2 = rho beta reduces to
+    # 0.2 rho^3 + 0.14 rho^2 - 0.8 rho + 0.25 = 0: rho* = 1.45678, beta = 0.54322, acceptance 0.79136
+    rho = float(verify.kseq_rho(p, q, 2))
+    assert abs(rho - 1.45678) < 1e-4
+    acc, res = verify.kseq(p, q, jnp.array([2, 0]))
+    np.testing.assert_allclose(np.asarray(acc), [0.2 / (rho * 0.5), 1.0], atol=1e-5)  # min(1, p/(rho q))
+    # k = 1 is standard SD: rho = 1, accept min(1, p/q), residual (p - q)_+ normalised = token 0
+    acc1, res1 = verify.kseq(p, q, jnp.array([2]))
+    np.testing.assert_allclose(np.asarray(acc1), [0.4], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(res1), [1.0, 0.0, 0.0], atol=1e-6)
+    # RSD, drafts (2, 0) without replacement: accept 2 w.p. 0.2/0.5 = 0.4; the target becomes
+    # norm((p - q)_+) = (1, 0, 0), the draft law (0.4, 0.6, 0): token 0 is then accepted surely
+    acc, _ = verify.recursive(p, q, jnp.array([2, 0]))
+    np.testing.assert_allclose(np.asarray(acc), [0.4, 1.0], atol=1e-6)
+
+
+def test_draw_samples_the_output_law():
+    from scipy import stats
+
+    p, q = _laws(7)
+    x = jnp.array([1, 3, 1])
+    acc, res = verify.kseq(jnp.asarray(p), jnp.asarray(q), x)
+    n = 20000
+    tokens, idx = jax.jit(jax.vmap(lambda key: verify.draw(key, x, acc, res)))(jax.random.split(jax.random.key(0), n))
+    counts = np.bincount(np.asarray(tokens), minlength=V)
+    law = np.asarray(verify.output_law(x, acc, res), np.float64)
+    keep = law > 0
+    assert stats.chisquare(counts[keep], law[keep] / law[keep].sum() * counts[keep].sum()).pvalue > 1e-3
+    idx, tokens = np.asarray(idx), np.asarray(tokens)
+    assert (tokens[idx >= 0] == np.asarray(x)[idx[idx >= 0]]).all()  # the index names the accepted candidate
+    reach = np.concatenate([[1.0], np.cumprod(1.0 - np.asarray(acc, np.float64))])
+    expected = np.append(reach[:-1] * np.asarray(acc), reach[-1])  # P(index 0, 1, 2, residual)
+    seen = np.bincount(np.where(idx < 0, 3, idx), minlength=4)
+    assert stats.chisquare(seen[expected > 0], expected[expected > 0] * n).pvalue > 1e-3
