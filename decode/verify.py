@@ -67,8 +67,8 @@ def recursive(p_V, q_V, x_K, without_replacement: bool = True):
     def step(carry, x):
         p, q = carry
         a = jnp.where(q[x] > 0, jnp.minimum(1.0, p[x] / jnp.maximum(q[x], _TINY)), jnp.where(p[x] > 0, 1.0, 0.0))
-        p_next = _normalise(jnp.maximum(p - q, 0.0))
-        p_next = jnp.where(jnp.sum(jnp.maximum(p - q, 0.0)) > _TINY, p_next, p)  # p == q: never rejected
+        r = jnp.maximum(p - q, 0.0)
+        p_next = jnp.where(jnp.sum(r) > _TINY, _normalise(r), p)  # p == q: never rejected
         q_next = _normalise(q.at[x].set(0.0)) if without_replacement else q
         return (p_next, q_next), a
 

@@ -28,6 +28,10 @@ class CheckpointError(ConfigError):
     pass
 
 
+class UnreadableCheckpointError(CheckpointError):
+    """A step whose files cannot be read back (truncated, flipped, half written)."""
+
+
 def _abstract(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
@@ -92,7 +96,7 @@ class Checkpointer:
         try:
             return self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
         except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable files
-            raise CheckpointError(f"checkpoint step {step} is unreadable: {type(e).__name__}: {e}") from None
+            raise UnreadableCheckpointError(f"checkpoint step {step} is unreadable: {type(e).__name__}: {e}") from None
 
     def restore(self, step: int, abstract_state, cfg) -> tuple[object, dict]:
         """(state, data_state) of `step`; raises CheckpointError on a config mismatch or corruption.
@@ -122,7 +126,7 @@ class Checkpointer:
         try:
             return self._mngr.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"checkpoint step {step} is unreadable: {type(e).__name__}: {e}") from None
+            raise UnreadableCheckpointError(f"checkpoint step {step} is unreadable: {type(e).__name__}: {e}") from None
 
     def model_changes(self, step: int, cfg) -> list[str]:
         """The model fields (none of them shapes) in which cfg differs from the config saved with step."""

@@ -161,8 +161,9 @@ def convert_dir(hf_dir: str, out: str, dtype: str = "float32", config: str | Non
     if tok.vocab_size != model_cfg.vocab_size:
         raise ConfigError(f"tokenizer.model has {tok.vocab_size} pieces but config.json says vocab_size "
                           f"{model_cfg.vocab_size}")
-    cfg = Config(model=model_cfg, data=DataConfig(tokenizer="sentencepiece"))
-    if config is not None:
+    if config is None:
+        cfg = Config(model=model_cfg, data=DataConfig(tokenizer="sentencepiece"))
+    else:
         cfg = load_config_file(config)
         shapes, _ = checkpoint.model_differences(checkpoint.config_json(Config(model=model_cfg)), cfg)
         if shapes:

@@ -34,8 +34,9 @@ class MetricsWriter:
 
     def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
-        self.path = paths.path(workdir) / "metrics.jsonl"
-        self._tb, self._lines, self._tb_dest, self._tb_local = None, [], paths.path(workdir) / "tb", None
+        root = paths.path(workdir)
+        self.path, self._tb_dest = root / "metrics.jsonl", root / "tb"
+        self._tb, self._lines, self._tb_local = None, [], None
         if enabled:
             from tensorboardX import SummaryWriter
 
@@ -63,15 +64,14 @@ class MetricsWriter:
         return row
 
     def _upload_events(self):
-        if self._tb_local is None:
-            return
-        self._tb.flush()
-        paths.upload_tree(self._tb_local, self._tb_dest)
+        if self._tb_local is not None:
+            self._tb.flush()
+            paths.upload_tree(self._tb_local, self._tb_dest)
 
     def close(self):
         if self._tb is not None:
-            self._tb.close()
             self._upload_events()
+            self._tb.close()
             self._tb = None
         if self._tb_local is not None:
             shutil.rmtree(self._tb_local, ignore_errors=True)

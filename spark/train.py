@@ -154,8 +154,8 @@ def _restore_newest_intact(ckpt, target, cfg, is_main: bool):
     for i, step in enumerate(steps):
         try:
             state, data_state = ckpt.restore(step, target, cfg)
-        except checkpoint.CheckpointError as e:
-            if "unreadable" not in str(e) or i + 1 == len(steps):
+        except checkpoint.UnreadableCheckpointError as e:
+            if i + 1 == len(steps):
                 raise
             if is_main:
                 print(f"warning: checkpoint step {step} is unreadable ({str(e).splitlines()[0][:160]}); "
@@ -284,15 +284,24 @@ def evaluate(cfg: Config, workdir: str, step: int | None = None) -> dict:
     abstract, state_sh, batch_sh, _ = sharded_step(cfg, mesh)
     ckpt = checkpoint.Checkpointer(paths.path(workdir) / "checkpoints", async_save=False)
     try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise checkpoint.CheckpointError(f"no checkpoint to evaluate in {workdir!r}")
+        step = _pick_step(ckpt, step, workdir)
         params = ckpt.restore_params(step, sharding.sharded_shapes(abstract, state_sh), cfg)
     finally:
         ckpt.close()
     eval_fn = jax.jit(functools.partial(train_lib.eval_step, cfg=cfg, graphdef=train_lib.graphdef_of(cfg)))
     with jax.set_mesh(mesh):
         return {"step": step, **_eval(cfg, eval_fn, params, batch_sh, _tokenizer(cfg, workdir))}
+
+
+def _pick_step(ck, step: int | None, workdir: str) -> int:
+    """`step` (the latest when None), checked to exist in the workdir's checkpoints."""
+    ckdir = str(paths.path(workdir) / "checkpoints")
+    step = ck.latest_step() if step is None else step
+    if step is None:
+        raise checkpoint.CheckpointError(f"no checkpoint found in {ckdir!r}")
+    if step not in ck.all_steps():
+        raise checkpoint.CheckpointError(f"no checkpoint step {step} in {ckdir!r} (have {ck.all_steps()})")
+    return step
 
 
 def load_checkpoint(workdir: str, step: int | None = None):
@@ -305,11 +314,7 @@ def load_checkpoint(workdir: str, step: int | None = None):
         raise checkpoint.CheckpointError(f"no checkpoints in {workdir!r} (expected {ckdir}/)")
     ck = checkpoint.Checkpointer(ckdir, async_save=False)
     try:
-        step = ck.latest_step() if step is None else step
-        if step is None:
-            raise checkpoint.CheckpointError(f"no checkpoint found in {str(ckdir)!r}")
-        if step not in ck.all_steps():
-            raise checkpoint.CheckpointError(f"no checkpoint step {step} in {str(ckdir)!r} (have {ck.all_steps()})")
+        step = _pick_step(ck, step, workdir)
         cfg = from_dict(Config, ck.saved_config(step))
         params = ck.restore_params(step, jax.eval_shape(functools.partial(train_lib.init_state, cfg)), cfg)
     finally:
