@@ -8,6 +8,9 @@ candidate tokens x_K in the order they are tested, and returns
     residual_V the law of the output when every candidate is rejected
 
 so the output law is  P(y) = sum_i [prod_{j<i} (1 - a_j)] a_i 1{x_i = y} + prod_j (1 - a_j) r(y).
+An optional `valid_K` mask drops candidates (a tree node with fewer children than the static
+width, a SpecTr row that no longer matches): a dropped candidate has acceptance 0 and changes
+nothing, so the result is the verifier's on the valid candidates alone.
 `draw` samples from that; the exact-law tests enumerate draft tuples through the same functions.
 Which verifier is lossless for which draft law (../shared/docs/research/multidraft_and_policies.md):
 
@@ -49,41 +52,47 @@ def kseq_rho(p_V, q_V, k: int, iters: int = 40):
     return hi
 
 
-def kseq(p_V, q_V, x_K):
-    """SpecTr K-SEQ for k = len(x_K) i.i.d. drafts from q_V: (accept_K, residual_V)."""
-    k = x_K.shape[0]
-    rho = kseq_rho(p_V, q_V, k)
+def _all(x_K, valid_K):
+    return jnp.ones(x_K.shape, bool) if valid_K is None else valid_K
+
+
+def kseq(p_V, q_V, x_K, valid_K=None):
+    """SpecTr K-SEQ for the k valid candidates, i.i.d. drafts from q_V: (accept_K, residual_V)."""
+    valid_K = _all(x_K, valid_K)
+    k = jnp.sum(valid_K).astype(jnp.float32)
+    rho = kseq_rho(p_V, q_V, jnp.maximum(k, 1.0))
     m_V = jnp.minimum(q_V, p_V / rho)
     beta = jnp.sum(m_V)
     accept_K = jnp.where(q_V[x_K] > 0, jnp.minimum(1.0, p_V[x_K] / jnp.maximum(rho * q_V[x_K], _TINY)), 0.0)
     c = (1.0 - (1.0 - beta) ** k) / jnp.maximum(beta, _TINY)  # c <= rho: P(out = y via the tests) <= p(y)
     residual_V = _normalise(jnp.maximum(p_V - c * m_V, 0.0))
-    return accept_K, jnp.where(beta > _TINY, residual_V, p_V)
+    return jnp.where(valid_K, accept_K, 0.0), jnp.where((beta > _TINY) & (k > 0), residual_V, p_V)
 
 
-def recursive(p_V, q_V, x_K, without_replacement: bool = True):
-    """Recursive rejection sampling over the candidates in order: (accept_K, residual_V)."""
+def recursive(p_V, q_V, x_K, valid_K=None, without_replacement: bool = True):
+    """Recursive rejection sampling over the valid candidates in order: (accept_K, residual_V)."""
 
-    def step(carry, x):
-        p, q = carry
+    def step(carry, x_ok):
+        (p, q), (x, ok) = carry, x_ok
         a = jnp.where(q[x] > 0, jnp.minimum(1.0, p[x] / jnp.maximum(q[x], _TINY)), jnp.where(p[x] > 0, 1.0, 0.0))
         r = jnp.maximum(p - q, 0.0)
         p_next = jnp.where(jnp.sum(r) > _TINY, _normalise(r), p)  # p == q: never rejected
         q_next = _normalise(q.at[x].set(0.0)) if without_replacement else q
-        return (p_next, q_next), a
+        return (jnp.where(ok, p_next, p), jnp.where(ok, q_next, q)), jnp.where(ok, a, 0.0)
 
-    (residual_V, _), accept_K = jax.lax.scan(step, (p_V, q_V), x_K)
+    (residual_V, _), accept_K = jax.lax.scan(step, (p_V, q_V), (x_K, _all(x_K, valid_K)))
     return accept_K, residual_V
 
 
-def target_only(p_V, x_K):
+def target_only(p_V, x_K, valid_K=None):
     """Target-only verification of any candidate set (no draft law): (accept_K, residual_V)."""
 
-    def step(p, x):
+    def step(p, x_ok):
+        x, ok = x_ok
         a = p[x]  # p restricted to what is left, renormalised; a repeated candidate has p[x] = 0 by now
-        return _normalise(p.at[x].set(0.0)), a
+        return jnp.where(ok, _normalise(p.at[x].set(0.0)), p), jnp.where(ok, a, 0.0)
 
-    residual_V, accept_K = jax.lax.scan(step, p_V, x_K)
+    residual_V, accept_K = jax.lax.scan(step, p_V, (x_K, _all(x_K, valid_K)))
     return accept_K, residual_V
 
 

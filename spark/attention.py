@@ -74,9 +74,10 @@ class Attention(nnx.Module):
         self.cfg = cfg
         self.window = cfg.sliding_window if cfg.layer_kind(layer) == "local" else None
 
-    def __call__(self, x_BTD, positions_BT, kv=None, segment_ids_BT=None, sparse: bool = False):
+    def __call__(self, x_BTD, positions_BT, kv=None, segment_ids_BT=None, sparse: bool = False, tree=None):
         """Returns (out_BTD, (k, v) cache buffers or None, aux). `kv` is this layer's cache buffers;
-        `sparse` selects the sparse-gather Spark path (decode with a cache only)."""
+        `sparse` selects the sparse-gather Spark path (decode with a cache only); `tree` (with kv):
+        the block is draft-tree nodes (spark/cache.py: Tree), masked by ancestry."""
         dt = x_BTD.dtype
         q, k, v = self.qkv(x_BTD, positions_BT)
 
@@ -85,6 +86,14 @@ class Attention(nnx.Module):
             v_t = False
             k_pos_BS, k_seg_BS = positions_BT, segment_ids_BT
             new_kv = None
+        elif tree is not None:  # scratch slots base + node; ancestry decides what each node sees
+            v_t = kv_cache.values_transposed(self.cfg)
+            slots_BT = tree.base_B[:, None] + tree.node_BT
+            keys = kv_cache.write_slots(kv[0], k, slots_BT)
+            values = kv_cache.write_slots(kv[1], v, slots_BT, transposed=v_t)
+            k_pos_BS, structural_BTS = kv_cache.tree_key_mask(tree, tree.base_B, keys.shape[2])
+            k_seg_BS = segment_ids_BT = None
+            new_kv = (keys, values)
         else:
             start_B = positions_BT[:, 0]
             v_t = kv_cache.values_transposed(self.cfg)
@@ -97,11 +106,15 @@ class Attention(nnx.Module):
 
         q = rearrange(q, "B T (K G) H -> B T K G H", K=keys.shape[1])  # query heads grouped by KV head
         # training (no cache) and long prefills: blocked flash attention; short blocks (decode, verify): scores
-        if self.cfg.attn_block and (kv is None or (q.shape[1] >= self.cfg.attn_block and not sparse)):
+        long_block = q.shape[1] >= self.cfg.attn_block and not sparse and tree is None
+        if self.cfg.attn_block and (kv is None or long_block):
             values_BKSH = values.swapaxes(2, 3) if v_t else values
             return self._out(*self._blocked(q, keys.astype(dt), values_BKSH.astype(dt), positions_BT, k_pos_BS,
                                             segment_ids_BT, k_seg_BS), new_kv, dt)
-        valid_B11TS = visible_mask(positions_BT, k_pos_BS, self.window, segment_ids_BT, k_seg_BS)[:, None, None]
+        valid_BTS = visible_mask(positions_BT, k_pos_BS, self.window, segment_ids_BT, k_seg_BS)
+        if tree is not None:
+            valid_BTS &= structural_BTS
+        valid_B11TS = valid_BTS[:, None, None]
         if self.cfg.attn_kind == "spark" and sparse and kv is not None:
             out, aux = self._spark_sparse(q, keys, values, valid_B11TS)
         elif self.cfg.attn_kind == "spark":

@@ -13,6 +13,13 @@ s ≤ query position, so slots past a row's length are never read: rolling back 
 speculative tokens is just setting `lengths`. `jax.lax.dynamic_update_slice` clamps a start index
 that would run off the end (it silently shifts the write), so allocate `slack` extra slots beyond
 the longest sequence you will decode; `init` adds them.
+
+Draft trees (multi-draft speculative decoding, decode/multidraft.py): a block may be a set of tree
+nodes (`Tree`) instead of a run of positions. Node n's K/V go to the scratch slot lengths + n; a
+node attends to the committed slots (s < lengths, inside the window) and to the scratch slots of
+its ancestors and itself (`Tree.anc_BTN`); siblings share a position (lengths + depth). A tree
+block leaves `lengths` alone: `commit` then moves the accepted path's K/V from its scratch slots to
+lengths, lengths + 1, … and advances `lengths`. Allocate slack ≥ the tree's node count + 1.
 """
 
 from __future__ import annotations
@@ -29,6 +36,19 @@ class KVCache:
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
     lengths: jax.Array  # [B] int32
+    v_transposed: bool = flax.struct.field(pytree_node=False, default=False)  # v is [B, K, H, S]
+
+
+@flax.struct.dataclass
+class Tree:
+    """The tree nodes of one block. Token t of the block is node `node_BT[t]` (its K/V go to slot
+    lengths + node); `anc_BTN[t, m]`: it attends to node m (its ancestors and itself); `pos_BN[m]`:
+    node m's position (lengths + its depth; siblings share one), for the sliding window."""
+
+    node_BT: jax.Array  # int32
+    anc_BTN: jax.Array  # bool
+    pos_BN: jax.Array  # int32
+    base_B: jax.Array | None = None  # the scratch's first slot: set by the model to cache.lengths
 
 
 def values_transposed(cfg) -> bool:
@@ -43,7 +63,7 @@ def init(cfg, batch: int, max_len: int, slack: int = 8, dtype=None) -> KVCache:
     buf = lambda shape: constrain(jnp.zeros(shape, dtype), "batch", "kv_heads", None, None)  # noqa: E731
     return KVCache(k=tuple(buf((batch, kh, s, h)) for _ in range(cfg.num_layers)),
                    v=tuple(buf(v_shape) for _ in range(cfg.num_layers)),
-                   lengths=jnp.zeros((batch,), jnp.int32))
+                   lengths=jnp.zeros((batch,), jnp.int32), v_transposed=values_transposed(cfg))
 
 
 def write_block(buf, new_BTKH, start_B, transposed: bool = False):
@@ -57,3 +77,45 @@ def write_block(buf, new_BTKH, start_B, transposed: bool = False):
         return jax.lax.dynamic_update_slice(buf_row, new_row, idx)
 
     return jax.vmap(one)(buf, new, start_B)
+
+
+def write_slots(buf, new_BTKH, slots_BT, transposed: bool = False):
+    """Write each row's block token t at slot slots_BT[t] (any slots; a tree block's scratch)."""
+    new = new_BTKH.astype(buf.dtype)
+
+    def one(buf_row, new_TKH, slots_T):
+        if transposed:  # buf_row [K, H, S]
+            return buf_row.at[:, :, slots_T].set(new_TKH.transpose(1, 2, 0), mode="promise_in_bounds")
+        return buf_row.at[:, slots_T].set(new_TKH.transpose(1, 0, 2), mode="promise_in_bounds")
+
+    return jax.vmap(one)(buf, new, slots_BT)
+
+
+def tree_key_mask(tree: Tree, lengths_B, num_slots: int):
+    """(k_pos_BS, structural_BTS): each slot's position (-1: never visible) and whether block
+    token t may see slot s by the tree (committed slots: yes; scratch: its ancestors and itself).
+    The caller adds causality and the window (spark/layers.py: visible_mask)."""
+    s = jnp.arange(num_slots, dtype=jnp.int32)[None, :]
+    n = tree.pos_BN.shape[1]
+    node_BS = s - lengths_B[:, None]  # scratch node of each slot
+    scratch_BS = (node_BS >= 0) & (node_BS < n)
+    node_pos = jnp.take_along_axis(tree.pos_BN, jnp.clip(node_BS, 0, n - 1), axis=1)
+    k_pos_BS = jnp.where(node_BS < 0, s, jnp.where(scratch_BS, node_pos, -1))
+    anc_BTS = jnp.take_along_axis(tree.anc_BTN, jnp.clip(node_BS, 0, n - 1)[:, None, :], axis=2)
+    structural = (node_BS < 0)[:, None, :] | (scratch_BS[:, None, :] & anc_BTS)
+    return k_pos_BS, structural
+
+
+def commit(cache: KVCache, kept_slots_BT, n_kept_B) -> KVCache:
+    """Move the accepted path into place: slot kept_slots_BT[t] -> lengths + t (t < n_kept; the
+    rest of the row's T slots get garbage past the new length, never read), lengths += n_kept."""
+    def move(buf, transposed):
+        axis = 3 if transposed else 2
+        idx = kept_slots_BT[:, None, None, :] if transposed else kept_slots_BT[:, None, :, None]
+        path = jnp.take_along_axis(buf, idx, axis=axis, mode="promise_in_bounds")  # [B,K,T,H] | [B,K,H,T]
+        return write_block(buf, path.transpose(0, 3, 1, 2) if transposed else path.transpose(0, 2, 1, 3),
+                           cache.lengths, transposed)
+
+    return cache.replace(k=tuple(move(k, False) for k in cache.k),
+                         v=tuple(move(v, cache.v_transposed) for v in cache.v),
+                         lengths=cache.lengths + n_kept_B.astype(jnp.int32))

@@ -30,12 +30,13 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, layer, rngs)
         self.ffn = make_ffn(cfg, layer, rngs)
 
-    def __call__(self, x_BTD, positions_BT, kv, width, segment_ids_BT=None, sparse: bool = False, width_index=None):
+    def __call__(self, x_BTD, positions_BT, kv, width, segment_ids_BT=None, sparse: bool = False, width_index=None,
+                 tree=None):
         """`width`: the FFN width; or, with a traced `width_index`, a tuple of widths of which the
         index picks one at run time (`lax.switch` over the FFN only: one compiled block, and a step
         at width w spends the FFN FLOPs of w)."""
         x_BTD = constrain(x_BTD, "batch", None, None)
-        a, kv, aux_a = self.attn(self.pre_attn_norm(x_BTD), positions_BT, kv, segment_ids_BT, sparse)
+        a, kv, aux_a = self.attn(self.pre_attn_norm(x_BTD), positions_BT, kv, segment_ids_BT, sparse, tree)
         h = constrain(x_BTD + self.post_attn_norm(a), "batch", None, None)
         if width_index is None:
             f, aux_f = self.ffn(self.pre_ffw_norm(h), width, sparse)
@@ -58,7 +59,7 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_BT, positions_BT, cache: KVCache | None = None, widths=None,
                  segment_ids_BT=None, return_aux: bool = False, sparse: bool = False, logits_at_B=None,
-                 scan: bool = False):
+                 scan: bool = False, tree=None):
         """Returns (logits_BTV float32, cache), plus a dict of per-layer stats [L, ...] if return_aux.
 
         With a cache, the block's K/V are written at `positions_BT` (contiguous per row) and
@@ -67,9 +68,12 @@ class Transformer(nnx.Module):
         sparse-gather decode path (same function, for blocks of a few tokens). `logits_at_B`
         computes the logits at one block index per row only (logits [B, 1, V]): a prefill needs
         just the last prompt token's. `scan` runs the layers as one lax.scan (`apply_layers`).
+        `tree` (a `spark.cache.Tree`, with a cache): the block is draft-tree nodes, written to scratch
+        slots past `cache.lengths`, which stays (`spark.cache.commit` moves the accepted path).
         """
         x = self.embed_tokens(tokens_BT)
-        x, cache, stats = self.apply_layers(x, positions_BT, cache, widths, segment_ids_BT, sparse, scan=scan)
+        x, cache, stats = self.apply_layers(x, positions_BT, cache, widths, segment_ids_BT, sparse, scan=scan,
+                                            tree=tree)
         if logits_at_B is not None:
             x = jnp.take_along_axis(x, logits_at_B[:, None, None], axis=1)
         logits = self.logits(x)
@@ -88,7 +92,7 @@ class Transformer(nnx.Module):
         return constrain(logits, "batch", None, "vocab")
 
     def apply_layers(self, x_BTD, positions_BT, cache=None, widths=None, segment_ids_BT=None, sparse=False,
-                     remat: str = "none", scan: bool = False, width_index=None):
+                     remat: str = "none", scan: bool = False, width_index=None, tree=None):
         """The blocks between embedding and output: -> (x_BTD, cache, per-layer stats).
 
         `remat` (training, cache=None): "none" keeps every block's activations for the backward
@@ -103,7 +107,11 @@ class Transformer(nnx.Module):
             widths = self.cfg.check_widths(widths)
         else:  # per layer, the tuple of its widths across the granularities
             widths = tuple(zip(*[self.cfg.check_widths(w) for w in widths], strict=True))
-        if scan and not sparse and scannable(self, widths):
+        if tree is not None:
+            if cache is None:
+                raise ValueError("a tree block needs a cache")
+            tree = tree.replace(base_B=cache.lengths)
+        if scan and not sparse and tree is None and scannable(self, widths):
             return scan_layers(self, x_BTD, positions_BT, widths, segment_ids_BT, sparse, remat, width_index, cache)
         x = x_BTD
         new_k, new_v, auxes = [], [], []
@@ -113,14 +121,14 @@ class Transformer(nnx.Module):
                 x, kv, aux = _block_fn(remat)(nnx.graphdef(layer), nnx.state(layer), x, positions_BT, None,
                                               widths[i], segment_ids_BT, sparse, width_index)
             else:
-                x, kv, aux = layer(x, positions_BT, kv, widths[i], segment_ids_BT, sparse, width_index)
+                x, kv, aux = layer(x, positions_BT, kv, widths[i], segment_ids_BT, sparse, width_index, tree)
             auxes.append(aux)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
-        if cache is not None:
-            lengths = positions_BT[:, -1].astype(jnp.int32) + 1
-            cache = KVCache(k=tuple(new_k), v=tuple(new_v), lengths=lengths)
+        if cache is not None:  # a tree block leaves the committed length alone
+            lengths = cache.lengths if tree is not None else positions_BT[:, -1].astype(jnp.int32) + 1
+            cache = cache.replace(k=tuple(new_k), v=tuple(new_v), lengths=lengths)
         stats = {key: jnp.stack([a[key] for a in auxes]) for key in auxes[0]}
         return x, cache, stats
 
@@ -185,7 +193,7 @@ def scan_layers(model: Transformer, x_BTD, positions_BT, widths, segment_ids_BT=
     stats = {k: v.reshape(len(layers), *v.shape[2:]) for k, v in stats.items()}  # [L/P, P] -> [L]
     if cache is not None:  # kvs[p] = (k, v) stacked [L/P, ...]: back to one buffer per layer
         unstack = lambda i: tuple(kvs[layer % period][i][layer // period] for layer in range(len(layers)))  # noqa: E731
-        cache = KVCache(k=unstack(0), v=unstack(1), lengths=positions_BT[:, -1].astype(jnp.int32) + 1)
+        cache = cache.replace(k=unstack(0), v=unstack(1), lengths=positions_BT[:, -1].astype(jnp.int32) + 1)
     return x, cache, stats
 
 

@@ -235,7 +235,7 @@ def test_end_to_end_power_broken_variants_fail(bug, monkeypatch):
 
 # ---------------------------------------------------------------- greedy, ragged, rollback
 
-SMALL = ModelConfig(vocab_size=61, d_model=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, ffn_dim=64,
+SMALL = ModelConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, ffn_dim=64,
                     sliding_window=5)
 SPARK = dataclasses.replace(SMALL, ffn_kind="spark", attn_kind="spark",
                             spark=SparkConfig(ffn_k_frac=0.25, attn_k=4, decode_capacity_sigmas=100.0))
@@ -252,7 +252,7 @@ def _batch(prompts):
 PROMPTS = [[5, 9, 2, 44, 17, 3, 8], [11, 4, 30], [7, 7, 1, 60, 2]]
 
 
-GREEDY_CASES = {"dense-shared": (SMALL, "shared", [(1, None), (8, None), (8, 0.3)]),
+GREEDY_CASES = {"dense-shared": (SMALL, "shared", [(1, None), (8, None), (8, 0.999)]),
                 "dense-separate": (SMALL, "separate", [(1, None), (8, None)]),
                 "spark-shared": (SPARK, "shared", [(8, None)])}
 

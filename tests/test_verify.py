@@ -134,3 +134,20 @@ def test_draw_samples_the_output_law():
     expected = np.append(reach[:-1] * np.asarray(acc), reach[-1])  # P(index 0, 1, 2, residual)
     seen = np.bincount(np.where(idx < 0, 3, idx), minlength=4)
     assert stats.chisquare(seen[expected > 0], expected[expected > 0] * n).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("name", ["kseq", "recursive_with", "recursive_without", "target_only"])
+def test_a_masked_candidate_is_as_if_absent(name):
+    """valid_K drops candidates: the result equals the verifier run on the valid ones alone."""
+    fns = {"kseq": verify.kseq, "target_only": lambda p, q, x, v=None: verify.target_only(p, x, v),
+           "recursive_with": lambda p, q, x, v=None: verify.recursive(p, q, x, v, without_replacement=False),
+           "recursive_without": verify.recursive}
+    fn = fns[name]
+    for seed in range(3):
+        p, q = map(jnp.asarray, _laws(seed))
+        x = jnp.asarray(np.random.default_rng(seed).permutation(V)[:3])
+        for valid in ([True, False, True], [False, True, True], [True, True, False], [False, False, False]):
+            v = np.asarray(valid)
+            law = verify.output_law(x, *fn(p, q, x, jnp.asarray(v)))
+            alone = verify.output_law(x[v], *fn(p, q, x[v])) if v.any() else p
+            np.testing.assert_allclose(np.asarray(law), np.asarray(alone), atol=2e-6, err_msg=f"{valid}")
