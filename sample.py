@@ -6,6 +6,10 @@
     python sample.py --workdir runs/demo --prompt 'import ' --widths 72,576,144,288  (Mix'n'Match)
     python sample.py --workdir runs/demo --prompt 'def ' --speculative --draft_granularity 8 --gamma 3
                      [--adaptive_threshold 0.5] [--draft_cache separate]  (decode/speculative.py)
+    python sample.py --workdir runs/demo --prompt 'def ' --speculative --drafts 4 --gamma 3     (SpecTr: 4 rows)
+    python sample.py --workdir runs/demo --prompt 'def ' --speculative --tree 3,2,1              (RSD-C)
+    python sample.py --workdir runs/demo --prompt 'def ' --speculative --tree_beam 4 --tree_depth 3  (RSD-S)
+                     [--verifier kseq|recursive|target_only]                    (decode/multidraft.py)
     python sample.py --workdir runs/reasoning_countdown --prompt '3 7 12 goal 30 |' --decoder mfs \
                      --beams 4 --samples 4 [--sigma_rate 0.8 --epsilon 1e-4 --baseline parent_step]
                                                                        (decode/search.py)
@@ -14,7 +18,8 @@ Spark models decode with the sparse-gather path unless --no_sparse. --json print
 text (list), prompts, tokens_per_s, stats (per row: new_tokens, ffn_overflow, attn_overflow;
 per layer: ffn_density, keys_per_query; checkpoint_step, widths, seconds). With --speculative the
 stats are acceptance_rate, tokens_per_round, rounds (and per row: rounds_per_row, drafted,
-accepted), draft_widths, gamma. With a search --decoder (mfs, phi, beam, best_of_n,
+accepted), draft_widths, gamma; multi-draft adds method, verifier, tree_nodes (draft tokens per
+target forward) and accepted_per_round. With a search --decoder (mfs, phi, beam, best_of_n,
 self_consistency) the text is the answer the --answer_rule picks (best_of_n: quality,
 self_consistency: vote) and stats hold the search accounting (gen_tokens, forward_tokens,
 prefill_tokens, steps, stop_step, reverted) and every final beam's text (beams).
@@ -58,6 +63,13 @@ def parse_args(argv):
     sp.add_argument("--adaptive_threshold", type=float, default=None,
                     help="stop drafting once the estimated chance of a rejection exceeds this")
     sp.add_argument("--draft_cache", default=None, choices=["shared", "separate"], help="default shared")
+    md = sp.add_mutually_exclusive_group()
+    md.add_argument("--drafts", type=int, default=None, help="SpecTr: this many i.i.d. draft rows of --gamma tokens")
+    md.add_argument("--tree", help="RSD-C: children per node at each depth, e.g. 3,2,1")
+    md.add_argument("--tree_beam", type=int, default=None, help="RSD-S: beam width (with --tree_depth)")
+    sp.add_argument("--tree_depth", type=int, default=None, help="RSD-S: depth of the beam tree")
+    sp.add_argument("--verifier", default=None, choices=["kseq", "recursive", "target_only"],
+                    help="multi-draft verification (default: kseq for --drafts, recursive for trees)")
     add_search_flags(ap)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     return ap.parse_args(argv)
@@ -160,13 +172,38 @@ def pick_widths(model_cfg, widths: str | None, granularity: int | None, flag: st
 
 
 def check_speculative_flags(args):
-    flags = ("draft_granularity", "draft_widths", "gamma", "adaptive_threshold", "draft_cache")
+    """-> SpecConfig (one draft), MultiDraftConfig (--drafts / --tree / --tree_beam) or None."""
+    flags = ("draft_granularity", "draft_widths", "gamma", "adaptive_threshold", "draft_cache", "drafts", "tree",
+             "tree_beam", "tree_depth", "verifier")
     used = [f"--{f}" for f in flags if getattr(args, f) is not None]
     if used and not args.speculative:
         raise ConfigError(f"{', '.join(used)} need --speculative")
+    from decode.multidraft import MultiDraftConfig
     from decode.speculative import SpecConfig
 
+    if (args.tree_beam is None) != (args.tree_depth is None):
+        raise ConfigError("--tree_beam and --tree_depth go together (RSD-S)")
+    multi = args.drafts is not None or args.tree is not None or args.tree_beam is not None
+    if args.verifier is not None and not multi:
+        raise ConfigError("--verifier needs a multi-draft method: --drafts, --tree or --tree_beam")
+    if multi and args.draft_cache == "separate":
+        raise ConfigError("multi-draft decoding drafts into the target's cache: --draft_cache separate does not apply")
+    if (args.tree is not None or args.tree_beam is not None) and args.gamma is not None:
+        raise ConfigError("--gamma sets SpecTr's row length; a tree's depth is --tree's length or --tree_depth")
     args.gamma = 3 if args.gamma is None else args.gamma
+    if args.drafts is not None:
+        return MultiDraftConfig("spectr", drafts=args.drafts, length=args.gamma, verifier=args.verifier,
+                                adaptive_threshold=args.adaptive_threshold)
+    if args.tree is not None:
+        try:
+            branching = tuple(int(x) for x in args.tree.split(","))
+        except ValueError:
+            raise ConfigError(f"--tree must be comma-separated integers like 3,2,1, got {args.tree!r}") from None
+        return MultiDraftConfig("rsd_c", branching=branching, verifier=args.verifier,
+                                adaptive_threshold=args.adaptive_threshold)
+    if args.tree_beam is not None:
+        return MultiDraftConfig("rsd_s", beam=args.tree_beam, depth=args.tree_depth, verifier=args.verifier,
+                                adaptive_threshold=args.adaptive_threshold)
     args.draft_cache = args.draft_cache or "shared"
     return SpecConfig(gamma=args.gamma, adaptive_threshold=args.adaptive_threshold, draft_cache=args.draft_cache)
 
@@ -182,7 +219,7 @@ def main(argv=None):
     import jax.numpy as jnp
     import numpy as np
 
-    from decode import speculative
+    from decode import multidraft, speculative
     from decode.generate import generate
     from decode.sampling import SamplerConfig
     from spark import train_lib
@@ -209,7 +246,10 @@ def main(argv=None):
     kw = dict(max_new_tokens=args.max_new_tokens, sampler=sampler, eos_id=tok.eos_id, pad_id=tok.pad_id,
               widths=widths, sparse=not args.no_sparse)
     fn = generate
-    if args.speculative:
+    if isinstance(spec_cfg, multidraft.MultiDraftConfig):
+        kw.update(md=dataclasses.replace(spec_cfg, draft_widths=draft_widths))
+        fn = multidraft.generate
+    elif args.speculative:
         kw.update(spec=dataclasses.replace(spec_cfg, draft_widths=draft_widths))
         fn = speculative.generate
     else:
@@ -229,6 +269,9 @@ def main(argv=None):
     if args.speculative:  # rounds: all rows together; the per-row counts keep their own names
         stats.update(rounds_per_row=stats["rounds"], rounds=int(sum(stats["rounds"])),
                      draft_widths=list(draft_widths), gamma=args.gamma)
+        if isinstance(spec_cfg, multidraft.MultiDraftConfig):
+            stats.update(method=spec_cfg.method, verifier=spec_cfg.verifier, gamma=len(spec_cfg.levels) - 1,
+                         accepted_per_round=sum(stats["accepted"]) / max(stats["rounds"], 1))
     if args.json:
         print(json.dumps({"text": texts, "prompts": prompts, "tokens_per_s": float(n_new.sum()) / dt,
                           "stats": stats}))

@@ -92,6 +92,16 @@ BAD = {
     "gamma": (["--prompt", "a", "--speculative", "--gamma", "0"], "gamma must be >= 1"),
     "threshold": (["--prompt", "a", "--speculative", "--adaptive_threshold", "2"], "adaptive_threshold must be"),
     "draft widths": (["--prompt", "a", "--speculative", "--draft_widths", "50,96"], "width 50 of layer 0"),
+    "verifier alone": (["--prompt", "a", "--speculative", "--verifier", "kseq"], "--verifier needs a multi-draft"),
+    "verifier for tree": (["--prompt", "a", "--speculative", "--tree", "2,1", "--verifier", "kseq"],
+                          "does not apply to rsd_c"),
+    "beam without depth": (["--prompt", "a", "--speculative", "--tree_beam", "2"], "go together (RSD-S)"),
+    "tree syntax": (["--prompt", "a", "--speculative", "--tree", "a"], "comma-separated integers like 3,2,1"),
+    "tree and gamma": (["--prompt", "a", "--speculative", "--tree", "2", "--gamma", "2"], "a tree's depth is"),
+    "multidraft separate": (["--prompt", "a", "--speculative", "--drafts", "2", "--draft_cache", "separate"],
+                            "--draft_cache separate does not apply"),
+    "adaptive tree": (["--prompt", "a", "--speculative", "--tree", "2", "--adaptive_threshold", "0.5"],
+                      "applies to spectr only"),
     "search flag alone": (["--prompt", "a", "--beams", "2"], "--beams need a search --decoder"),
     "beams": (["--prompt", "a", "--decoder", "mfs", "--beams", "0"], "beams (M) must be >= 1"),
     "samples": (["--prompt", "a", "--decoder", "best_of_n", "--samples", "0"], "samples (N) must be >= 1"),
@@ -120,6 +130,23 @@ def test_search_decoders_json(workdir, sample_cli, capsys):
     sample_cli.main([*common, "--decoder", "self_consistency", "--samples", "4"])
     out = json.loads(capsys.readouterr().out)
     assert out["stats"]["answer_rule"] == "vote" and [len(b) for b in out["stats"]["beams"]] == [4, 4]
+
+
+def test_multidraft_json_greedy_equals_plain(workdir, sample_cli, capsys):
+    common = ["--workdir", workdir, "--prompt", "def ", "--prompt", "class A", "--max_new_tokens", "8",
+              "--temperature", "0", "--json"]
+    sample_cli.main(common)
+    plain = json.loads(capsys.readouterr().out)
+    for extra, method, depth in ((["--drafts", "2", "--gamma", "2"], "spectr", 2), (["--tree", "2,1"], "rsd_c", 2),
+                                 (["--tree_beam", "2", "--tree_depth", "2", "--verifier", "target_only"], "rsd_s", 2)):
+        sample_cli.main([*common, "--speculative", "--draft_granularity", "4", *extra])
+        out = json.loads(capsys.readouterr().out)
+        st = out["stats"]
+        assert out["text"] == plain["text"], method
+        assert st["method"] == method and st["gamma"] == depth and st["rounds"] > 0
+        assert st["tree_nodes"] == {"spectr": 4, "rsd_c": 4, "rsd_s": 4}[method]
+        assert st["accepted_per_round"] == pytest.approx(sum(st["accepted"]) / st["rounds"])
+    assert st["verifier"] == "target_only"
 
 
 @pytest.mark.parametrize("name", list(BAD))
