@@ -148,6 +148,14 @@ def _log1mexp(x):
     return jnp.where(x > -0.693, jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
 
 
+def conditional_gumbels(g_parent, phi_V):
+    """Stochastic beam search's children values (Kool et al. 2019): G_c = −log(e^−G − e^−Z + e^−φ_c),
+    Z = max φ, in a stable form; the largest child's value is its parent's G."""
+    z = jnp.max(phi_V, -1, keepdims=True)
+    u = g_parent - phi_V + _log1mexp(jnp.minimum(phi_V - z, 0.0))
+    return g_parent - jnp.maximum(u, 0.0) - jnp.log1p(jnp.exp(-jnp.abs(u)))
+
+
 # ---------------------------------------------------------------- draft trees
 
 def _draft_forward(drafter, tokens_BT, ids, parent_BN, md, cache, sparse, sampler):
@@ -243,10 +251,8 @@ def draft_rsd(drafter, s: SpecState, key, md, sampler, sparse):
         else:
             lq = logq
             phi = score[:, ids, None] + lq + jax.random.gumbel(kd, lq.shape)
-            z = jnp.max(phi, -1, keepdims=True)
-            g_par = gval[:, ids, None] if d > 0 else z  # the root's children: plain Gumbel-top-k
-            u = g_par - phi + _log1mexp(jnp.minimum(phi - z, 0.0))
-            g_child = g_par - jnp.maximum(u, 0.0) - jnp.log1p(jnp.exp(-jnp.abs(u)))
+            g_par = gval[:, ids, None] if d > 0 else jnp.max(phi, -1, keepdims=True)  # root: plain Gumbel-top-k
+            g_child = conditional_gumbels(g_par, phi)
         g_child = jnp.where(valid[:, ids, None] & (lq > -jnp.inf), g_child, -jnp.inf)
         best, flat = jax.lax.top_k(g_child.reshape(b, -1), len(kids))
         par_local, tok = flat // v, (flat % v).astype(jnp.int32)

@@ -160,3 +160,47 @@ def test_bad_configs_are_one_line_errors():
     assert MultiDraftConfig("spectr", drafts=4, length=3).nodes == 13
     assert MultiDraftConfig("rsd_c", branching=(3, 2, 1)).nodes == 1 + 3 + 6 + 6
     assert kv_cache  # the cache module the decoder commits through
+
+
+def test_conditional_gumbels_by_hand_and_their_max_is_the_parents():
+    # G_a = 1, φ = (0.5, −1): Z = 0.5; G_0 = −log(e^−1 − e^−0.5 + e^−0.5) = 1,
+    # G_1 = −log(e^−1 − e^−0.5 + e^1) = −log(2.47963) = −0.90811
+    got = np.asarray(md_lib.conditional_gumbels(jnp.asarray([1.0]), jnp.asarray([0.5, -1.0])))
+    np.testing.assert_allclose(got, [1.0, -0.90811], atol=1e-5)
+    phi = jax.random.gumbel(jax.random.key(0), (50, 7)) * 3
+    g = jax.random.gumbel(jax.random.key(1), (50, 1)) + 2
+    out = md_lib.conditional_gumbels(g, phi)
+    np.testing.assert_allclose(np.asarray(out.max(-1)), np.asarray(g[:, 0]), atol=1e-5)
+    assert (np.argsort(np.asarray(out), -1) == np.argsort(np.asarray(phi), -1)).all()  # order kept
+
+
+@pytest.mark.parametrize("md", [MultiDraftConfig("spectr", drafts=3, length=3), RSD_C], ids=["spectr", "rsd_c"])
+def test_committed_cache_equals_a_fresh_forward(md):
+    """After one sampled round (with rejections), the next token's logits from the committed cache
+    equal a fresh forward over prompt + emitted tokens: commit moved the right K/V into place."""
+    from decode.speculative import SpecConfig, spec_prefill
+
+    graphdef, params = nnx.split(Transformer(SMALL, nnx.Rngs(0)))
+    prompts, lengths = _batch(PROMPTS)
+    md = md.resolve(SMALL)
+    sampler = SamplerConfig(1.0)
+    kw = dict(sampler=sampler, eos_id=-1, pad_id=0, widths=SMALL.check_widths(None))
+
+    @jax.jit
+    def one_round(params):
+        model = nnx.merge(graphdef, params)
+        s = spec_prefill(model, prompts, lengths, jax.random.key(2), max_new_tokens=12,
+                         spec=SpecConfig(gamma=md.nodes), **kw)
+        s = md_lib.md_round(model, model, s, md=md, sparse=True, **kw)
+        logits, _ = model(s.pending_B[:, None], s.cache.lengths[:, None], cache=s.cache)
+        return s, logits[:, 0]
+
+    s, got = one_round(params)
+    num = np.asarray(s.num_B)
+    assert len(set(num.tolist())) > 1  # rows accepted different numbers of tokens
+    seqs = [list(PROMPTS[b]) + np.asarray(s.tokens_BN[b, : num[b]]).tolist() for b in range(len(PROMPTS))]
+    assert [len(x) for x in seqs] == (np.asarray(s.cache.lengths) + 1).tolist()
+    model = nnx.merge(graphdef, params)
+    for b, seq in enumerate(seqs):
+        ref, _ = model(jnp.asarray([seq]), jnp.arange(len(seq))[None])
+        np.testing.assert_allclose(np.asarray(got[b]), np.asarray(ref[0, -1]), atol=1e-4, rtol=1e-4)
