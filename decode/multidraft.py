@@ -190,30 +190,39 @@ def _row_draws(key, logq_BKV, greedy: bool):
 
 
 def draft_spectr(drafter, s: SpecState, key, md, sampler, sparse):
-    """k rows of `length` tokens. -> (node tokens [B, N], valid [B, N], logq [B, N, V], parent, cache)."""
+    """k rows of `length` tokens. -> (node tokens [B, N], valid [B, N], logq [B, N, V], parent, cache).
+    With an adaptive threshold the depths run in a while_loop that ends once no row is drafting."""
     b, k, n_len, nn = s.pending_B.shape[0], md.drafts, md.length, md.nodes
     lv, parent = md.levels, jnp.broadcast_to(jnp.asarray(md.static_parent, jnp.int32), (b, nn))
-    tokens = jnp.zeros((b, nn), jnp.int32).at[:, 0].set(s.pending_B)
-    valid = jnp.zeros((b, nn), bool).at[:, 0].set(True)
-    logq_all = None
-    cache, active = s.cache, jnp.broadcast_to(~s.done_B[:, None], (b, k))
-    conf = jnp.ones((b, k), jnp.float32)
     greedy = sampler.temperature == 0.0
-    for d in range(n_len):  # the forward at depth d drafts the tokens at depth d + 1
-        ids = lv[d]
+
+    def level(d, ids, kids, carry):
+        """The draft forward at depth d (node ids `ids`) samples each row's token at depth d + 1."""
+        tokens, valid, logq_all, cache, active, conf = carry
         logq, logits, cache = _draft_forward(drafter, tokens[:, ids], ids, parent, md, cache, sparse, sampler)
-        if logq_all is None:
-            logq_all = jnp.zeros((b, nn, logq.shape[-1]), jnp.float32)
         logq_all = logq_all.at[:, ids].set(logq)
-        logq_k = jnp.broadcast_to(logq, (b, k, logq.shape[-1])) if d == 0 else logq  # the root feeds every row
-        tok = _row_draws(jax.random.fold_in(key, d), logq_k, greedy)
-        tokens = tokens.at[:, lv[d + 1]].set(tok)
-        valid = valid.at[:, lv[d + 1]].set(active)
+        logq_k = jnp.broadcast_to(logq, (b, k, logq.shape[-1]))  # at the root, one q feeds every row
+        tokens = tokens.at[:, kids].set(_row_draws(jax.random.fold_in(key, d), logq_k, greedy))
+        valid = valid.at[:, kids].set(active)
         if md.adaptive_threshold is not None:
-            top = jnp.max(jax.nn.softmax(jnp.broadcast_to(logits, logq_k.shape), -1) if greedy else jnp.exp(logq_k),
-                          -1)
-            conf = conf * top
+            conf = conf * jnp.max(jax.nn.softmax(jnp.broadcast_to(logits, logq_k.shape), -1) if greedy
+                                  else jnp.exp(logq_k), -1)
             active = active & (1.0 - conf <= md.adaptive_threshold)
+        return tokens, valid, logq_all, cache, active, conf
+
+    v = drafter.cfg.vocab_size
+    carry = (jnp.zeros((b, nn), jnp.int32).at[:, 0].set(s.pending_B), jnp.zeros((b, nn), bool).at[:, 0].set(True),
+             jnp.zeros((b, nn, v), jnp.float32), s.cache, jnp.broadcast_to(~s.done_B[:, None], (b, k)),
+             jnp.ones((b, k), jnp.float32))
+    carry = level(0, lv[0], lv[1], carry)
+    if md.adaptive_threshold is None:  # fixed length: unrolled
+        for d in range(1, n_len):
+            carry = level(d, lv[d], lv[d + 1], carry)
+    else:  # row r's node at depth d is 1 + r·length + (d − 1)
+        rows = 1 + jnp.arange(k, dtype=jnp.int32) * n_len
+        body = lambda c: (c[0] + 1, level(c[0], rows + c[0] - 1, rows + c[0], c[1]))  # noqa: E731
+        carry = jax.lax.while_loop(lambda c: (c[0] < n_len) & jnp.any(c[1][4]), body, (jnp.int32(1), carry))[1]
+    tokens, valid, logq_all, cache, _, _ = carry
     return tokens, valid, logq_all, parent, cache
 
 

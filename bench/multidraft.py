@@ -1,0 +1,206 @@
+"""Multi-draft vs single-draft speculative decoding at equal target tokens per verify forward.
+
+    python bench/multidraft.py [--workdir runs/bench_lm] [--budgets 4,8,16] [--new_tokens 96]
+                               [--rounds 3] [--temperature 0.8] [--json bench/results/multidraft.json]
+                               [--png bench/results/multidraft.png]
+
+On a trained MatFormer checkpoint (default runs/bench_lm: configs/bench_lm.py, whose batch-1 step
+is bound by weight bytes; `python bench/bench_lm.py` shows it), batch 1, the F/8 self-draft, for
+each budget B (draft tokens per round; every method's verify forward holds B + 1 target tokens):
+single-draft γ = B (decode/speculative.py), SpecTr k = 2 and 4 rows of B/k tokens, RSD-C with a
+wide (4, 1, …) and a deep (2, 1, …) branching vector of B nodes, RSD-S with beam 2 and 4 and depth
+B/beam (decode/multidraft.py); plain decoding as the baseline. All variants run the same prompts
+and seeds, interleaved round by round in one process.
+
+Reported per method and budget: block efficiency (tokens emitted per target forward), measured
+tokens/s and speedup over plain (medians), and the speedup predicted from the measured block
+efficiency and separately measured forward costs (a t-token forward at full and F/8 width, looped
+in one jit over the prompt's cache):  E · t_plain / (Σ_depths t_draft(nodes at that depth) +
+t_verify(B + 1)). JSON fields `block_efficiency`, `multidraft_vs_single_at_equal_budget` (best
+multi-draft / single-draft block efficiency per budget and overall), `speedup_best` (the best
+measured lossless speedup); PNG: block efficiency vs budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import interleaved, write_json  # noqa: E402
+from bench.speculative import PROMPTS, _looped_forward  # noqa: E402
+from decode import generate as gen  # noqa: E402
+from decode import multidraft as md_lib  # noqa: E402
+from decode import speculative as spec  # noqa: E402
+from decode.multidraft import MultiDraftConfig  # noqa: E402
+from decode.sampling import SamplerConfig  # noqa: E402
+from spark import train_lib  # noqa: E402
+from spark.data.pipeline import get_tokenizer  # noqa: E402
+from spark.matformer import cut_ffn  # noqa: E402
+from spark.train import load_checkpoint  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_CMD = "python train.py --config configs/bench_lm.py --workdir runs/bench_lm"
+
+
+def methods(budget: int, draft_widths) -> dict:
+    """name -> SpecConfig | MultiDraftConfig with `budget` draft tokens per round."""
+    out = {"single": spec.SpecConfig(draft_widths=draft_widths, gamma=budget)}
+    for k in (2, 4):
+        if budget % k == 0 and budget // k >= 1:
+            out[f"spectr k={k}"] = MultiDraftConfig("spectr", draft_widths, drafts=k, length=budget // k)
+    for name, b in (("wide", 4), ("deep", 2)):
+        if budget % b == 0:
+            out[f"rsd_c {name}"] = MultiDraftConfig("rsd_c", draft_widths, branching=(b,) + (1,) * (budget // b - 1))
+    for w in (2, 4):
+        if budget % w == 0:
+            out[f"rsd_s W={w}"] = MultiDraftConfig("rsd_s", draft_widths, beam=w, depth=budget // w)
+    return out
+
+
+def draft_blocks(cfg) -> list[int]:
+    """Tokens of each draft forward of a round (one per depth)."""
+    if isinstance(cfg, spec.SpecConfig):
+        return [1] * cfg.gamma
+    return [len(ids) for ids in cfg.levels[:-1]]
+
+
+def measure(args):
+    if not os.path.isdir(os.path.join(args.workdir, "checkpoints")):
+        sys.exit(f"no checkpoint in {args.workdir}: train it first (about 90 minutes here):\n  {TRAIN_CMD}")
+    cfg, params, step = load_checkpoint(args.workdir, None)
+    tok = get_tokenizer(cfg.data, args.workdir)
+    graphdef = train_lib.graphdef_of(cfg)
+    dw = cfg.model.granularity_widths(8)
+    common = dict(max_new_tokens=args.new_tokens, sampler=SamplerConfig(args.temperature), eos_id=-1,
+                  pad_id=tok.pad_id)
+    encoded = [list(tok.encode(p, bos=True)) for p in PROMPTS]
+    width = max(map(len, encoded))
+    inputs = [(params, jnp.asarray([e + [tok.pad_id] * (width - len(e))], jnp.int32),
+               jnp.asarray([len(e)], jnp.int32), jax.random.key(i)) for i, e in enumerate(encoded)]
+    budgets = [int(x) for x in args.budgets.split(",")]
+    fns, confs, eff = {"plain": functools.partial(gen.generate, graphdef, **common)}, {}, {}
+    for b in budgets:
+        for name, c in methods(b, dw).items():
+            key = f"{name} B={b}"
+            fn = (functools.partial(spec.generate, graphdef, spec=c, **common) if isinstance(c, spec.SpecConfig)
+                  else functools.partial(md_lib.generate, graphdef, md=c, **common))
+            st = [jax.device_get(fn(*x)[2]) for x in inputs]
+            eff[key] = float(np.sum([s["tokens_per_round"] * s["rounds"].sum() for s in st])
+                             / np.sum([s["rounds"].sum() for s in st]))
+            fns[key], confs[key] = fn, (name, b, c)
+            print(f"{key}: {eff[key]:.2f} tokens per target forward", flush=True)
+    timing = interleaved({n: (f, inputs, len(inputs)) for n, f in fns.items()}, args.rounds)
+    costs = forward_costs(cfg.model, graphdef, params, dw, budgets, confs, width, args.rounds)
+    plain_s = timing["plain"]["median_s"]
+    t_step = costs["full T=1"]
+    rows = {}
+    for key, (name, b, c) in confs.items():
+        s = timing[key]["median_s"]
+        t_round = sum(costs[f"draft T={n}"] for n in draft_blocks(c)) + costs[f"full T={b + 1}"]
+        rows[key] = {"method": name, "budget": b, "block_efficiency": eff[key], "tokens_per_s": args.new_tokens / s,
+                     "speedup": plain_s / s, "predicted_speedup": eff[key] * t_step / t_round,
+                     "samples_s": timing[key]["samples_s"]}
+    return summarize(args, step, rows, costs, plain_s)
+
+
+def forward_costs(model_cfg, graphdef, params, draft_widths, budgets, confs, prompt_len, rounds, reps=8):
+    """Seconds per forward of a t-token block after the prompt: the target at t = 1 and B + 1, the
+    F/8 draft at every block size a method drafts."""
+    from spark import cache as kv_cache
+
+    cache = kv_cache.init(model_cfg, 1, prompt_len + 64, slack=32)
+    cache = cache.replace(lengths=jnp.full((1,), prompt_len, jnp.int32))
+    run = functools.partial(_looped_forward, graphdef, reps=reps, start=prompt_len, vocab=model_cfg.vocab_size)
+    draft_params = cut_ffn(params, model_cfg, draft_widths)
+    sizes = sorted({n for _, _, c in confs.values() for n in draft_blocks(c)})
+    variants = {f"full T={t}": (jax.jit(functools.partial(run, t=t, widths=None, sparse=True)), [(params, cache)], 1)
+                for t in sorted({1, *(b + 1 for b in budgets)})}
+    variants |= {f"draft T={t}": (jax.jit(functools.partial(run, t=t, widths=draft_widths, sparse=True)),
+                                  [(draft_params, cache)], 1) for t in sizes}
+    return {k: v["median_s"] / reps for k, v in interleaved(variants, rounds).items()}
+
+
+def summarize(args, step, rows, costs, plain_s):
+    budgets = sorted({r["budget"] for r in rows.values()})
+    eff = {}
+    for r in rows.values():
+        eff.setdefault(r["method"], {})[r["budget"]] = r["block_efficiency"]
+    ratio = {}
+    for b in budgets:
+        multi = max(v[b] for m, v in eff.items() if m != "single" and b in v)
+        ratio[b] = multi / eff["single"][b]
+    best = max(rows.values(), key=lambda r: r["speedup"])
+    return {"checkpoint": args.workdir, "checkpoint_step": step, "temperature": args.temperature,
+            "new_tokens": args.new_tokens, "plain_tokens_per_s": args.new_tokens / plain_s, "rows": rows,
+            "block_efficiency": eff, "multidraft_vs_single_at_equal_budget": {"per_budget": ratio,
+                                                                             "best": max(ratio.values())},
+            "speedup_best": {"method": best["method"], "budget": best["budget"], "speedup": best["speedup"],
+                             "predicted_speedup": best["predicted_speedup"]},
+            "forward_s": costs}
+
+
+def print_table(r):
+    print(f"\n{r['checkpoint']} (step {r['checkpoint_step']}), T = {r['temperature']}, batch 1, "
+          f"plain {r['plain_tokens_per_s']:.0f} tokens/s")
+    print(f"{'method':>14} {'B':>3} {'tokens/fwd':>10} {'tokens/s':>9} {'speedup':>8} {'predicted':>9}")
+    for row in r["rows"].values():
+        print(f"{row['method']:>14} {row['budget']:>3} {row['block_efficiency']:10.2f} {row['tokens_per_s']:9.0f} "
+              f"{row['speedup']:7.2f}x {row['predicted_speedup']:8.2f}x")
+    m = r["multidraft_vs_single_at_equal_budget"]
+    print("best multi-draft / single-draft tokens per target forward: "
+          + ", ".join(f"B={b}: {v:.2f}" for b, v in m["per_budget"].items()))
+    s = r["speedup_best"]
+    print(f"fastest: {s['method']} B={s['budget']}, {s['speedup']:.2f}x measured, {s['predicted_speedup']:.2f}x "
+          "predicted")
+
+
+def plot(r, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, by_b in r["block_efficiency"].items():
+        by_b = {int(k): v for k, v in by_b.items()}  # JSON keys are strings
+        b = sorted(by_b)
+        ax.plot(b, [by_b[x] for x in b], marker="o", label=method, lw=2.5 if method == "single" else 1.2)
+    ax.set(xlabel="draft tokens per round B (verify forward = B + 1 tokens)", ylabel="tokens per target forward",
+           title=f"block efficiency, {os.path.basename(r['checkpoint'])} T={r['temperature']}")
+    ax.set_xscale("log", base=2)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench_lm"))
+    ap.add_argument("--budgets", default="4,8,16")
+    ap.add_argument("--new_tokens", type=int, default=96)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "multidraft.json"))
+    ap.add_argument("--png", default=os.path.join(ROOT, "bench", "results", "multidraft.png"))
+    ap.add_argument("--from_json", help="only re-draw the PNG from this results JSON")
+    args = ap.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            return plot(json.load(f), args.png)
+    r = measure(args)
+    print_table(r)
+    write_json(args.json, r)
+    plot(r, args.png)
+
+
+if __name__ == "__main__":
+    main()
