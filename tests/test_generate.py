@@ -16,11 +16,11 @@ from spark import cache as kv_cache
 from spark.config import ModelConfig, SparkConfig
 from spark.model import Transformer
 
-TINY = ModelConfig(vocab_size=61, d_model=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
+TINY = ModelConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                    ffn_dim=64, sliding_window=5)
 SPARK = dataclasses.replace(TINY, ffn_kind="spark", attn_kind="spark", spark=SparkConfig(ffn_k_frac=0.25, attn_k=4,
                                                                                   decode_capacity_sigmas=100.0))
-CASES = {"dense": (TINY, None), "spark": (SPARK, None), "spark_mixnmatch": (SPARK, (12, 96, 24, 48))}
+CASES = {"dense": (TINY, None), "spark": (SPARK, None), "spark_mixnmatch": (SPARK, (12, 48))}
 
 
 @pytest.mark.parametrize("block", [1, 3], ids=["token", "block3"])
@@ -128,7 +128,7 @@ def test_sparse_generation_matches_masked_and_reports_stats():
     np.testing.assert_array_equal(sparse, masked)
     assert stats["ffn_overflow"].tolist() == [0, 0] and stats["attn_overflow"].tolist() == [0, 0]
     assert "ffn_overflow" not in stats_m
-    assert stats["ffn_density"].shape == (4,) and 0.1 < float(stats["ffn_density"].mean()) < 0.45
+    assert stats["ffn_density"].shape == (2,) and 0.1 < float(stats["ffn_density"].mean()) < 0.45
     assert int(stats["steps"]) == 10
     tight = dataclasses.replace(SPARK, spark=dataclasses.replace(SPARK.spark, decode_capacity_sigmas=0.0))
     _, _, stats_t = _gen(Transformer(tight, nnx.Rngs(5)), PROMPTS, max_new=10, full=True)

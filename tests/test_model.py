@@ -16,7 +16,7 @@ from spark.config import MatFormerConfig, ModelConfig, SparkConfig
 from spark.ffn import GeGLU, SparkFFN
 from spark.model import Transformer
 
-TINY = ModelConfig(vocab_size=61, d_model=32, num_layers=4, num_heads=4, num_kv_heads=2,
+TINY = ModelConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                    head_dim=16, ffn_dim=64, sliding_window=5)
 SPARK = dataclasses.replace(TINY, ffn_kind="spark", attn_kind="spark",
                             spark=SparkConfig(ffn_k_frac=0.25, attn_k=4))
@@ -24,7 +24,7 @@ VARIANTS = {
     "dense": (TINY, None),
     "spark_ffn": (dataclasses.replace(TINY, ffn_kind="spark"), None),
     "spark_attn": (dataclasses.replace(TINY, attn_kind="spark", spark=SparkConfig(attn_k=4)), None),
-    "spark_mixnmatch": (SPARK, (12, 96, 24, 48)),
+    "spark_mixnmatch": (SPARK, (12, 48)),
 }
 
 
@@ -189,7 +189,7 @@ def test_no_nan_at_position_zero_or_with_padding():
 def test_matformer_extracted_model_equals_nested_forward():
     model = Transformer(SPARK, nnx.Rngs(3))
     tokens, pos = _inputs(t=10)
-    for widths in [(12, 24, 48, 96), (96, 12, 12, 48)]:
+    for widths in [(12, 48), (96, 12)]:
         nested, _ = model(tokens, pos, widths=widths)
         small = matformer.extract(model, widths)
         assert small.cfg.layer_ffn_dims == widths

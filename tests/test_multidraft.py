@@ -120,12 +120,12 @@ GREEDY_MDS = [MultiDraftConfig("spectr", drafts=2, length=3), MultiDraftConfig("
 
 @pytest.mark.parametrize("cfg", [SMALL, SPARK], ids=["dense", "spark"])
 def test_greedy_equals_plain_greedy_and_ragged_rows_equal_alone(cfg):
-    """Every method on the dense target; RSD-C (tree attention on the sparse-gather path) on Spark."""
+    """SpecTr and RSD-S on the dense target; RSD-C (tree attention on the sparse-gather path) on Spark."""
     graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)))
     prompts, lengths = _batch(PROMPTS)
     kw = dict(max_new_tokens=16, sampler=GREEDY, eos_id=-1, pad_id=0)
     ref, _, _ = plain.generate(graphdef, params, prompts, lengths, jax.random.key(0), **kw)
-    for md in GREEDY_MDS if cfg is SMALL else GREEDY_MDS[1:2]:
+    for md in [GREEDY_MDS[0], GREEDY_MDS[2]] if cfg is SMALL else GREEDY_MDS[1:2]:
         md = md.resolve(cfg)
         out, num, st = md_lib.generate(graphdef, params, prompts, lengths, jax.random.key(1), md=md, **kw)
         np.testing.assert_array_equal(np.asarray(out), np.asarray(ref), err_msg=md.method)
@@ -186,8 +186,7 @@ def test_conditional_gumbels_by_hand_and_their_max_is_the_parents():
     assert (np.argsort(np.asarray(out), -1) == np.argsort(np.asarray(phi), -1)).all()  # order kept
 
 
-@pytest.mark.parametrize("md", [MultiDraftConfig("spectr", drafts=3, length=3), RSD_C], ids=["spectr", "rsd_c"])
-def test_committed_cache_equals_a_fresh_forward(md):
+def test_committed_cache_equals_a_fresh_forward(md=RSD_C):
     """After one sampled round (with rejections), the next token's logits from the committed cache
     equal a fresh forward over prompt + emitted tokens: commit moved the right K/V into place."""
     from decode.speculative import SpecConfig, spec_prefill

@@ -20,7 +20,7 @@ def workdir(built_once, data_dir):
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny.py"),
                "--workdir", w, f"--config.data.data_dir={data_dir}", "--config.train.steps=4",
                "--config.train.ckpt_every=4", "--config.train.eval_every=4", "--config.model.max_seq_len=48",
-               "--no_progress"]
+               "--config.train.matformer_mode=off", "--no_progress"]  # one granularity: less compile
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
 
@@ -133,20 +133,24 @@ def test_search_decoders_json(workdir, sample_cli, capsys):
 
 
 def test_multidraft_json_greedy_equals_plain(workdir, sample_cli, capsys):
+    """The CLI path of decode/multidraft.py (one method; each method's greedy equality is in
+    tests/test_multidraft.py) and the flag -> config mapping of the others."""
     common = ["--workdir", workdir, "--prompt", "def ", "--prompt", "class A", "--max_new_tokens", "8",
               "--temperature", "0", "--json"]
     sample_cli.main(common)
     plain = json.loads(capsys.readouterr().out)
-    for extra, method, depth in ((["--drafts", "2", "--gamma", "2"], "spectr", 2), (["--tree", "2,1"], "rsd_c", 2),
-                                 (["--tree_beam", "2", "--tree_depth", "2", "--verifier", "target_only"], "rsd_s", 2)):
-        sample_cli.main([*common, "--speculative", "--draft_granularity", "4", *extra])
-        out = json.loads(capsys.readouterr().out)
-        st = out["stats"]
-        assert out["text"] == plain["text"], method
-        assert st["method"] == method and st["gamma"] == depth and st["rounds"] > 0
-        assert st["tree_nodes"] == {"spectr": 4, "rsd_c": 4, "rsd_s": 4}[method]
-        assert st["accepted_per_round"] == pytest.approx(sum(st["accepted"]) / st["rounds"])
-    assert st["verifier"] == "target_only"
+    sample_cli.main([*common, "--speculative", "--draft_granularity", "4", "--tree", "2,1"])
+    out = json.loads(capsys.readouterr().out)
+    st = out["stats"]
+    assert out["text"] == plain["text"]
+    assert st["method"] == "rsd_c" and st["verifier"] == "recursive" and st["gamma"] == 2 and st["rounds"] > 0
+    assert st["tree_nodes"] == 4 and st["accepted_per_round"] == pytest.approx(sum(st["accepted"]) / st["rounds"])
+    for extra, want in ((["--drafts", "4", "--gamma", "2"], dict(method="spectr", drafts=4, length=2, verifier="kseq")),
+                        (["--tree_beam", "3", "--tree_depth", "2", "--verifier", "target_only"],
+                         dict(method="rsd_s", beam=3, depth=2, verifier="target_only"))):
+        args = sample_cli.parse_args(["--workdir", workdir, "--prompt", "a", "--speculative", *extra])
+        cfg = sample_cli.check_speculative_flags(args)
+        assert all(getattr(cfg, k) == v for k, v in want.items()), (cfg, want)
 
 
 @pytest.mark.parametrize("name", list(BAD))

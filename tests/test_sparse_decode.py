@@ -104,12 +104,12 @@ def test_sparse_attention_overflow_is_counted():
     assert not np.allclose(np.asarray(out), np.asarray(masked), atol=1e-4)  # dropping keys changes the output
 
 
-SPARK = ModelConfig(vocab_size=61, d_model=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
+SPARK = ModelConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                     ffn_dim=64, sliding_window=5, ffn_kind="spark", attn_kind="spark",
                     spark=SparkConfig(ffn_k_frac=0.25, attn_k=4, decode_capacity_sigmas=100.0))
 
 
-@pytest.mark.parametrize("widths", [None, (12, 96, 24, 48)], ids=["full", "mixnmatch"])
+@pytest.mark.parametrize("widths", [None, (12, 48)], ids=["full", "mixnmatch"])
 def test_sparse_decode_equals_full_forward(widths):
     model = Transformer(SPARK, nnx.Rngs(0))
     b, t, p = 2, 14, 5  # past the window (5) and past attn_k (4) visible keys

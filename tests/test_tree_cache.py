@@ -19,7 +19,7 @@ TINY = ModelConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_
                    ffn_dim=64, sliding_window=5)
 SPARK = dataclasses.replace(TINY, ffn_kind="spark", attn_kind="spark",
                             spark=SparkConfig(ffn_k_frac=0.25, attn_k=3, decode_capacity_sigmas=100.0))
-CASES = {"dense": (TINY, False), "spark": (SPARK, False), "spark_sparse": (SPARK, True)}
+CASES = {"dense": (TINY, False), "spark_sparse": (SPARK, True)}  # the masked Spark path: test_a_chain_tree…
 
 PARENT = np.array([-1, 0, 0, 1, 2, 2, 4])  # BFS order; node 6 is at depth 3
 DEPTH = np.array([0, 1, 1, 2, 2, 2, 3])
@@ -114,13 +114,14 @@ def test_tree_nodes_equal_full_forward_of_their_paths_and_commit(name):
 
 
 def test_a_chain_tree_equals_the_linear_block():
-    """A tree that is a chain (anc = lower triangle) is the linear block: logits and cache."""
-    graphdef, params = nnx.split(Transformer(TINY, nnx.Rngs(1)))
+    """A tree that is a chain (anc = lower triangle) is the linear block: logits and cache (Spark,
+    masked path)."""
+    graphdef, params = nnx.split(Transformer(SPARK, nnx.Rngs(1)))
     model = jax.jit(lambda *a, **kw: nnx.merge(graphdef, params)(*a, **kw))
     b, t, p = 2, 4, 6
-    tok = jax.random.randint(jax.random.key(2), (b, p + t), 0, TINY.vocab_size)
+    tok = jax.random.randint(jax.random.key(2), (b, p + t), 0, SPARK.vocab_size)
     pos = jnp.broadcast_to(jnp.arange(p + t), (b, p + t))
-    _, cache = model(tok[:, :p], pos[:, :p], cache=kv_cache.init(TINY, b, 16))
+    _, cache = model(tok[:, :p], pos[:, :p], cache=kv_cache.init(SPARK, b, 16))
     lin, lin_cache = model(tok[:, p:], pos[:, p:], cache=cache)
     tree = kv_cache.Tree(node_BT=jnp.broadcast_to(jnp.arange(t), (b, t)),
                          anc_BTN=jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t)), pos_BN=pos[:, p:])
