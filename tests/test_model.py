@@ -46,7 +46,7 @@ def test_causality_by_gradient(name):
         logits = model.logits(h)
         return jnp.sum(logits[:, t0] ** 2)
 
-    g = jax.grad(loss)(x)
+    g = jax.jit(jax.grad(loss))(x)
     per_pos = np.asarray(jnp.abs(g).sum(axis=(0, 2)))
     assert np.all(per_pos[t0 + 1:] == 0.0), per_pos
     assert np.all(per_pos[: t0 + 1] > 0.0), per_pos  # the test has power: the past does matter
@@ -181,7 +181,7 @@ def test_no_nan_at_position_zero_or_with_padding():
         logits, _ = nnx.merge(graphdef, params)(tokens, pos)
         return jnp.sum(logits ** 2), logits
 
-    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     assert bool(jnp.all(jnp.isfinite(logits)))
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 

@@ -66,7 +66,7 @@ def test_tree_nodes_equal_full_forward_of_their_paths_and_commit(name):
         arr = np.zeros((len(seqs), 16), np.int32)
         for i, x in enumerate(seqs):
             arr[i, : len(x)] = x
-        logits = nnx.merge(graphdef, params)(jnp.asarray(arr), jnp.arange(16)[None], sparse=False)[0]
+        logits = jax.jit(lambda a: nnx.merge(graphdef, params)(a, jnp.arange(16)[None], sparse=False)[0])(arr)
         return [logits[i, j] for i, j in enumerate(at)]
 
     _, cache = fwd(jnp.asarray(prompts), jnp.broadcast_to(jnp.arange(width), (b, width)), kv_cache.init(cfg, b, 20))
