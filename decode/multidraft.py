@@ -133,13 +133,19 @@ def depths(md: MultiDraftConfig) -> np.ndarray:
     return out
 
 
+def add_level(anc_BNN, parent_BN, ids):
+    """The ancestor rows of the nodes `ids`: their parent's row and themselves."""
+    n = anc_BNN.shape[1]
+    rows = jnp.take_along_axis(anc_BNN, parent_BN[:, ids, None], axis=1) | jnp.eye(n, dtype=bool)[ids]
+    return anc_BNN.at[:, ids].set(rows)
+
+
 def ancestors(parent_BN, levels):
     """anc[b, n, m]: m is n or one of its ancestors, built level by level (parents precede children)."""
     b, n = parent_BN.shape
     anc = jnp.broadcast_to(jnp.eye(n, dtype=bool), (b, n, n))
     for ids in levels[1:]:
-        rows = jnp.take_along_axis(anc, parent_BN[:, ids, None], axis=1) | jnp.eye(n, dtype=bool)[ids]
-        anc = anc.at[:, ids].set(rows)
+        anc = add_level(anc, parent_BN, ids)
     return anc
 
 
@@ -158,14 +164,18 @@ def conditional_gumbels(g_parent, phi_V):
 
 # ---------------------------------------------------------------- draft trees
 
-def _draft_forward(drafter, tokens_BT, ids, parent_BN, md, cache, sparse, sampler):
+def tree_block(ids, anc_BNN, pos_BN) -> Tree:
+    """The nodes `ids` of a round's tree as one model block."""
+    b = anc_BNN.shape[0]
+    return Tree(node_BT=jnp.broadcast_to(jnp.asarray(ids, jnp.int32), (b, len(ids))), anc_BTN=anc_BNN[:, ids],
+                pos_BN=pos_BN)
+
+
+def _draft_forward(drafter, tokens_BT, ids, anc_BNN, pos_BN, md, cache, sparse, sampler):
     """The draft at the nodes `ids` (one depth) -> (processed logq [B, T, V], raw logits, cache)."""
     b = tokens_BT.shape[0]
-    pos_BN = cache.lengths[:, None] + jnp.asarray(depths(md))[None]
-    anc = ancestors(parent_BN, md.levels)
-    tree = Tree(node_BT=jnp.broadcast_to(jnp.asarray(ids, jnp.int32), (b, len(ids))), anc_BTN=anc[:, ids],
-                pos_BN=pos_BN)
-    logits, cache = drafter(tokens_BT, pos_BN[:, ids], cache=cache, widths=md.draft_widths, sparse=sparse, tree=tree)
+    logits, cache = drafter(tokens_BT, pos_BN[:, ids], cache=cache, widths=md.draft_widths, sparse=sparse,
+                            tree=tree_block(ids, anc_BNN, pos_BN))
     v = logits.shape[-1]
     logq = processed_logprobs(logits.reshape(-1, v), sampler).reshape(b, len(ids), v)
     return logq, logits, cache
@@ -189,17 +199,18 @@ def _row_draws(key, logq_BKV, greedy: bool):
     return jax.random.categorical(key, logq_BKV, -1).astype(jnp.int32)
 
 
-def draft_spectr(drafter, s: SpecState, key, md, sampler, sparse):
-    """k rows of `length` tokens. -> (node tokens [B, N], valid [B, N], logq [B, N, V], parent, cache).
-    With an adaptive threshold the depths run in a while_loop that ends once no row is drafting."""
+def draft_spectr(drafter, s: SpecState, key, md, pos_BN, sampler, sparse):
+    """k rows of `length` tokens. -> (node tokens [B, N], valid [B, N], logq [B, N, V], parent, ancestors,
+    cache). With an adaptive threshold the depths run in a while_loop that ends once no row is drafting."""
     b, k, n_len, nn = s.pending_B.shape[0], md.drafts, md.length, md.nodes
     lv, parent = md.levels, jnp.broadcast_to(jnp.asarray(md.static_parent, jnp.int32), (b, nn))
+    anc = ancestors(parent, lv)  # a static tree: built once per round
     greedy = sampler.temperature == 0.0
 
     def level(d, ids, kids, carry):
         """The draft forward at depth d (node ids `ids`) samples each row's token at depth d + 1."""
         tokens, valid, logq_all, cache, active, conf = carry
-        logq, logits, cache = _draft_forward(drafter, tokens[:, ids], ids, parent, md, cache, sparse, sampler)
+        logq, logits, cache = _draft_forward(drafter, tokens[:, ids], ids, anc, pos_BN, md, cache, sparse, sampler)
         logq_all = logq_all.at[:, ids].set(logq)
         logq_k = jnp.broadcast_to(logq, (b, k, logq.shape[-1]))  # at the root, one q feeds every row
         tokens = tokens.at[:, kids].set(_row_draws(jax.random.fold_in(key, d), logq_k, greedy))
@@ -223,26 +234,26 @@ def draft_spectr(drafter, s: SpecState, key, md, sampler, sparse):
         body = lambda c: (c[0] + 1, level(c[0], rows + c[0] - 1, rows + c[0], c[1]))  # noqa: E731
         carry = jax.lax.while_loop(lambda c: (c[0] < n_len) & jnp.any(c[1][4]), body, (jnp.int32(1), carry))[1]
     tokens, valid, logq_all, cache, _, _ = carry
-    return tokens, valid, logq_all, parent, cache
+    return tokens, valid, logq_all, parent, anc, cache
 
 
-def draft_rsd(drafter, s: SpecState, key, md, sampler, sparse):
-    """RSD-C / RSD-S trees. -> (node tokens [B, N], valid [B, N], logq [B, N, V], parent [B, N], cache)."""
-    b, nn = s.pending_B.shape[0], md.nodes
+def draft_rsd(drafter, s: SpecState, key, md, pos_BN, sampler, sparse):
+    """RSD-C / RSD-S trees. -> (node tokens [B, N], valid [B, N], logq [B, N, V], parent [B, N],
+    ancestors [B, N, N], cache)."""
+    b, nn, v = s.pending_B.shape[0], md.nodes, drafter.cfg.vocab_size
     lv = md.levels
     parent = jnp.broadcast_to(jnp.asarray(md.static_parent, jnp.int32), (b, nn))
+    # rsd_c: a static tree, built once; rsd_s: each level's rows are added once its parents are drawn
+    anc = ancestors(parent, lv) if md.method == "rsd_c" else jnp.broadcast_to(jnp.eye(nn, dtype=bool), (b, nn, nn))
     tokens = jnp.zeros((b, nn), jnp.int32).at[:, 0].set(s.pending_B)
     valid = jnp.zeros((b, nn), bool).at[:, 0].set(~s.done_B)
     score = jnp.zeros((b, nn), jnp.float32)  # rsd_s: cumulative log q of each node's path
     gval = jnp.zeros((b, nn), jnp.float32)  # rsd_s: each node's perturbed value G
     greedy = sampler.temperature == 0.0
-    cache, logq_all = s.cache, None
+    cache, logq_all = s.cache, jnp.zeros((b, nn, v), jnp.float32)
     for d in range(len(lv) - 1):
         ids, kids = lv[d], lv[d + 1]
-        logq, logits, cache = _draft_forward(drafter, tokens[:, ids], ids, parent, md, cache, sparse, sampler)
-        v = logq.shape[-1]
-        if logq_all is None:
-            logq_all = jnp.zeros((b, nn, v), jnp.float32)
+        logq, logits, cache = _draft_forward(drafter, tokens[:, ids], ids, anc, pos_BN, md, cache, sparse, sampler)
         logq_all = logq_all.at[:, ids].set(logq)
         kd = jax.random.fold_in(key, d)
         if md.method == "rsd_c":
@@ -266,12 +277,13 @@ def draft_rsd(drafter, s: SpecState, key, md, sampler, sparse):
         best, flat = jax.lax.top_k(g_child.reshape(b, -1), len(kids))
         par_local, tok = flat // v, (flat % v).astype(jnp.int32)
         parent = parent.at[:, kids].set(jnp.asarray(ids, jnp.int32)[par_local])
+        anc = add_level(anc, parent, kids)
         tokens = tokens.at[:, kids].set(tok)
         valid = valid.at[:, kids].set(best > -jnp.inf)
         score = score.at[:, kids].set(jnp.take_along_axis(score[:, ids], par_local, 1)
                                       + jnp.take_along_axis(lq.reshape(b, -1), flat, 1))
         gval = gval.at[:, kids].set(best)
-    return tokens, valid, logq_all, parent, cache
+    return tokens, valid, logq_all, parent, anc, cache
 
 
 # ---------------------------------------------------------------- verify, walk, round
@@ -326,16 +338,14 @@ def md_round(model, drafter, s: SpecState, *, md: MultiDraftConfig, sampler, eos
              sparse) -> SpecState:
     k_draft, k_walk = jax.random.split(jax.random.fold_in(s.key, s.rounds))
     lengths = s.cache.lengths
+    pos_BN = lengths[:, None] + jnp.asarray(depths(md))[None]  # siblings share a position
     draft = draft_spectr if md.method == "spectr" else draft_rsd
-    tokens, valid, logq, parent, cache = draft(drafter, s, k_draft, md, sampler, sparse)
+    tokens, valid, logq, parent, anc, cache = draft(drafter, s, k_draft, md, pos_BN, sampler, sparse)
     # verify: every node in one target forward
     b, nn = tokens.shape
-    all_ids = np.arange(nn)
-    pos_BN = lengths[:, None] + jnp.asarray(depths(md))[None]
-    tree = Tree(node_BT=jnp.broadcast_to(jnp.asarray(all_ids, jnp.int32), (b, nn)),
-                anc_BTN=ancestors(parent, md.levels), pos_BN=pos_BN)
     vs = sparse if md.verify_sparse is None else md.verify_sparse
-    logits, cache = model(tokens, pos_BN, cache=cache, widths=widths, sparse=vs, tree=tree)
+    logits, cache = model(tokens, pos_BN, cache=cache, widths=widths, sparse=vs,
+                          tree=tree_block(np.arange(nn), anc, pos_BN))
     v = logits.shape[-1]
     logp = processed_logprobs(logits.reshape(b * nn, v), sampler).reshape(b, nn, v)
     path, n, t, path_tok = walk(k_walk, md, sampler, tokens, valid, parent, logp, logq)

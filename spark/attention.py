@@ -91,7 +91,7 @@ class Attention(nnx.Module):
             slots_BT = tree.base_B[:, None] + tree.node_BT
             keys = kv_cache.write_slots(kv[0], k, slots_BT)
             values = kv_cache.write_slots(kv[1], v, slots_BT, transposed=v_t)
-            k_pos_BS, structural_BTS = kv_cache.tree_key_mask(tree, tree.base_B, keys.shape[2])
+            k_pos_BS, structural_BTS = kv_cache.tree_key_mask(tree, keys.shape[2])
             k_seg_BS = segment_ids_BT = None
             new_kv = (keys, values)
         else:

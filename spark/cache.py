@@ -91,13 +91,13 @@ def write_slots(buf, new_BTKH, slots_BT, transposed: bool = False):
     return jax.vmap(one)(buf, new, slots_BT)
 
 
-def tree_key_mask(tree: Tree, lengths_B, num_slots: int):
+def tree_key_mask(tree: Tree, num_slots: int):
     """(k_pos_BS, structural_BTS): each slot's position (-1: never visible) and whether block
     token t may see slot s by the tree (committed slots: yes; scratch: its ancestors and itself).
     The caller adds causality and the window (spark/layers.py: visible_mask)."""
     s = jnp.arange(num_slots, dtype=jnp.int32)[None, :]
     n = tree.pos_BN.shape[1]
-    node_BS = s - lengths_B[:, None]  # scratch node of each slot
+    node_BS = s - tree.base_B[:, None]  # scratch node of each slot
     scratch_BS = (node_BS >= 0) & (node_BS < n)
     node_pos = jnp.take_along_axis(tree.pos_BN, jnp.clip(node_BS, 0, n - 1), axis=1)
     k_pos_BS = jnp.where(node_BS < 0, s, jnp.where(scratch_BS, node_pos, -1))

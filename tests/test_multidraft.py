@@ -147,9 +147,10 @@ def test_rsd_s_tree_is_a_beam_with_ordered_children():
         model = nnx.merge(graphdef, params)
         s = spec_prefill(model, prompts, jnp.asarray([2]), jax.random.key(0), max_new_tokens=8,
                          spec=SpecConfig(gamma=md.nodes), sampler=TOY_SAMPLER, eos_id=-1, pad_id=0, widths=None)
-        return md_lib.draft_rsd(model, s, jax.random.key(3), md, TOY_SAMPLER, True)
+        pos_BN = s.cache.lengths[:, None] + jnp.asarray(md_lib.depths(md))[None]
+        return md_lib.draft_rsd(model, s, jax.random.key(3), md, pos_BN, TOY_SAMPLER, True)
 
-    tokens, valid, logq, parent, _ = draft(params)
+    tokens, valid, logq, parent, anc_drafted, _ = draft(params)
     parent, valid = np.asarray(parent[0]), np.asarray(valid[0])
     assert valid.all() and parent.tolist()[:4] == [-1, 0, 0, 0] and set(parent[4:]) <= {1, 2, 3}
     tokens = np.asarray(tokens[0])
@@ -157,6 +158,7 @@ def test_rsd_s_tree_is_a_beam_with_ordered_children():
         kids = tokens[np.flatnonzero(parent == a)]
         assert len(set(kids.tolist())) == len(kids)
     anc = np.asarray(md_lib.ancestors(jnp.asarray(parent)[None], md.levels)[0])
+    np.testing.assert_array_equal(np.asarray(anc_drafted[0]), anc)  # built level by level as parents are drawn
     for n in range(4, 7):
         assert anc[n, [0, parent[n], n]].all() and anc[n].sum() == 3
 
