@@ -120,7 +120,9 @@ GREEDY_MDS = [MultiDraftConfig("spectr", drafts=2, length=3), MultiDraftConfig("
 
 @pytest.mark.parametrize("cfg", [SMALL, SPARK], ids=["dense", "spark"])
 def test_greedy_equals_plain_greedy_and_ragged_rows_equal_alone(cfg):
-    """SpecTr and RSD-S on the dense target; RSD-C (tree attention on the sparse-gather path) on Spark."""
+    """SpecTr and RSD-S on the dense target; RSD-C (tree attention on the sparse-gather path) on Spark.
+    A ragged row alone is run on the dense target only: on Spark, batch == plain batch here and plain
+    batch == plain alone (test_generate) already imply it, and a B = 1 program is another compile."""
     graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)))
     prompts, lengths = _batch(PROMPTS)
     kw = dict(max_new_tokens=16, sampler=GREEDY, eos_id=-1, pad_id=0)
@@ -130,6 +132,8 @@ def test_greedy_equals_plain_greedy_and_ragged_rows_equal_alone(cfg):
         out, num, st = md_lib.generate(graphdef, params, prompts, lengths, jax.random.key(1), md=md, **kw)
         np.testing.assert_array_equal(np.asarray(out), np.asarray(ref), err_msg=md.method)
         assert 0 < int(np.sum(st["accepted"])) and float(st["tokens_per_round"]) > 1.0
+    if cfg is SPARK:
+        return
     alone, _, _ = md_lib.generate(graphdef, params, prompts[1:2], lengths[1:2], jax.random.key(1), md=md, **kw)
     np.testing.assert_array_equal(np.asarray(alone[0]), np.asarray(out[1]))
 

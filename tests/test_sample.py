@@ -47,20 +47,18 @@ def test_text_output(workdir):
     assert "tokens in" in r.stderr
 
 
-def test_json_output_and_checkpoint_path_and_widths(workdir):
+def test_json_output_and_checkpoint_path_and_widths(workdir, sample_cli, capsys):
     common = ["--prompt", "def ", "--prompt", "class A", "--max_new_tokens", "8", "--temperature", "0", "--json"]
-    r = _sample("--workdir", workdir, *common, "--widths", "48,96")  # tiny Spark F = 96: layer 0 at F/2
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = json.loads(r.stdout)
+    sample_cli.main(["--workdir", workdir, *common, "--widths", "48,96"])  # tiny Spark F = 96: layer 0 at F/2
+    out = json.loads(capsys.readouterr().out)
     assert len(out["text"]) == 2 and out["tokens_per_s"] > 0
     st = out["stats"]
     assert st["widths"] == [48, 96] and st["new_tokens"] == [8, 8] and st["checkpoint_step"] == 4
     assert len(st["ffn_overflow"]) == 2 and len(st["attn_overflow"]) == 2  # per row
     assert len(st["ffn_density"]) == 2 and len(st["keys_per_query"]) == 2  # per layer
-    r2 = _sample("--checkpoint", os.path.join(workdir, "checkpoints", "4"), *common, "--widths", "48,96",
-                 "--speculative", "--draft_granularity", "4", "--gamma", "2")
-    assert r2.returncode == 0, r2.stderr[-2000:]
-    out2 = json.loads(r2.stdout)
+    sample_cli.main(["--checkpoint", os.path.join(workdir, "checkpoints", "4"), *common, "--widths", "48,96",
+                     "--speculative", "--draft_granularity", "4", "--gamma", "2"])
+    out2 = json.loads(capsys.readouterr().out)
     assert out2["text"] == out["text"]  # greedy, speculative or not: the same checkpoint gives the same text
     st2 = out2["stats"]
     assert st2["draft_widths"] == [24, 24] and st2["gamma"] == 2 and st2["new_tokens"] == [8, 8]

@@ -115,15 +115,16 @@ def test_sparse_decode_equals_full_forward(widths):
     b, t, p = 2, 14, 5  # past the window (5) and past attn_k (4) visible keys
     tokens = jax.random.randint(jax.random.key(1), (b, t), 0, SPARK.vocab_size)
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    full, _ = model(tokens, pos, widths=widths)
     graphdef, params = nnx.split(model)
+    forward = jax.jit(lambda params, tok, pos, cache: nnx.merge(graphdef, params)(tok, pos, cache=cache, widths=widths))
+    full, _ = forward(params, tokens, pos, None)
 
     @jax.jit
     def step(params, tok, pos, cache):
         return nnx.merge(graphdef, params)(tok, pos, cache=cache, widths=widths, sparse=True, return_aux=True)
 
     cache = kv_cache.init(SPARK, b, t)
-    logits, cache = model(tokens[:, :p], pos[:, :p], cache=cache, widths=widths)
+    logits, cache = forward(params, tokens[:, :p], pos[:, :p], cache)
     steps, overflow = [logits], 0
     for i in range(p, t):
         logits, cache, stats = step(params, tokens[:, i:i + 1], pos[:, i:i + 1], cache)

@@ -310,26 +310,33 @@ def test_rollback_cache_equals_fresh_forward(draft_cache):
               eos_id=-1, pad_id=0, widths=widths)
 
     @jax.jit
-    def one_round(params):
+    def one_round(params):  # the round and the next-token logits from its caches, in one program
         model = nnx.merge(graphdef, params)
         s = spec.spec_prefill(model, prompts, lengths, jax.random.key(2), max_new_tokens=16, **kw)
-        return spec.spec_round(model, s, sparse=True, **kw)
+        s = spec.spec_round(model, s, sparse=True, **kw)
+        pos_B = s.cache.lengths
+        got = {"target": model(s.pending_B[:, None], pos_B[:, None], cache=s.cache, widths=widths)[0][:, -1]}
+        if s.draft_cache is not None:  # the draft re-reads [last, pending]: fills the slot of a full acceptance
+            got["draft"] = model(jnp.stack([s.last_B, s.pending_B], 1), pos_B[:, None] + jnp.arange(-1, 1),
+                                 cache=s.draft_cache, widths=dw)[0][:, -1]
+        return s, got
 
-    s = one_round(params)
+    s, got = one_round(params)
     accepted = np.asarray(s.stats["accepted"])
     assert (accepted < 4).any()  # a rejection happened
-    model = nnx.merge(graphdef, params)
-    pos_B = s.cache.lengths
+    assert (s.draft_cache is not None) == (draft_cache == "separate")
     seqs = [list(PROMPTS[b]) + np.asarray(s.tokens_BN[b, : s.num_B[b]]).tolist() for b in range(len(PROMPTS))]
-    assert [len(x) for x in seqs] == (np.asarray(pos_B) + 1).tolist()
-    checks = [(s.cache, widths, s.pending_B[:, None], pos_B[:, None])]
-    if s.draft_cache is not None:  # the draft re-reads [last, pending]: fills the slot of a full acceptance
-        checks.append((s.draft_cache, dw, jnp.stack([s.last_B, s.pending_B], 1), pos_B[:, None] + jnp.arange(-1, 1)))
-    for cache, w, tok, pos in checks:
-        got, _ = model(tok, pos, cache=cache, widths=w)
+    assert [len(x) for x in seqs] == (np.asarray(s.cache.lengths) + 1).tolist()
+    arr = np.zeros((len(seqs), max(map(len, seqs))), np.int32)  # padded at the end: causal
+    for b, seq in enumerate(seqs):
+        arr[b, : len(seq)] = seq
+    fresh = jax.jit(lambda a, w: nnx.merge(graphdef, params)(a, jnp.arange(a.shape[1])[None], widths=w)[0],
+                    static_argnums=1)
+    for name, w in [("target", widths), ("draft", dw)][: len(got)]:
+        ref = fresh(arr, w)
         for b, seq in enumerate(seqs):
-            ref, _ = model(jnp.asarray([seq]), jnp.arange(len(seq))[None], widths=w)
-            np.testing.assert_allclose(np.asarray(got[b, -1]), np.asarray(ref[0, -1]), atol=1e-4, rtol=1e-4)
+            np.testing.assert_allclose(np.asarray(got[name][b]), np.asarray(ref[b, len(seq) - 1]), atol=1e-4,
+                                       rtol=1e-4, err_msg=name)
 
 
 def test_bad_arguments():
