@@ -12,13 +12,17 @@ wide (4, 1, …) and a deep (2, 1, …) branching vector of B nodes, RSD-S with 
 B/beam (decode/multidraft.py); plain decoding as the baseline. All variants run the same prompts
 and seeds, interleaved round by round in one process.
 
-Reported per method and budget: block efficiency (tokens emitted per target forward), measured
-tokens/s and speedup over plain (medians), and the speedup predicted from the measured block
+Reported per method and budget: block efficiency (tokens emitted per target forward), its alpha*
+reference (1 + a_1 + a_1 a_2 + ..., a_d the optimal acceptance of as many i.i.d. drafts as the
+method verifies below a node at depth d, averaged over teacher-forced held-out positions; not a
+strict bound, positions are not independent), measured tokens/s and speedup over plain
+(medians), and the speedup predicted from the measured block
 efficiency and separately measured forward costs (a t-token forward at full and F/8 width, looped
 in one jit over the prompt's cache):  E · t_plain / (Σ_depths t_draft(nodes at that depth) +
 t_verify(B + 1)). JSON fields `block_efficiency`, `multidraft_vs_single_at_equal_budget` (best
 multi-draft / single-draft block efficiency per budget and overall), `speedup_best` (the best
-measured lossless speedup); PNG: block efficiency vs budget.
+measured lossless speedup), `acceptance` (alpha*_k and K-SEQ's acceptance per k); PNG: block
+efficiency vs budget.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from bench.common import interleaved, write_json  # noqa: E402
 from bench.speculative import PROMPTS, _looped_forward  # noqa: E402
 from decode import generate as gen  # noqa: E402
 from decode import multidraft as md_lib  # noqa: E402
+from decode import verify  # noqa: E402
 from decode import speculative as spec  # noqa: E402
 from decode.multidraft import MultiDraftConfig  # noqa: E402
 from decode.sampling import SamplerConfig  # noqa: E402
@@ -72,6 +77,59 @@ def draft_blocks(cfg) -> list[int]:
     return [len(ids) for ids in cfg.levels[:-1]]
 
 
+def children(cfg) -> list[int]:
+    """Candidates verified below an accepted node at each depth, at most: 1 (single), k (SpecTr:
+    fewer once rows stop matching), the branching vector (RSD-C), W (RSD-S: the beam's nodes may
+    all sit under the accepted one)."""
+    if isinstance(cfg, spec.SpecConfig):
+        return [1] * cfg.gamma
+    if cfg.method == "rsd_c":
+        return list(cfg.branching)
+    return [cfg.drafts] * cfg.length if cfg.method == "spectr" else [cfg.beam] * cfg.depth
+
+
+def acceptance(cfg, graphdef, params, draft_widths, sampler, ks, rows=8):
+    """Per-position acceptance on held-out text, teacher-forced (full-width p, F/8 q, processed as
+    the sampler does), averaged over positions, for each k: alpha*_k (the optimal acceptance of k
+    i.i.d. drafts, any verifier) and K-SEQ's 1 - (1 - beta(rho*))^k (k = 1: both are 1 - TV)."""
+    from flax import nnx
+
+    from decode.sampling import processed_logprobs
+    from spark.data.pipeline import make_dataset
+
+    batch = next(iter(make_dataset(cfg.data, cfg.data.eval_split, seq_len=cfg.train.seq_len, batch_size=rows,
+                                   seed=0, train=False)))
+
+    @jax.jit
+    def laws(params, tokens, positions, segments):
+        model = nnx.merge(graphdef, params)
+        out = []
+        for w in (None, draft_widths):
+            logits, _ = model(tokens, positions, widths=w, segment_ids_BT=segments)
+            out.append(jnp.exp(processed_logprobs(logits.reshape(-1, logits.shape[-1]), sampler)))
+        return out
+
+    p, q = laws(params, *(jnp.asarray(batch[k]) for k in ("inputs", "positions", "segment_ids")))
+    keep = np.asarray(batch["loss_mask"]).reshape(-1) > 0
+    p, q = p[keep], q[keep]
+    out = {}
+    for k in ks:
+        star = jax.jit(jax.vmap(lambda a, b: verify.optimal_acceptance(a, b, k)))(p, q)
+
+        def kseq_acc(a, b):
+            rho = verify.kseq_rho(a, b, k)
+            return 1.0 - (1.0 - jnp.sum(jnp.minimum(b, a / rho))) ** k
+
+        out[k] = {"alpha_star": float(jnp.mean(star)), "kseq": float(jnp.mean(jax.jit(jax.vmap(kseq_acc))(p, q)))}
+    return {"positions": int(keep.sum()), "per_k": out}
+
+
+def ceiling(alphas: list[float]) -> float:
+    """Tokens per target forward if the path's node at depth d were accepted with probability
+    alphas[d - 1], independently of the others: 1 + a_1 + a_1 a_2 + ... (the bonus included)."""
+    return float(1.0 + np.sum(np.cumprod(alphas)))
+
+
 def measure(args):
     if not os.path.isdir(os.path.join(args.workdir, "checkpoints")):
         sys.exit(f"no checkpoint in {args.workdir}: train it first (about 90 minutes here):\n  {TRAIN_CMD}")
@@ -97,6 +155,10 @@ def measure(args):
                              / np.sum([s["rounds"].sum() for s in st]))
             fns[key], confs[key] = fn, (name, b, c)
             print(f"{key}: {eff[key]:.2f} tokens per target forward", flush=True)
+    acc = acceptance(cfg, graphdef, params, dw, common["sampler"],
+                     sorted({k for _, _, c in confs.values() for k in children(c)}))
+    print("per-position acceptance (teacher-forced, held-out): " + ", ".join(
+        f"k={k}: alpha* {v['alpha_star']:.3f} K-SEQ {v['kseq']:.3f}" for k, v in acc["per_k"].items()), flush=True)
     timing = interleaved({n: (f, inputs, len(inputs)) for n, f in fns.items()}, args.rounds)
     costs = forward_costs(cfg.model, graphdef, params, dw, budgets, confs, width, args.rounds)
     plain_s = timing["plain"]["median_s"]
@@ -105,10 +167,12 @@ def measure(args):
     for key, (name, b, c) in confs.items():
         s = timing[key]["median_s"]
         t_round = sum(costs[f"draft T={n}"] for n in draft_blocks(c)) + costs[f"full T={b + 1}"]
-        rows[key] = {"method": name, "budget": b, "block_efficiency": eff[key], "tokens_per_s": args.new_tokens / s,
+        rows[key] = {"method": name, "budget": b, "block_efficiency": eff[key],
+                     "alpha_star_ceiling": ceiling([acc["per_k"][k]["alpha_star"] for k in children(c)]),
+                     "tokens_per_s": args.new_tokens / s,
                      "speedup": plain_s / s, "predicted_speedup": eff[key] * t_step / t_round,
                      "samples_s": timing[key]["samples_s"]}
-    return summarize(args, step, rows, costs, plain_s)
+    return summarize(args, step, rows, costs, plain_s) | {"acceptance": acc}
 
 
 def forward_costs(model_cfg, graphdef, params, draft_widths, budgets, confs, prompt_len, rounds, reps=8):
@@ -150,10 +214,10 @@ def summarize(args, step, rows, costs, plain_s):
 def print_table(r):
     print(f"\n{r['checkpoint']} (step {r['checkpoint_step']}), T = {r['temperature']}, batch 1, "
           f"plain {r['plain_tokens_per_s']:.0f} tokens/s")
-    print(f"{'method':>14} {'B':>3} {'tokens/fwd':>10} {'tokens/s':>9} {'speedup':>8} {'predicted':>9}")
+    print(f"{'method':>14} {'B':>3} {'tokens/fwd':>10} {'α* ref':>7} {'tokens/s':>9} {'speedup':>8} {'predicted':>9}")
     for row in r["rows"].values():
-        print(f"{row['method']:>14} {row['budget']:>3} {row['block_efficiency']:10.2f} {row['tokens_per_s']:9.0f} "
-              f"{row['speedup']:7.2f}x {row['predicted_speedup']:8.2f}x")
+        print(f"{row['method']:>14} {row['budget']:>3} {row['block_efficiency']:10.2f} {row['alpha_star_ceiling']:7.2f} "
+              f"{row['tokens_per_s']:9.0f} {row['speedup']:7.2f}x {row['predicted_speedup']:8.2f}x")
     m = r["multidraft_vs_single_at_equal_budget"]
     print("best multi-draft / single-draft tokens per target forward: "
           + ", ".join(f"B={b}: {v:.2f}" for b, v in m["per_budget"].items()))

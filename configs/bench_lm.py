@@ -15,6 +15,6 @@ def get_config() -> Config:
     model = ModelConfig(vocab_size=259, d_model=512, num_layers=4, num_heads=4, num_kv_heads=1, head_dim=64,
                         ffn_dim=4096, sliding_window=256, max_seq_len=512, ffn_kind="spark", attn_kind="spark",
                         matformer=MatFormerConfig((8, 4, 2, 1)), spark=SparkConfig(ffn_k_frac=0.08, attn_k=64))
-    train = TrainConfig(steps=1200, batch_size=16, seq_len=256, lr=2e-3, warmup_steps=100, log_every=25,
-                        eval_every=300, eval_batches=8, ckpt_every=100, matformer_mode="sample")
+    train = TrainConfig(steps=600, batch_size=16, seq_len=256, lr=2e-3, warmup_steps=100, log_every=25,
+                        eval_every=200, eval_batches=8, ckpt_every=100, matformer_mode="sample")
     return Config(model=model, train=train)

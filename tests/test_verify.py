@@ -1,6 +1,8 @@
 """decode/verify.py: the exact output law of each verifier, enumerated over every draft tuple of its
-draft law, equals the target p (V = 4, k = 2 and 3); power checks (a verifier fed the wrong draft law
-is not lossless); K-SEQ's acceptance against the optimal multi-draft acceptance; hand-worked cases."""
+draft law, equals the target p (V = 4, k = 1, 2, 3; random laws, disjoint supports, q = p, one-hot q,
+p = 0 on drafted tokens); power checks (a verifier fed the wrong draft law is not lossless); the
+optimal multi-draft acceptance alpha* against a linear program, K-SEQ's acceptance against it;
+hand-worked cases."""
 
 import itertools
 
@@ -42,6 +44,20 @@ def _law(verifier, p, q, tuples, probs):
     return probs @ laws
 
 
+def _edge_laws():
+    """(name, p, q): disjoint supports, q = p, one-hot q, p = 0 on tokens q drafts."""
+    p, q = _laws(5)
+    return [("disjoint", np.array([0.5, 0.5, 0, 0], np.float32), np.array([0, 0, 0.3, 0.7], np.float32)),
+            ("q=p", p, p), ("one-hot q", p, np.array([0, 1, 0, 0], np.float32)),
+            ("p=0 on drafts", np.array([0.6, 0, 0.4, 0], np.float32), q)]
+
+
+def _cases(k, distinct: bool):
+    """4 random laws and the edge cases (for distinct drafts only where q has k tokens to draw)."""
+    return [(f"seed {s}", *_laws(s)) for s in range(4)] + [
+        c for c in _edge_laws() if not distinct or (c[2] > 0).sum() >= k]
+
+
 VERIFIERS = {
     "kseq": (verify.kseq, _iid),
     "recursive_with": (lambda p, q, x: verify.recursive(p, q, x, without_replacement=False), _iid),
@@ -49,14 +65,13 @@ VERIFIERS = {
 }
 
 
-@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("name", list(VERIFIERS))
 def test_output_law_is_the_target(name, k):
     verifier, drafts = VERIFIERS[name]
-    for seed in range(4):
-        p, q = _laws(seed)
+    for case, p, q in _cases(k, distinct=drafts is _without_replacement):
         law = _law(verifier, p, q, *drafts(q, k))
-        np.testing.assert_allclose(law, p, atol=3e-6, err_msg=f"{name} k={k} seed={seed}")
+        np.testing.assert_allclose(law, p, atol=3e-6, err_msg=f"{name} k={k} {case}")
 
 
 @pytest.mark.parametrize("name,wrong", [("kseq", _without_replacement), ("recursive_with", _without_replacement),
@@ -78,22 +93,50 @@ def test_target_only_is_lossless_for_any_set_and_counts_duplicates_once():
             assert abs(reached - p[sorted(set(cand))].sum()) < 2e-6  # acceptance = p(S)
 
 
-def _alpha_star_iid(p, q, k):
-    """Optimal k-draft acceptance for i.i.d. drafts: min over prefixes H of the tokens sorted by
-    ascending p/q of p(H) + 1 - q(H)^k (research notes §2.2)."""
-    order = np.argsort(p / np.maximum(q, 1e-30))
-    return min(p[order[:j]].sum() + 1.0 - q[order[:j]].sum() ** k for j in range(V + 1))
+def _alpha_star_lp(p, q, k):
+    """The optimal k-draft acceptance as a linear program over couplings (no closed form used): a
+    conditional law pi(y | x) for every draft tuple x ~ q^k, with sum_x q^k(x) pi(y | x) = p(y),
+    maximising P(y in x)."""
+    from scipy.optimize import linprog
+
+    tuples, probs = _iid(q, k)
+    n = len(tuples)
+    hit = np.array([[y in t for y in range(V)] for t in tuples], float)  # [n, V]
+    a_eq = np.concatenate([np.kron(np.eye(n), np.ones((1, V))),  # each pi(. | x) sums to 1
+                           np.kron(probs[None], np.eye(V))])  # the output law is p
+    b_eq = np.concatenate([np.ones(n), p])
+    res = linprog(-(probs[:, None] * hit).ravel(), A_eq=a_eq[:-1], b_eq=b_eq[:-1],  # the last row is implied
+                  bounds=(0, None), method="highs")
+    assert res.status == 0, res.message
+    return -res.fun
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_optimal_acceptance_equals_the_linear_program(k):
+    """The sorted-prefix closed form (decode/verify.py: optimal_acceptance) against an LP solver."""
+    for case, p, q in _cases(k, distinct=False):
+        p, q = (x.astype(np.float64) / x.astype(np.float64).sum() for x in (p, q))
+        got = float(verify.optimal_acceptance(jnp.asarray(p, jnp.float32), jnp.asarray(q, jnp.float32), k))
+        assert abs(got - _alpha_star_lp(p, q, k)) < 2e-6, (case, k)
+    p, q = _laws(0)  # k = 1: 1 - TV
+    assert abs(float(verify.optimal_acceptance(jnp.asarray(p), jnp.asarray(q), 1)) - (1 - 0.5 * np.abs(p - q).sum())) \
+        < 2e-6
 
 
 @pytest.mark.parametrize("k", [2, 3, 4])
 def test_kseq_acceptance_is_near_optimal_and_never_above_it(k):
-    for seed in range(6):
-        p, q = _laws(seed)
+    """K-SEQ's acceptance (the law of `kseq`, enumerated) equals its closed form 1 - (1 - beta(rho*))^k
+    and lies in [(1 - (1 - 1/k)^k) alpha*, alpha*] (SpecTr, Theorem 3)."""
+    for case, p, q in _cases(k, distinct=False):
         rho = float(verify.kseq_rho(jnp.asarray(p), jnp.asarray(q), k))
         beta = np.minimum(q, p / rho).sum()
         acc = 1.0 - (1.0 - beta) ** k
-        best = _alpha_star_iid(p.astype(np.float64), q.astype(np.float64), k)
-        assert (1 - 1 / np.e) * best - 1e-6 <= acc <= best + 1e-6, (seed, acc, best)
+        if k <= 3:  # enumerated: P(some draft accepted) over every tuple
+            tuples, probs = _iid(q, k)
+            one = lambda x: 1.0 - jnp.prod(1.0 - verify.kseq(jnp.asarray(p), jnp.asarray(q), x)[0])  # noqa: E731
+            assert abs(float(probs @ np.asarray(jax.vmap(one)(jnp.asarray(tuples)))) - acc) < 3e-6, case
+        best = float(verify.optimal_acceptance(jnp.asarray(p), jnp.asarray(q), k))
+        assert (1 - (1 - 1 / k) ** k) * best - 1e-6 <= acc <= best + 1e-6, (case, acc, best)
         single = 1.0 - 0.5 * np.abs(p - q).sum()  # k = 1: 1 - TV
         assert acc >= single - 1e-6
 
