@@ -42,8 +42,8 @@ from bench.common import interleaved, write_json  # noqa: E402
 from bench.speculative import PROMPTS, _looped_forward  # noqa: E402
 from decode import generate as gen  # noqa: E402
 from decode import multidraft as md_lib  # noqa: E402
-from decode import verify  # noqa: E402
 from decode import speculative as spec  # noqa: E402
+from decode import verify  # noqa: E402
 from decode.multidraft import MultiDraftConfig  # noqa: E402
 from decode.sampling import SamplerConfig  # noqa: E402
 from spark import train_lib  # noqa: E402
@@ -112,16 +112,19 @@ def acceptance(cfg, graphdef, params, draft_widths, sampler, ks, rows=8):
     p, q = laws(params, *(jnp.asarray(batch[k]) for k in ("inputs", "positions", "segment_ids")))
     keep = np.asarray(batch["loss_mask"]).reshape(-1) > 0
     p, q = p[keep], q[keep]
-    out = {}
-    for k in ks:
-        star = jax.jit(jax.vmap(lambda a, b: verify.optimal_acceptance(a, b, k)))(p, q)
-
-        def kseq_acc(a, b):
-            rho = verify.kseq_rho(a, b, k)
-            return 1.0 - (1.0 - jnp.sum(jnp.minimum(b, a / rho))) ** k
-
-        out[k] = {"alpha_star": float(jnp.mean(star)), "kseq": float(jnp.mean(jax.jit(jax.vmap(kseq_acc))(p, q)))}
+    out = {k: {"alpha_star": float(jnp.mean(_per_position(verify.optimal_acceptance, p, q, k))),
+               "kseq": float(jnp.mean(_per_position(_kseq_acceptance, p, q, k)))} for k in ks}
     return {"positions": int(keep.sum()), "per_k": out}
+
+
+def _kseq_acceptance(p_V, q_V, k):
+    rho = verify.kseq_rho(p_V, q_V, k)
+    return 1.0 - (1.0 - jnp.sum(jnp.minimum(q_V, p_V / rho))) ** k
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _per_position(fn, p_NV, q_NV, k):
+    return jax.vmap(lambda a, b: fn(a, b, k))(p_NV, q_NV)
 
 
 def ceiling(alphas: list[float]) -> float:
@@ -214,10 +217,11 @@ def summarize(args, step, rows, costs, plain_s):
 def print_table(r):
     print(f"\n{r['checkpoint']} (step {r['checkpoint_step']}), T = {r['temperature']}, batch 1, "
           f"plain {r['plain_tokens_per_s']:.0f} tokens/s")
-    print(f"{'method':>14} {'B':>3} {'tokens/fwd':>10} {'α* ref':>7} {'tokens/s':>9} {'speedup':>8} {'predicted':>9}")
+    print(f"{'method':>14} {'B':>3} {'tokens/fwd':>10} {'α* ref':>7} {'tokens/s':>9} {'speedup':>8} "
+          f"{'predicted':>9}")
     for row in r["rows"].values():
-        print(f"{row['method']:>14} {row['budget']:>3} {row['block_efficiency']:10.2f} {row['alpha_star_ceiling']:7.2f} "
-              f"{row['tokens_per_s']:9.0f} {row['speedup']:7.2f}x {row['predicted_speedup']:8.2f}x")
+        print(f"{row['method']:>14} {row['budget']:>3} {row['block_efficiency']:10.2f} "
+              f"{row['alpha_star_ceiling']:7.2f} {row['tokens_per_s']:9.0f} {row['speedup']:7.2f}x {row['predicted_speedup']:8.2f}x")
     m = r["multidraft_vs_single_at_equal_budget"]
     print("best multi-draft / single-draft tokens per target forward: "
           + ", ".join(f"B={b}: {v:.2f}" for b, v in m["per_budget"].items()))

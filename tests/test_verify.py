@@ -4,6 +4,7 @@ p = 0 on drafted tokens); power checks (a verifier fed the wrong draft law is no
 optimal multi-draft acceptance alpha* against a linear program, K-SEQ's acceptance against it;
 hand-worked cases."""
 
+import functools
 import itertools
 
 import jax
@@ -123,6 +124,11 @@ def test_optimal_acceptance_equals_the_linear_program(k):
         < 2e-6
 
 
+def _kseq_hit(p, q, x):
+    """P(some candidate of x is accepted) under K-SEQ."""
+    return 1.0 - jnp.prod(1.0 - verify.kseq(p, q, x)[0])
+
+
 @pytest.mark.parametrize("k", [2, 3, 4])
 def test_kseq_acceptance_is_near_optimal_and_never_above_it(k):
     """K-SEQ's acceptance (the law of `kseq`, enumerated) equals its closed form 1 - (1 - beta(rho*))^k
@@ -133,8 +139,8 @@ def test_kseq_acceptance_is_near_optimal_and_never_above_it(k):
         acc = 1.0 - (1.0 - beta) ** k
         if k <= 3:  # enumerated: P(some draft accepted) over every tuple
             tuples, probs = _iid(q, k)
-            one = lambda x: 1.0 - jnp.prod(1.0 - verify.kseq(jnp.asarray(p), jnp.asarray(q), x)[0])  # noqa: E731
-            assert abs(float(probs @ np.asarray(jax.vmap(one)(jnp.asarray(tuples)))) - acc) < 3e-6, case
+            hit = jax.vmap(functools.partial(_kseq_hit, jnp.asarray(p), jnp.asarray(q)))(jnp.asarray(tuples))
+            assert abs(float(probs @ np.asarray(hit)) - acc) < 3e-6, case
         best = float(verify.optimal_acceptance(jnp.asarray(p), jnp.asarray(q), k))
         assert (1 - (1 - 1 / k) ** k) * best - 1e-6 <= acc <= best + 1e-6, (case, acc, best)
         single = 1.0 - 0.5 * np.abs(p - q).sum()  # k = 1: 1 - TV
