@@ -221,7 +221,8 @@ def print_table(r):
           f"{'predicted':>9}")
     for row in r["rows"].values():
         print(f"{row['method']:>14} {row['budget']:>3} {row['block_efficiency']:10.2f} "
-              f"{row['alpha_star_ceiling']:7.2f} {row['tokens_per_s']:9.0f} {row['speedup']:7.2f}x {row['predicted_speedup']:8.2f}x")
+              f"{row['alpha_star_ceiling']:7.2f} {row['tokens_per_s']:9.0f} {row['speedup']:7.2f}x "
+              f"{row['predicted_speedup']:8.2f}x")
     m = r["multidraft_vs_single_at_equal_budget"]
     print("best multi-draft / single-draft tokens per target forward: "
           + ", ".join(f"B={b}: {v:.2f}" for b, v in m["per_budget"].items()))
