@@ -54,6 +54,16 @@ def ensure_checkpoint(workdir):
                     os.path.join(ROOT, "configs", "cpu_demo.py"), "--workdir", workdir], check=True)
 
 
+BENCH_LM_CMD = "python train.py --config configs/bench_lm.py --workdir runs/bench_lm"
+
+
+def require_checkpoint(workdir):
+    """Exit with the command that trains runs/bench_lm (the speculative benchmarks' model: its
+    decode step is bound by weight bytes) when `workdir` holds no checkpoint."""
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        sys.exit(f"no checkpoint in {workdir}: train it first (about 45 minutes here, resumable):\n  {BENCH_LM_CMD}")
+
+
 def environment() -> dict:
     return {"jax": jax.__version__, "backend": jax.default_backend(),
             "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),

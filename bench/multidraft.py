@@ -1,8 +1,8 @@
 """Multi-draft vs single-draft speculative decoding at equal target tokens per verify forward.
 
     python bench/multidraft.py [--workdir runs/bench_lm] [--budgets 4,8,16] [--new_tokens 96]
-                               [--rounds 3] [--temperature 0.8] [--json bench/results/multidraft.json]
-                               [--png bench/results/multidraft.png]
+                               [--rounds 3] [--temperature 0.8] [--proj_layers 2]
+                               [--json bench/results/multidraft.json] [--png bench/results/multidraft.png]
 
 On a trained MatFormer checkpoint (default runs/bench_lm: configs/bench_lm.py, whose batch-1 step
 is bound by weight bytes; `python bench/bench_lm.py` shows it), batch 1, the F/8 self-draft, for
@@ -18,8 +18,9 @@ method verifies below a node at depth d, averaged over teacher-forced held-out p
 strict bound, positions are not independent), measured tokens/s and speedup over plain
 (medians), and the speedup predicted from the measured block
 efficiency and separately measured forward costs (a t-token forward at full and F/8 width, looped
-in one jit over the prompt's cache):  E · t_plain / (Σ_depths t_draft(nodes at that depth) +
-t_verify(B + 1)). JSON fields `block_efficiency`, `multidraft_vs_single_at_equal_budget` (best
+in one jit over the prompt's cache; the trees' as tree blocks of a (B + 1)-node round):
+E · t_plain / (Σ_depths t_draft(nodes at that depth) + t_verify(B + 1)); the gap between the two
+is what the decoding machinery (sampling, verification, commit, the loop) costs beyond forwards. JSON fields `block_efficiency`, `multidraft_vs_single_at_equal_budget` (best
 multi-draft / single-draft block efficiency per budget and overall), `speedup_best` (the best
 measured lossless speedup), `acceptance` (alpha*_k and K-SEQ's acceptance per k); PNG: block
 efficiency vs budget.
@@ -38,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import interleaved, write_json  # noqa: E402
+from bench.common import interleaved, require_checkpoint, write_json  # noqa: E402
 from bench.speculative import PROMPTS, _looped_forward  # noqa: E402
 from decode import generate as gen  # noqa: E402
 from decode import multidraft as md_lib  # noqa: E402
@@ -52,7 +53,6 @@ from spark.matformer import cut_ffn  # noqa: E402
 from spark.train import load_checkpoint  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_CMD = "python train.py --config configs/bench_lm.py --workdir runs/bench_lm"
 
 
 def methods(budget: int, draft_widths) -> dict:
@@ -134,8 +134,7 @@ def ceiling(alphas: list[float]) -> float:
 
 
 def measure(args):
-    if not os.path.isdir(os.path.join(args.workdir, "checkpoints")):
-        sys.exit(f"no checkpoint in {args.workdir}: train it first (about 90 minutes here):\n  {TRAIN_CMD}")
+    require_checkpoint(args.workdir)
     cfg, params, step = load_checkpoint(args.workdir, None)
     tok = get_tokenizer(cfg.data, args.workdir)
     graphdef = train_lib.graphdef_of(cfg)
@@ -169,30 +168,89 @@ def measure(args):
     rows = {}
     for key, (name, b, c) in confs.items():
         s = timing[key]["median_s"]
-        t_round = sum(costs[f"draft T={n}"] for n in draft_blocks(c)) + costs[f"full T={b + 1}"]
+        t_round = round_forwards_s(costs, c, b)
         rows[key] = {"method": name, "budget": b, "block_efficiency": eff[key],
                      "alpha_star_ceiling": ceiling([acc["per_k"][k]["alpha_star"] for k in children(c)]),
                      "tokens_per_s": args.new_tokens / s,
                      "speedup": plain_s / s, "predicted_speedup": eff[key] * t_step / t_round,
                      "samples_s": timing[key]["samples_s"]}
-    return summarize(args, step, rows, costs, plain_s) | {"acceptance": acc}
+    out = summarize(args, step, rows, costs, plain_s) | {"acceptance": acc}
+    if args.proj_layers:
+        out["projection_2b"] = project_2b(args, confs, eff, budgets)
+    return out
+
+
+def project_2b(args, confs, eff, budgets):
+    """The measured block efficiency with forward costs timed at the Gemma-2-2B shapes (random
+    weights, `--proj_layers` of 26 layers scaled to 26, bench/speculative.py: forward_costs): a
+    verify block of B + 1 tokens and draft blocks of each depth's node count, timed as linear blocks
+    of that size (a tree's mask changes which keys a token sees, not the matmuls)."""
+    from bench.speculative import forward_costs
+
+    sizes = sorted({n for _, _, c in confs.values() for n in draft_blocks(c)})
+    costs = forward_costs(args.proj_layers, budgets, [8], reps=4, rounds=args.rounds, draft_sizes=sizes)
+    c = costs["projected_26_layers_s"]
+    speedup = {}
+    for kind in ("dense", "spark"):
+        for key, (_, b, conf) in confs.items():
+            verify_s = min(v for k, v in c.items() if k.startswith(f"{kind} verify γ={b}"))
+            draft_s = sum(c[f"{kind} draft F/8" + (f" T={n}" if n > 1 else "")] for n in draft_blocks(conf))
+            speedup[f"{kind} {key}"] = eff[key] * c[f"{kind} target"] / (draft_s + verify_s)
+    best = {kind: max((k for k in speedup if k.startswith(kind)), key=speedup.get) for kind in ("dense", "spark")}
+    return {"costs": costs, "speedup": speedup, "best": {k: [v, speedup[v]] for k, v in best.items()}}
 
 
 def forward_costs(model_cfg, graphdef, params, draft_widths, budgets, confs, prompt_len, rounds, reps=8):
-    """Seconds per forward of a t-token block after the prompt: the target at t = 1 and B + 1, the
-    F/8 draft at every block size a method drafts."""
+    """Seconds per forward of a t-token block after the prompt: the target at t = 1 (plain decoding)
+    and t = B + 1 (single-draft verify), the F/8 draft at t = 1; for the trees, the same blocks as
+    tree blocks of a (B + 1)-node round ("tree" keys: the ancestor mask and scratch slots cost what
+    they cost in decoding), the target at t = B + 1 and the draft at every depth's node count."""
     from spark import cache as kv_cache
 
     cache = kv_cache.init(model_cfg, 1, prompt_len + 64, slack=32)
     cache = cache.replace(lengths=jnp.full((1,), prompt_len, jnp.int32))
     run = functools.partial(_looped_forward, graphdef, reps=reps, start=prompt_len, vocab=model_cfg.vocab_size)
+    tree = functools.partial(_looped_tree_forward, graphdef, reps=reps, start=prompt_len, vocab=model_cfg.vocab_size)
     draft_params = cut_ffn(params, model_cfg, draft_widths)
-    sizes = sorted({n for _, _, c in confs.values() for n in draft_blocks(c)})
     variants = {f"full T={t}": (jax.jit(functools.partial(run, t=t, widths=None, sparse=True)), [(params, cache)], 1)
                 for t in sorted({1, *(b + 1 for b in budgets)})}
-    variants |= {f"draft T={t}": (jax.jit(functools.partial(run, t=t, widths=draft_widths, sparse=True)),
-                                  [(draft_params, cache)], 1) for t in sizes}
+    variants["draft T=1"] = (jax.jit(functools.partial(run, t=1, widths=draft_widths, sparse=True)),
+                             [(draft_params, cache)], 1)
+    for b in budgets:
+        variants[f"tree full T={b + 1} N={b + 1}"] = (
+            jax.jit(functools.partial(tree, t=b + 1, n=b + 1, widths=None, sparse=True)), [(params, cache)], 1)
+        sizes = {n for _, bb, c in confs.values() if bb == b and isinstance(c, MultiDraftConfig)
+                 for n in draft_blocks(c)}
+        for t in sorted(sizes):
+            variants[f"tree draft T={t} N={b + 1}"] = (
+                jax.jit(functools.partial(tree, t=t, n=b + 1, widths=draft_widths, sparse=True)),
+                [(draft_params, cache)], 1)
     return {k: v["median_s"] / reps for k, v in interleaved(variants, rounds).items()}
+
+
+def round_forwards_s(costs, conf, b) -> float:
+    """The forwards of one round: a draft forward per depth, then the verify."""
+    if isinstance(conf, spec.SpecConfig):
+        return conf.gamma * costs["draft T=1"] + costs[f"full T={b + 1}"]
+    return (sum(costs[f"tree draft T={n} N={b + 1}"] for n in draft_blocks(conf))
+            + costs[f"tree full T={b + 1} N={b + 1}"])
+
+
+def _looped_tree_forward(graphdef, params, cache, *, t, n, widths, sparse, reps, start, vocab):
+    """`reps` forwards of a t-node block of an n-node tree (a chain: the mask's content does not
+    change the work), written to scratch slots as decoding does."""
+    from flax import nnx
+
+    model = nnx.merge(graphdef, params)
+    pos_BN = start + jnp.arange(n, dtype=jnp.int32)[None]
+    anc = md_lib.ancestors(jnp.arange(-1, n - 1, dtype=jnp.int32)[None], [np.array([i]) for i in range(n)])
+    block = md_lib.tree_block(np.arange(t), anc, pos_BN)
+
+    def body(i, acc):
+        logits, _ = model((pos_BN[:, :t] + i) % vocab, pos_BN[:, :t], cache=cache, widths=widths, sparse=sparse,
+                          tree=block)
+        return acc + logits[0, -1, 0]
+    return jax.lax.fori_loop(0, reps, body, jnp.float32(0))
 
 
 def summarize(args, step, rows, costs, plain_s):
@@ -229,6 +287,10 @@ def print_table(r):
     s = r["speedup_best"]
     print(f"fastest: {s['method']} B={s['budget']}, {s['speedup']:.2f}x measured, {s['predicted_speedup']:.2f}x "
           "predicted")
+    if "projection_2b" in r:
+        p = r["projection_2b"]
+        print("projected at 2B shapes (this block efficiency, forward costs timed at 2B shapes): " + ", ".join(
+            f"{kind} target best {name[len(kind) + 1:]} {v:.2f}x" for kind, (name, v) in p["best"].items()))
 
 
 def plot(r, path):
@@ -258,6 +320,7 @@ def main(argv=None):
     ap.add_argument("--new_tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--proj_layers", type=int, default=2, help="layers timed at 2B shapes (0: no projection)")
     ap.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "multidraft.json"))
     ap.add_argument("--png", default=os.path.join(ROOT, "bench", "results", "multidraft.png"))
     ap.add_argument("--from_json", help="only re-draw the PNG from this results JSON")

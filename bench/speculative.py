@@ -1,13 +1,15 @@
 """Speculative decoding with MatFormer self-drafts vs plain decoding, batch 1.
 
-    python bench/speculative.py [--workdir runs/demo] [--new_tokens 128] [--rounds 3]
+    python bench/speculative.py [--workdir runs/bench_lm] [--new_tokens 128] [--rounds 3]
                                 [--temperature 0.8] [--gammas 1,2,3,4,5,6] [--granularities 8,4,2]
                                 [--proj_layers 4] [--json bench/results/speculative.json]
                                 [--png bench/results/speculative.png]
     python bench/speculative.py --from_json bench/results/speculative.json   (re-draw the PNG)
 
-Part 1, measured: the trained demo checkpoint (`make demo` writes runs/demo; trained here first if
-missing), one prompt at a time (batch 1). Variants: plain `decode.generate.generate`, and
+Part 1, measured: a trained MatFormer checkpoint, by default runs/bench_lm (configs/bench_lm.py,
+whose batch-1 step is bound by weight bytes; the command that trains it is printed when it is
+missing; the 0.8M-parameter demo model is overhead-bound: its F/8 step costs a full step), one
+prompt at a time (batch 1). Variants: plain `decode.generate.generate`, and
 `decode.speculative.generate` for every draft granularity × γ (shared draft cache), adaptive γ
 (γ_max = max γ, thresholds 0.3 / 0.5) per granularity, and the separate draft cache at γ = 3. Every
 variant runs the same prompts and seeds, interleaved round by round in one process; the table gives
@@ -44,7 +46,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import ensure_checkpoint, interleaved, write_json  # noqa: E402
+from bench.common import interleaved, require_checkpoint, write_json  # noqa: E402
 from bench.decode import model_configs  # noqa: E402
 from decode import generate as gen  # noqa: E402
 from decode import speculative as spec  # noqa: E402
@@ -64,7 +66,7 @@ PROMPTS = ["def ", "import os\n", "class ", "    return ", "if __name__ == "]
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workdir", default=os.path.join(ROOT, "runs", "demo"))
+    ap.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench_lm"))
     ap.add_argument("--new_tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--temperature", type=float, default=0.8)
@@ -96,7 +98,7 @@ def variants_of(model_cfg, gammas, granularities, thresholds):
 
 
 def measure_demo(args):
-    ensure_checkpoint(args.workdir)
+    require_checkpoint(args.workdir)
     cfg, params, step = load_checkpoint(args.workdir, None)
     tok = get_tokenizer(cfg.data, args.workdir)
     graphdef = train_lib.graphdef_of(cfg)
@@ -135,11 +137,13 @@ def measure_demo(args):
 
 # ---------------------------------------------------------------- part 2: forward costs at 2B shapes
 
-def forward_costs(layers, gammas, granularities, reps, rounds, prompt_len=1024):
+def forward_costs(layers, gammas, granularities, reps, rounds, prompt_len=1024, draft_sizes=(1,)):
     """Seconds per forward at the 2B shapes, dense and Spark: target T=1, verify T=γ+1 (Spark: on
-    the sparse-gather path and masked), draft T=1 per granularity — each with `layers` layers and
-    the head — and the head alone per block size. Medians of interleaved rounds, then the layers
-    scaled to 26: t26 = (t − head(T))·26/layers + head(T)."""
+    the sparse-gather path and masked), draft per granularity at each block size in `draft_sizes`
+    (T=1: "draft F/g", else "draft F/g T=t"; a tree's depth drafts its nodes at once) — each the
+    embedding and `layers` layers, without the head — and the head alone per block size. Medians
+    of interleaved rounds, then the layers scaled to 26: t26 = t·26/layers + head(T) (timed apart:
+    the head reads as many bytes as several layers, and a difference of the two would be noise)."""
     nested = MatFormerConfig(divisors=(8, 4, 2, 1))  # the draft widths (the shapes are what is timed)
     cfgs = {k: dataclasses.replace(c, matformer=nested)  # f32: bf16 is far slower on XLA:CPU (bench/decode.py)
             for k, c in model_configs(layers, "float32").items()}
@@ -150,7 +154,8 @@ def forward_costs(layers, gammas, granularities, reps, rounds, prompt_len=1024):
         cache = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape, x.dtype) if x.ndim > 1 else x,
                              cache)  # random keys: Spark attention selects ~256 of them, as after a real prefill
         cache = cache.replace(lengths=jnp.full((1,), prompt_len, jnp.int32))
-        run = functools.partial(_looped_forward, graphdef, reps=reps, start=prompt_len, vocab=cfg.vocab_size)
+        run = functools.partial(_looped_forward, graphdef, reps=reps, start=prompt_len, vocab=cfg.vocab_size,
+                                head=False)
         args = [(params, cache)]
         variants[f"{kind} target"] = (jax.jit(functools.partial(run, t=1, widths=None, sparse=True)), args, 1)
         for g in gammas:
@@ -161,10 +166,12 @@ def forward_costs(layers, gammas, granularities, reps, rounds, prompt_len=1024):
                     jax.jit(functools.partial(run, t=g + 1, widths=None, sparse=False)), args, 1)
         for gr in granularities:  # FFN weights cut to the draft widths, as decode/speculative.py does
             dw = cfg.granularity_widths(gr)
-            variants[f"{kind} draft F/{gr}"] = (jax.jit(functools.partial(run, t=1, widths=dw, sparse=True)),
-                                                [(cut_ffn(params, cfg, dw), cache)], 1)
+            for t in draft_sizes:
+                fn = jax.jit(functools.partial(run, t=t, widths=dw, sparse=True))
+                variants[f"{kind} draft F/{gr}" + (f" T={t}" if t > 1 else "")] = (
+                    fn, [(cut_ffn(params, cfg, dw), cache)], 1)
         if kind == "dense":
-            for t in sorted({1, *(g + 1 for g in gammas)}):
+            for t in sorted({1, *(g + 1 for g in gammas), *draft_sizes}):
                 x = jax.random.normal(jax.random.key(2), (1, t, cfg.d_model))
                 heads[t] = f"head T={t}"
                 variants[heads[t]] = (jax.jit(functools.partial(_looped_head, graphdef, reps=reps)), [(params, x)], 1)
@@ -173,22 +180,29 @@ def forward_costs(layers, gammas, granularities, reps, rounds, prompt_len=1024):
     scale = FULL_LAYERS / layers
 
     def block(name):
-        return 1 if "verify" not in name else int(name.split("γ=")[1].split()[0]) + 1
+        if "verify" in name:
+            return int(name.split("γ=")[1].split()[0]) + 1
+        return int(name.split("T=")[1]) if "T=" in name else 1
 
-    projected = {k: (v - head_s[block(k)]) * scale + head_s[block(k)] for k, v in per.items()}
-    return {"layers_measured": layers, "prompt_len": prompt_len, "head_s": head_s, "measured_s": per,
+    projected = {k: v * scale + head_s[block(k)] for k, v in per.items()}
+    return {"layers_measured": layers, "prompt_len": prompt_len, "head_s": head_s, "layers_s": per,
             "projected_26_layers_s": projected}
 
 
-def _looped_forward(graphdef, params, cache, *, t, widths, sparse, reps, start, vocab):
-    """`reps` forwards of a t-token block at the same positions, the cache carried in place."""
+def _looped_forward(graphdef, params, cache, *, t, widths, sparse, reps, start, vocab, head=True):
+    """`reps` forwards of a t-token block at the same positions, the cache carried in place
+    (head=False: the embedding and the layers only)."""
     model = nnx.merge(graphdef, params)
     pos = start + jnp.arange(t, dtype=jnp.int32)[None]
 
     def body(i, carry):
         cache, acc = carry
-        logits, cache = model((pos + i) % vocab, pos, cache=cache, widths=widths, sparse=sparse)
-        return cache, acc + logits[0, -1, 0]
+        tok = (pos + i) % vocab
+        if head:
+            out, cache = model(tok, pos, cache=cache, widths=widths, sparse=sparse)
+        else:
+            out, cache, _ = model.apply_layers(model.embed_tokens(tok), pos, cache, widths, sparse=sparse)
+        return cache, acc + out[0, -1, 0]
     return jax.lax.fori_loop(0, reps, body, (cache, jnp.float32(0)))[1]
 
 
@@ -258,7 +272,7 @@ def plot(png, payload):
             axes[1].plot(gammas, [projected[f"{kind} {c}"] for c in cfgs], marker="o", ls=ls,
                          label=f"{kind} target, draft F/{gr}")
         axes[2].plot(gammas, [bw[c] for c in cfgs], marker="o", label=f"draft F/{gr}")
-    axes[0].set_title(f"measured: demo model, T={demo['temperature']}, batch 1, 2-core CPU")
+    axes[0].set_title(f"measured: {os.path.basename(demo['checkpoint'])}, T={demo['temperature']}, batch 1, 2-core CPU")
     axes[1].set_title("projection: 2B shapes, forward times on this CPU")
     axes[2].set_title("analytic: dense 2B, bandwidth-bound accelerator")
     for ax in axes:
@@ -291,7 +305,7 @@ def main():
     costs = forward_costs(args.proj_layers, gammas, grans, args.proj_reps, args.rounds)
     projected = project(demo, costs)
     print(f"\nprojection to Gemma-2-2B shapes, dense and Spark targets (26 layers; forward costs measured with "
-          f"{args.proj_layers} layers + the head, 1024-token cache; tokens per round from the demo model)")
+          f"{args.proj_layers} layers + the head, 1024-token cache; tokens per round from the measured model)")
     print("  ms per forward: " + ", ".join(f"{k} {1e3 * v:.0f}" for k, v in costs["projected_26_layers_s"].items()))
     for kind in ("dense", "spark"):
         best_k = max((k for k in projected if k.startswith(kind)), key=projected.get)
