@@ -20,7 +20,8 @@ strict bound, positions are not independent), measured tokens/s and speedup over
 efficiency and separately measured forward costs (a t-token forward at full and F/8 width, looped
 in one jit over the prompt's cache; the trees' as tree blocks of a (B + 1)-node round):
 E · t_plain / (Σ_depths t_draft(nodes at that depth) + t_verify(B + 1)); the gap between the two
-is what the decoding machinery (sampling, verification, commit, the loop) costs beyond forwards. JSON fields `block_efficiency`, `multidraft_vs_single_at_equal_budget` (best
+is what the decoding machinery (sampling, verification, commit, the loop) costs beyond forwards.
+JSON fields `block_efficiency`, `multidraft_vs_single_at_equal_budget` (best
 multi-draft / single-draft block efficiency per budget and overall), `speedup_best` (the best
 measured lossless speedup), `acceptance` (alpha*_k and K-SEQ's acceptance per k); PNG: block
 efficiency vs budget.
