@@ -100,7 +100,7 @@ def optimal_acceptance(p_V, q_V, k: int):
     """alpha*: the largest acceptance P(output in drafts) any lossless verifier of k i.i.d. drafts
     from q can reach (Towards Optimal Multi-draft SD): the minimum over sets H of p(H) + 1 - q(H)^k,
     attained by a prefix of the tokens sorted by ascending p/q. k = 1 gives 1 - TV(p, q)."""
-    order = jnp.argsort(p_V / jnp.maximum(q_V, _TINY))  # q = 0 sorts last (p/q huge): never in H
+    order = jnp.argsort(p_V / jnp.maximum(q_V, _TINY))  # tokens with q = 0 (p/q huge) sort last
     zero = jnp.zeros((1,), p_V.dtype)
     p_H = jnp.concatenate([zero, jnp.cumsum(p_V[order])])
     q_H = jnp.concatenate([zero, jnp.cumsum(q_V[order])])
