@@ -84,9 +84,9 @@ def children(cfg) -> list[int]:
     all sit under the accepted one)."""
     if isinstance(cfg, spec.SpecConfig):
         return [1] * cfg.gamma
-    if cfg.method == "rsd_c":
-        return list(cfg.branching)
-    return [cfg.drafts] * cfg.length if cfg.method == "spectr" else [cfg.beam] * cfg.depth
+    if cfg.method == "spectr":
+        return [cfg.drafts] * cfg.length
+    return list(cfg.branching) if cfg.method == "rsd_c" else [cfg.beam] * cfg.depth
 
 
 def acceptance(cfg, graphdef, params, draft_widths, sampler, ks, rows=8):
@@ -186,7 +186,7 @@ def project_2b(args, confs, eff, budgets):
     weights, `--proj_layers` of 26 layers scaled to 26, bench/speculative.py: forward_costs): a
     verify block of B + 1 tokens and draft blocks of each depth's node count, timed as linear blocks
     of that size (a tree's mask changes which keys a token sees, not the matmuls)."""
-    from bench.speculative import forward_costs
+    from bench.speculative import draft_key, forward_costs
 
     sizes = sorted({n for _, _, c in confs.values() for n in draft_blocks(c)})
     costs = forward_costs(args.proj_layers, budgets, [8], reps=4, rounds=args.rounds, draft_sizes=sizes)
@@ -195,7 +195,7 @@ def project_2b(args, confs, eff, budgets):
     for kind in ("dense", "spark"):
         for key, (_, b, conf) in confs.items():
             verify_s = min(v for k, v in c.items() if k.startswith(f"{kind} verify γ={b}"))
-            draft_s = sum(c[f"{kind} draft F/8" + (f" T={n}" if n > 1 else "")] for n in draft_blocks(conf))
+            draft_s = sum(c[draft_key(kind, 8, n)] for n in draft_blocks(conf))
             speedup[f"{kind} {key}"] = eff[key] * c[f"{kind} target"] / (draft_s + verify_s)
     best = {kind: max((k for k in speedup if k.startswith(kind)), key=speedup.get) for kind in ("dense", "spark")}
     return {"costs": costs, "speedup": speedup, "best": {k: [v, speedup[v]] for k, v in best.items()}}
@@ -211,7 +211,6 @@ def forward_costs(model_cfg, graphdef, params, draft_widths, budgets, confs, pro
     cache = kv_cache.init(model_cfg, 1, prompt_len + 64, slack=32)
     cache = cache.replace(lengths=jnp.full((1,), prompt_len, jnp.int32))
     run = functools.partial(_looped_forward, graphdef, reps=reps, start=prompt_len, vocab=model_cfg.vocab_size)
-    tree = functools.partial(_looped_tree_forward, graphdef, reps=reps, start=prompt_len, vocab=model_cfg.vocab_size)
     draft_params = cut_ffn(params, model_cfg, draft_widths)
     variants = {f"full T={t}": (jax.jit(functools.partial(run, t=t, widths=None, sparse=True)), [(params, cache)], 1)
                 for t in sorted({1, *(b + 1 for b in budgets)})}
@@ -219,12 +218,12 @@ def forward_costs(model_cfg, graphdef, params, draft_widths, budgets, confs, pro
                              [(draft_params, cache)], 1)
     for b in budgets:
         variants[f"tree full T={b + 1} N={b + 1}"] = (
-            jax.jit(functools.partial(tree, t=b + 1, n=b + 1, widths=None, sparse=True)), [(params, cache)], 1)
+            jax.jit(functools.partial(run, t=b + 1, tree_nodes=b + 1, widths=None, sparse=True)), [(params, cache)], 1)
         sizes = {n for _, bb, c in confs.values() if bb == b and isinstance(c, MultiDraftConfig)
                  for n in draft_blocks(c)}
         for t in sorted(sizes):
             variants[f"tree draft T={t} N={b + 1}"] = (
-                jax.jit(functools.partial(tree, t=t, n=b + 1, widths=draft_widths, sparse=True)),
+                jax.jit(functools.partial(run, t=t, tree_nodes=b + 1, widths=draft_widths, sparse=True)),
                 [(draft_params, cache)], 1)
     return {k: v["median_s"] / reps for k, v in interleaved(variants, rounds).items()}
 
@@ -235,23 +234,6 @@ def round_forwards_s(costs, conf, b) -> float:
         return conf.gamma * costs["draft T=1"] + costs[f"full T={b + 1}"]
     return (sum(costs[f"tree draft T={n} N={b + 1}"] for n in draft_blocks(conf))
             + costs[f"tree full T={b + 1} N={b + 1}"])
-
-
-def _looped_tree_forward(graphdef, params, cache, *, t, n, widths, sparse, reps, start, vocab):
-    """`reps` forwards of a t-node block of an n-node tree (a chain: the mask's content does not
-    change the work), written to scratch slots as decoding does."""
-    from flax import nnx
-
-    model = nnx.merge(graphdef, params)
-    pos_BN = start + jnp.arange(n, dtype=jnp.int32)[None]
-    anc = md_lib.ancestors(jnp.arange(-1, n - 1, dtype=jnp.int32)[None], [np.array([i]) for i in range(n)])
-    block = md_lib.tree_block(np.arange(t), anc, pos_BN)
-
-    def body(i, acc):
-        logits, _ = model((pos_BN[:, :t] + i) % vocab, pos_BN[:, :t], cache=cache, widths=widths, sparse=sparse,
-                          tree=block)
-        return acc + logits[0, -1, 0]
-    return jax.lax.fori_loop(0, reps, body, jnp.float32(0))
 
 
 def summarize(args, step, rows, costs, plain_s):

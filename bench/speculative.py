@@ -97,7 +97,7 @@ def variants_of(model_cfg, gammas, granularities, thresholds):
     return out
 
 
-def measure_demo(args):
+def measure(args):
     require_checkpoint(args.workdir)
     cfg, params, step = load_checkpoint(args.workdir, None)
     tok = get_tokenizer(cfg.data, args.workdir)
@@ -167,9 +167,8 @@ def forward_costs(layers, gammas, granularities, reps, rounds, prompt_len=1024, 
         for gr in granularities:  # FFN weights cut to the draft widths, as decode/speculative.py does
             dw = cfg.granularity_widths(gr)
             for t in draft_sizes:
-                fn = jax.jit(functools.partial(run, t=t, widths=dw, sparse=True))
-                variants[f"{kind} draft F/{gr}" + (f" T={t}" if t > 1 else "")] = (
-                    fn, [(cut_ffn(params, cfg, dw), cache)], 1)
+                variants[draft_key(kind, gr, t)] = (jax.jit(functools.partial(run, t=t, widths=dw, sparse=True)),
+                                                    [(cut_ffn(params, cfg, dw), cache)], 1)
         if kind == "dense":
             for t in sorted({1, *(g + 1 for g in gammas), *draft_sizes}):
                 x = jax.random.normal(jax.random.key(2), (1, t, cfg.d_model))
@@ -189,19 +188,31 @@ def forward_costs(layers, gammas, granularities, reps, rounds, prompt_len=1024, 
             "projected_26_layers_s": projected}
 
 
-def _looped_forward(graphdef, params, cache, *, t, widths, sparse, reps, start, vocab, head=True):
+def draft_key(kind: str, granularity: int, t: int = 1) -> str:
+    """forward_costs' name of a draft forward of a t-token block."""
+    return f"{kind} draft F/{granularity}" + (f" T={t}" if t > 1 else "")
+
+
+def _looped_forward(graphdef, params, cache, *, t, widths, sparse, reps, start, vocab, head=True, tree_nodes=None):
     """`reps` forwards of a t-token block at the same positions, the cache carried in place
-    (head=False: the embedding and the layers only)."""
+    (head=False: the embedding and the layers only). tree_nodes = n: the block is the first t nodes
+    of an n-node draft tree (a chain: the mask's content does not change the work), written to
+    scratch slots as multi-draft decoding does."""
     model = nnx.merge(graphdef, params)
     pos = start + jnp.arange(t, dtype=jnp.int32)[None]
+    tree = None
+    if tree_nodes is not None:
+        tree = kv_cache.Tree(node_BT=jnp.arange(t, dtype=jnp.int32)[None],
+                             anc_BTN=jnp.tril(jnp.ones((t, tree_nodes), bool))[None],
+                             pos_BN=start + jnp.arange(tree_nodes, dtype=jnp.int32)[None])
 
     def body(i, carry):
         cache, acc = carry
         tok = (pos + i) % vocab
         if head:
-            out, cache = model(tok, pos, cache=cache, widths=widths, sparse=sparse)
+            out, cache = model(tok, pos, cache=cache, widths=widths, sparse=sparse, tree=tree)
         else:
-            out, cache, _ = model.apply_layers(model.embed_tokens(tok), pos, cache, widths, sparse=sparse)
+            out, cache, _ = model.apply_layers(model.embed_tokens(tok), pos, cache, widths, sparse=sparse, tree=tree)
         return cache, acc + out[0, -1, 0]
     return jax.lax.fori_loop(0, reps, body, (cache, jnp.float32(0)))[1]
 
@@ -223,7 +234,7 @@ def project(demo, costs):
             gr = int(name.split()[0][2:])
             gamma = int(name.split("γmax=")[1]) if "adaptive" in name else int(name.split("γ=")[1].split()[0])
             verify = min(v for k, v in c.items() if k.startswith(f"{kind} verify γ={gamma}"))
-            cost = row["drafted_per_round"] * c[f"{kind} draft F/{gr}"] + verify
+            cost = row["drafted_per_round"] * c[draft_key(kind, gr)] + verify
             out[f"{kind} {name}"] = row["tokens_per_round"] * c[f"{kind} target"] / cost
     return out
 
@@ -295,7 +306,7 @@ def main():
     t0 = time.time()
     gammas = [int(x) for x in args.gammas.split(",")]
     grans = [int(x) for x in args.granularities.split(",")]
-    demo = measure_demo(args)
+    demo = measure(args)
     print(f"\nmeasured on {demo['checkpoint']} (step {demo['checkpoint_step']}), batch 1, "
           f"{demo['new_tokens']} new tokens, temperature {demo['temperature']}, {len(PROMPTS)} prompts")
     print(f"{'config':34s} {'tok/s':>7s} {'speedup':>8s} {'accept':>7s} {'tok/round':>9s}")

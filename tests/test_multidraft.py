@@ -23,6 +23,7 @@ from test_speculative import (
     TOY_EOS,
     TOY_SAMPLER,
     _batch,
+    _fresh_next_logits,
     _pvalue,
     _toy,
 )
@@ -217,9 +218,4 @@ def test_committed_cache_equals_a_fresh_forward(md=RSD_C):
     assert len(set(num.tolist())) > 1  # rows accepted different numbers of tokens
     seqs = [list(PROMPTS[b]) + np.asarray(s.tokens_BN[b, : num[b]]).tolist() for b in range(len(PROMPTS))]
     assert [len(x) for x in seqs] == (np.asarray(s.cache.lengths) + 1).tolist()
-    arr = np.zeros((len(seqs), max(map(len, seqs))), np.int32)  # padded at the end: causal
-    for b, seq in enumerate(seqs):
-        arr[b, : len(seq)] = seq
-    ref = jax.jit(lambda a: nnx.merge(graphdef, params)(a, jnp.arange(a.shape[1])[None])[0])(arr)
-    for b, seq in enumerate(seqs):
-        np.testing.assert_allclose(np.asarray(got[b]), np.asarray(ref[b, len(seq) - 1]), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(got), _fresh_next_logits(graphdef, params, seqs), atol=1e-4, rtol=1e-4)
