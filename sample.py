@@ -49,6 +49,8 @@ def parse_args(argv):
     ap.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     ap.add_argument("--top_k", type=int, default=0)
     ap.add_argument("--top_p", type=float, default=1.0)
+    ap.add_argument("--typical_p", type=float, default=1.0, help="locally typical sampling mass (1: off)")
+    ap.add_argument("--min_tokens_to_keep", type=int, default=1, help="floor of top-k / top-p / typical")
     ap.add_argument("--seed", type=int, default=0)
     widths = ap.add_mutually_exclusive_group()
     widths.add_argument("--granularity", type=int, default=None, help="MatFormer divisor: 1 full, 8 = F/8")
@@ -111,6 +113,10 @@ def search_config(args):
         return None
     if args.speculative:
         raise ConfigError("--speculative and a search --decoder are different decoders; pick one")
+    truncating = [f"--{f}" for f, off in (("top_k", 0), ("top_p", 1.0), ("typical_p", 1.0)) if getattr(args, f) != off]
+    if truncating:
+        raise ConfigError(f"{', '.join(truncating)}: the search decoders sample at their own temperatures, "
+                          "untruncated; these apply to plain, speculative and multi-draft decoding")
     from decode.search import SearchConfig
 
     method, rule = DECODERS[args.decoder]
@@ -226,7 +232,7 @@ def main(argv=None):
     from spark.data.pipeline import get_tokenizer
     from spark.train import load_checkpoint
 
-    sampler = SamplerConfig(args.temperature, args.top_k, args.top_p)
+    sampler = SamplerConfig(args.temperature, args.top_k, args.top_p, args.typical_p, args.min_tokens_to_keep)
     cfg, params, step = load_checkpoint(workdir, step)
     widths = pick_widths(cfg.model, args.widths, args.granularity)
     draft_widths = (pick_widths(cfg.model, args.draft_widths, args.draft_granularity or 8, "--draft_widths")

@@ -109,6 +109,9 @@ BAD = {
     "rank": (["--prompt", "a", "--decoder", "mfs", "--rank", "s"], "rank must be 'A' or 'F'"),
     "prune": (["--prompt", "a", "--decoder", "mfs", "--prune", "no"], "--prune must be on or off, got 'no'"),
     "two decoders": (["--prompt", "a", "--decoder", "phi", "--speculative"], "pick one"),
+    "typical": (["--prompt", "a", "--typical_p", "1.5"], "typical_p must be in (0, 1) (1: off), got 1.5"),
+    "typical search": (["--prompt", "a", "--decoder", "mfs", "--typical_p", "0.9", "--top_k", "5"],
+                       "--top_k, --typical_p: the search decoders sample at their own temperatures"),
     "delimiter": (["--prompt", "a", "--decoder", "beam", "--delimiter", "ab", "--max_new_tokens", "8"],
                   "it must be one"),
 }

@@ -84,3 +84,69 @@ def test_reference_hand_cases():
     for cfg, want in [(SamplerConfig(1.0, 0, 0.6), [2 / 3, 1 / 3, 0, 0]), (SamplerConfig(1.0, 3, 1.0), np.exp(lp))]:
         np.testing.assert_allclose(np.exp(np.asarray(processed_logprobs(jnp.asarray([lp], jnp.float32), cfg)[0])),
                                    want, atol=1e-6)
+
+
+# ---------------------------------------------------------------- typical_p against Hugging Face
+
+TYPICAL = [SamplerConfig(t, k, p, typical_p=tau, min_tokens_to_keep=m)
+           for t, k, p, tau, m in [(1.0, 0, 1.0, 0.2, 1), (1.0, 0, 1.0, 0.5, 1), (0.7, 0, 1.0, 0.9, 1),
+                                   (1.3, 0, 1.0, 0.95, 1), (1.0, 0, 1.0, 0.3, 3), (0.8, 4, 1.0, 0.6, 1),
+                                   (1.0, 0, 0.8, 0.5, 1), (1.0, 5, 0.7, 0.4, 2), (1.0, 2, 0.5, 0.9, 3)]]
+
+
+def hf_logprobs(logits, cfg: SamplerConfig):
+    """transformers' warpers in generate()'s order: temperature, top-k, top-p, typical."""
+    import torch
+    from transformers.generation import logits_process as lp
+
+    x = torch.tensor(np.asarray(logits, np.float32))
+    warpers = [lp.TemperatureLogitsWarper(cfg.temperature)]
+    m = cfg.min_tokens_to_keep
+    if cfg.top_k:
+        warpers.append(lp.TopKLogitsWarper(cfg.top_k, min_tokens_to_keep=m))
+    if cfg.top_p < 1.0:
+        warpers.append(lp.TopPLogitsWarper(cfg.top_p, min_tokens_to_keep=m))
+    if cfg.typical_p < 1.0:
+        warpers.append(lp.TypicalLogitsWarper(cfg.typical_p, min_tokens_to_keep=m))
+    for w in warpers:
+        x = w(None, x)
+    return torch.log_softmax(x, -1).numpy()
+
+
+def _typical_rows(seed, n=60, v=11):
+    """Random rows, a few nearly flat, a few peaked, and rows of integer levels: ties at the
+    threshold (equal probabilities), and pairs tied in |−log p − H| with different probabilities
+    (the order of such a pair decides nothing: the cut is by value)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, v)) * rng.choice([0.05, 1.0, 3.0], size=(n, 1))
+    x[: n // 3] = rng.integers(0, 3, size=(n // 3, v))
+    x[-4:, 0] = 9.0
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("cfg", TYPICAL, ids=lambda c: f"t{c.temperature}-k{c.top_k}-p{c.top_p}-tau{c.typical_p}"
+                         f"-m{c.min_tokens_to_keep}")
+def test_typical_p_equals_transformers(cfg):
+    x = _typical_rows(int(cfg.typical_p * 100) + cfg.top_k + cfg.min_tokens_to_keep)
+    got = np.asarray(processed_logprobs(jnp.asarray(x), cfg))
+    want = hf_logprobs(x, cfg)
+    for row, g, w in zip(x, got, want, strict=True):
+        if (cfg.min_tokens_to_keep > 1 or cfg.top_p < 1.0) and len(set(row.tolist())) < len(row):
+            continue  # which of the tied tokens top-p's or the floor's cut keeps depends on the sort order
+        assert (np.isfinite(g) == np.isfinite(w)).all(), (row, g, w)
+        np.testing.assert_allclose(g[np.isfinite(g)], w[np.isfinite(w)], atol=2e-5)
+    assert (~np.isfinite(got)).any(axis=1).mean() > 0.3  # it truncates
+
+
+def test_typical_p_by_hand():
+    """p = [0.5, 0.25, 0.125, 0.125]: H = 1.2130 nats; |−log p − H| = [0.520, 0.173, 0.866, 0.866].
+    Order 1, 0, {2, 3}; cumulative mass 0.25, 0.75, 1.0. tau = 0.2: token 1 crosses -> {1};
+    tau = 0.5: token 0 crosses -> {0, 1} (2/3, 1/3); tau = 0.75 is reached exactly by token 0:
+    still {0, 1}; tau = 0.8: the tied pair crosses -> all."""
+    lp = np.log([[0.5, 0.25, 0.125, 0.125]]).astype(np.float32)
+    for tau, want in [(0.2, [0, 1, 0, 0]), (0.5, [2 / 3, 1 / 3, 0, 0]), (0.75, [2 / 3, 1 / 3, 0, 0]),
+                      (0.8, [0.5, 0.25, 0.125, 0.125])]:
+        got = np.exp(np.asarray(processed_logprobs(jnp.asarray(lp), SamplerConfig(1.0, typical_p=tau))[0]))
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    with pytest.raises(Exception, match="typical_p must be in"):
+        SamplerConfig(typical_p=0.0)

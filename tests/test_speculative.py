@@ -104,6 +104,7 @@ TOY = ModelConfig(vocab_size=4, d_model=16, num_layers=2, num_heads=2, num_kv_he
                   sliding_window=16)
 TOY_SAMPLER = SamplerConfig(temperature=0.8, top_k=3)
 TOP2 = SamplerConfig(temperature=0.8, top_k=2)  # truncation-sensitive: at most 2^5 = 32 outcomes, high power
+TYPICAL = SamplerConfig(temperature=1.0, typical_p=0.5)  # drops the most and the least likely tokens by turns
 TOY_EOS = 2
 GAMMA, LENGTH, TRIALS = 2, 5, 60_000  # LENGTH ≥ γ + 2: a round boundary and a bonus token inside
 PROMPT = [1, 3]
@@ -169,6 +170,7 @@ E2E_MODES = {  # name: (SpecConfig changes, sampler, eos)
     "shared-eos-top2": (dict(draft_cache="shared"), TOP2, TOY_EOS),
     "separate": (dict(draft_cache="separate"), TOY_SAMPLER, -1),
     "adaptive": (dict(draft_cache="shared", adaptive_threshold=0.2), TOY_SAMPLER, -1),
+    "typical": (dict(draft_cache="shared"), TYPICAL, -1),
 }
 
 
@@ -177,6 +179,8 @@ def test_end_to_end_matches_target_distribution(mode):
     kw, sampler, eos = E2E_MODES[mode]
     outcomes, st = _spec_continuations(sampler=sampler, eos_id=eos, **kw)
     assert _pvalue(outcomes, sampler, eos) > ALPHA
+    if mode == "typical":  # it truncates: some continuations are impossible
+        assert sum(p == 0 for p in _exact_outcome_probs(sampler, eos).values()) > 100
     rate = float(st["acceptance_rate"])
     assert 0.2 < rate < 0.98, rate  # both branches (accept, reject) exercised
     drafted, rounds = int(np.sum(st["drafted"])), int(np.sum(st["rounds"]))
@@ -200,9 +204,9 @@ def _broken_bonus(p_BTV, q_BTV, n_B):
 
 
 def _sample_q_untruncated(key, logits_BV, sampler):
-    """Drafts drawn with top-k, but the log-q kept for acceptance computed without it."""
+    """Drafts drawn with top-k / typical, but the log-q kept for acceptance computed without it."""
     tok, _ = sample(key, logits_BV, sampler)
-    return tok, processed_logprobs(logits_BV, dataclasses.replace(sampler, top_k=0, top_p=1.0))
+    return tok, processed_logprobs(logits_BV, dataclasses.replace(sampler, top_k=0, top_p=1.0, typical_p=1.0))
 
 
 def _eos_only_at_window_end(drafts_BG, n_B, t_B, room_B, eos_id, pad_id):
@@ -219,6 +223,7 @@ BROKEN = {  # name: (module attribute, replacement, mode)
     "bonus_wrong_position": ("correction_dist", _broken_bonus, PLAIN),
     "stale_length_after_rollback": ("committed_lengths", lambda lengths, count: lengths + GAMMA + 1, PLAIN),
     "q_used_is_not_q_sampled": ("sample", _sample_q_untruncated, E2E_MODES["shared-eos-top2"]),
+    "q_used_is_not_typical": ("sample", _sample_q_untruncated, E2E_MODES["typical"]),
     "eos_only_at_window_end": ("emit_window", _eos_only_at_window_end, E2E_MODES["shared-eos-top2"]),
 }
 
