@@ -57,11 +57,11 @@ def ensure_checkpoint(workdir):
 BENCH_LM_CMD = "python train.py --config configs/bench_lm.py --workdir runs/bench_lm"
 
 
-def require_checkpoint(workdir):
-    """Exit with the command that trains runs/bench_lm (the speculative benchmarks' model: its
-    decode step is bound by weight bytes) when `workdir` holds no checkpoint."""
+def require_checkpoint(workdir, cmd: str = BENCH_LM_CMD, minutes: int = 45):
+    """Exit with the command that trains `workdir` (by default runs/bench_lm, the speculative
+    benchmarks' model: its decode step is bound by weight bytes) when it holds no checkpoint."""
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        sys.exit(f"no checkpoint in {workdir}: train it first (about 45 minutes here, resumable):\n  {BENCH_LM_CMD}")
+        sys.exit(f"no checkpoint in {workdir}: train it first (about {minutes} minutes here, resumable):\n  {cmd}")
 
 
 def environment() -> dict:

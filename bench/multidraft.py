@@ -3,6 +3,13 @@
     python bench/multidraft.py [--workdir runs/bench_lm] [--budgets 4,8,16] [--new_tokens 96]
                                [--rounds 3] [--temperature 0.8] [--proj_layers 2]
                                [--json bench/results/multidraft.json] [--png bench/results/multidraft.png]
+    python bench/multidraft.py --task countdown --prompts 32 --new_tokens 24   # a reasoning model
+
+With --task, the default workdir is runs/reasoning_TASK_matformer (configs/reasoning_countdown_matformer.py),
+the prompts are the task's first test problems, each generated to its EOS, the share each method
+solves is reported beside its speed (every method is lossless, so it matches plain sampling up to
+noise), and results go to bench/results/multidraft_TASK.{json,png}. That model is tiny: its step
+is bound by dispatch, not bytes, so its tokens/s say little; its block efficiency is the measurement.
 
 On a trained MatFormer checkpoint (default runs/bench_lm: configs/bench_lm.py, whose batch-1 step
 is bound by weight bytes; `python bench/bench_lm.py` shows it), batch 1, the F/8 self-draft, for
@@ -40,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import interleaved, require_checkpoint, write_json  # noqa: E402
+from bench.common import BENCH_LM_CMD, interleaved, require_checkpoint, write_json  # noqa: E402
 from bench.speculative import PROMPTS, _looped_forward  # noqa: E402
 from decode import generate as gen  # noqa: E402
 from decode import multidraft as md_lib  # noqa: E402
@@ -54,6 +61,8 @@ from spark.matformer import cut_ffn  # noqa: E402
 from spark.train import load_checkpoint  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASK_CMD = ("python train.py --config configs/reasoning_countdown_matformer.py "
+            "--workdir runs/reasoning_countdown_matformer")
 
 
 def methods(budget: int, draft_widths) -> dict:
@@ -128,6 +137,25 @@ def _per_position(fn, p_NV, q_NV, k):
     return jax.vmap(lambda a, b: fn(a, b, k))(p_NV, q_NV)
 
 
+def prompts_of(args, tok):
+    """(encoded prompts, EOS id, (task, instances) or None): the first `--prompts` code openings
+    of bench/speculative.py, generated to exactly `--new_tokens` (no EOS); or, with `--task`, the
+    first test problems of that task, each generated to its EOS (at most `--new_tokens`)."""
+    if not args.task:
+        return [list(tok.encode(p, bos=True)) for p in PROMPTS[:args.prompts]], -1, None
+    from spark import tasks
+
+    task = tasks.get(args.task)
+    insts = [tasks.instance(task, "test", i) for i in range(args.prompts)]
+    return [list(tok.encode(x.prompt, bos=True)) for x in insts], tok.eos_id, (task, insts)
+
+
+def solved_share(problems, outputs) -> float:
+    """The share of the problems whose generated solution (cut at the row's length) the task verifies."""
+    task, insts = problems
+    return float(np.mean([task.verify(x, o[0][0, :o[1][0]]) for x, o in zip(insts, outputs, strict=True)]))
+
+
 def ceiling(alphas: list[float]) -> float:
     """Tokens per target forward if the path's node at depth d were accepted with probability
     alphas[d - 1], independently of the others: 1 + a_1 + a_1 a_2 + ... (the bonus included)."""
@@ -135,47 +163,60 @@ def ceiling(alphas: list[float]) -> float:
 
 
 def measure(args):
-    require_checkpoint(args.workdir)
+    if args.task:
+        require_checkpoint(args.workdir, TASK_CMD, minutes=35)
+    else:
+        require_checkpoint(args.workdir)
     cfg, params, step = load_checkpoint(args.workdir, None)
+    if cfg.train.matformer_mode == "off" or 8 not in cfg.model.matformer.divisors:
+        sys.exit(f"{args.workdir} was not trained with MatFormer widths down to F/8 (train.matformer_mode="
+                 f"{cfg.train.matformer_mode!r}): its F/8 prefix is no draft model. Train one, e.g.\n  "
+                 f"{TASK_CMD if args.task else BENCH_LM_CMD}")
     tok = get_tokenizer(cfg.data, args.workdir)
     graphdef = train_lib.graphdef_of(cfg)
     dw = cfg.model.granularity_widths(8)
-    common = dict(max_new_tokens=args.new_tokens, sampler=SamplerConfig(args.temperature), eos_id=-1,
+    encoded, eos_id, problems = prompts_of(args, tok)
+    common = dict(max_new_tokens=args.new_tokens, sampler=SamplerConfig(args.temperature), eos_id=eos_id,
                   pad_id=tok.pad_id)
-    encoded = [list(tok.encode(p, bos=True)) for p in PROMPTS]
     width = max(map(len, encoded))
     inputs = [(params, jnp.asarray([e + [tok.pad_id] * (width - len(e))], jnp.int32),
                jnp.asarray([len(e)], jnp.int32), jax.random.key(i)) for i, e in enumerate(encoded)]
     budgets = [int(x) for x in args.budgets.split(",")]
     fns, confs, eff = {"plain": functools.partial(gen.generate, graphdef, **common)}, {}, {}
+    outputs = {"plain": [jax.device_get(fns["plain"](*x)) for x in inputs]}
     for b in budgets:
         for name, c in methods(b, dw).items():
             key = f"{name} B={b}"
             fn = (functools.partial(spec.generate, graphdef, spec=c, **common) if isinstance(c, spec.SpecConfig)
                   else functools.partial(md_lib.generate, graphdef, md=c, **common))
-            st = [jax.device_get(fn(*x)[2]) for x in inputs]
+            outputs[key] = [jax.device_get(fn(*x)) for x in inputs]
+            st = [o[2] for o in outputs[key]]
             eff[key] = float(np.sum([s["tokens_per_round"] * s["rounds"].sum() for s in st])
                              / np.sum([s["rounds"].sum() for s in st]))
             fns[key], confs[key] = fn, (name, b, c)
             print(f"{key}: {eff[key]:.2f} tokens per target forward", flush=True)
+    new_tokens = {k: float(np.mean([o[1].sum() for o in v])) for k, v in outputs.items()}  # < --new_tokens: EOS
+    solved = {k: solved_share(problems, v) for k, v in outputs.items()} if problems else {}
     acc = acceptance(cfg, graphdef, params, dw, common["sampler"],
                      sorted({k for _, _, c in confs.values() for k in children(c)}))
     print("per-position acceptance (teacher-forced, held-out): " + ", ".join(
         f"k={k}: alpha* {v['alpha_star']:.3f} K-SEQ {v['kseq']:.3f}" for k, v in acc["per_k"].items()), flush=True)
     timing = interleaved({n: (f, inputs, len(inputs)) for n, f in fns.items()}, args.rounds)
     costs = forward_costs(cfg.model, graphdef, params, dw, budgets, confs, width, args.rounds)
-    plain_s = timing["plain"]["median_s"]
+    plain_tps = new_tokens["plain"] / timing["plain"]["median_s"]
     t_step = costs["full T=1"]
     rows = {}
     for key, (name, b, c) in confs.items():
-        s = timing[key]["median_s"]
+        tps = new_tokens[key] / timing[key]["median_s"]
         t_round = round_forwards_s(costs, c, b)
         rows[key] = {"method": name, "budget": b, "block_efficiency": eff[key],
                      "alpha_star_ceiling": ceiling([acc["per_k"][k]["alpha_star"] for k in children(c)]),
-                     "tokens_per_s": args.new_tokens / s,
-                     "speedup": plain_s / s, "predicted_speedup": eff[key] * t_step / t_round,
-                     "samples_s": timing[key]["samples_s"]}
-    out = summarize(args, step, rows, costs, plain_s) | {"acceptance": acc}
+                     "tokens_per_s": tps, "speedup": tps / plain_tps,
+                     "predicted_speedup": eff[key] * t_step / t_round,
+                     "samples_s": timing[key]["samples_s"]} | ({"solved": solved[key]} if solved else {})
+    out = summarize(args, step, rows, costs, plain_tps) | {"acceptance": acc}
+    if problems:
+        out |= {"task": args.task, "problems": len(problems[1]), "plain_solved": solved["plain"]}
     if args.proj_layers:
         out["projection_2b"] = project_2b(args, confs, eff, budgets)
     return out
@@ -236,7 +277,7 @@ def round_forwards_s(costs, conf, b) -> float:
             + costs[f"tree full T={b + 1} N={b + 1}"])
 
 
-def summarize(args, step, rows, costs, plain_s):
+def summarize(args, step, rows, costs, plain_tps):
     budgets = sorted({r["budget"] for r in rows.values()})
     eff = {}
     for r in rows.values():
@@ -247,7 +288,7 @@ def summarize(args, step, rows, costs, plain_s):
         ratio[b] = multi / eff["single"][b]
     best = max(rows.values(), key=lambda r: r["speedup"])
     return {"checkpoint": args.workdir, "checkpoint_step": step, "temperature": args.temperature,
-            "new_tokens": args.new_tokens, "plain_tokens_per_s": args.new_tokens / plain_s, "rows": rows,
+            "new_tokens": args.new_tokens, "prompts": args.prompts, "plain_tokens_per_s": plain_tps, "rows": rows,
             "block_efficiency": eff, "multidraft_vs_single_at_equal_budget": {"per_budget": ratio,
                                                                              "best": max(ratio.values())},
             "speedup_best": {"method": best["method"], "budget": best["budget"], "speedup": best["speedup"],
@@ -256,14 +297,15 @@ def summarize(args, step, rows, costs, plain_s):
 
 
 def print_table(r):
+    task = f", {r['task']}: {r['problems']} test problems, plain solves {r['plain_solved']:.2f}" if "task" in r else ""
     print(f"\n{r['checkpoint']} (step {r['checkpoint_step']}), T = {r['temperature']}, batch 1, "
-          f"plain {r['plain_tokens_per_s']:.0f} tokens/s")
+          f"plain {r['plain_tokens_per_s']:.0f} tokens/s{task}")
     print(f"{'method':>14} {'B':>3} {'tokens/fwd':>10} {'α* ref':>7} {'tokens/s':>9} {'speedup':>8} "
-          f"{'predicted':>9}")
+          f"{'predicted':>9}" + (f" {'solved':>6}" if task else ""))
     for row in r["rows"].values():
         print(f"{row['method']:>14} {row['budget']:>3} {row['block_efficiency']:10.2f} "
               f"{row['alpha_star_ceiling']:7.2f} {row['tokens_per_s']:9.0f} {row['speedup']:7.2f}x "
-              f"{row['predicted_speedup']:8.2f}x")
+              f"{row['predicted_speedup']:8.2f}x" + (f" {row['solved']:6.2f}" if task else ""))
     m = r["multidraft_vs_single_at_equal_budget"]
     print("best multi-draft / single-draft tokens per target forward: "
           + ", ".join(f"B={b}: {v:.2f}" for b, v in m["per_budget"].items()))
@@ -300,14 +342,22 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench_lm"))
     ap.add_argument("--budgets", default="4,8,16")
+    ap.add_argument("--task", help="prompts from this reasoning task's test split (spark/tasks), generated to EOS")
+    ap.add_argument("--prompts", type=int, default=5, help="how many prompts (text: at most 5)")
     ap.add_argument("--new_tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--proj_layers", type=int, default=2, help="layers timed at 2B shapes (0: no projection)")
-    ap.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "multidraft.json"))
-    ap.add_argument("--png", default=os.path.join(ROOT, "bench", "results", "multidraft.png"))
+    ap.add_argument("--json", help="default bench/results/multidraft[_TASK].json")
+    ap.add_argument("--png", help="default bench/results/multidraft[_TASK].png")
     ap.add_argument("--from_json", help="only re-draw the PNG from this results JSON")
     args = ap.parse_args(argv)
+    stem = os.path.join(ROOT, "bench", "results", "multidraft" + (f"_{args.task}" if args.task else ""))
+    args.json, args.png = args.json or stem + ".json", args.png or stem + ".png"
+    if not args.task and not 1 <= args.prompts <= len(PROMPTS):
+        ap.error(f"--prompts must be in 1..{len(PROMPTS)} without --task, got {args.prompts}")
+    if args.task and args.workdir == ap.get_default("workdir"):
+        args.workdir = os.path.join(ROOT, "runs", f"reasoning_{args.task}_matformer")
     if args.from_json:
         with open(args.from_json) as f:
             return plot(json.load(f), args.png)

@@ -74,3 +74,32 @@ def test_first_step_counts_distinct_unfinished_steps():
           "keep": np.array([[[1, 1, 0, 0], [1, 1, 0, 1]]], bool)}
     # problem 0: unfinished {5 3, 7 3}, kept {5 3}; problem 1: valid {4 3, 6 3, 8 3}, kept {4 3, 6 3}
     assert first_step(tr) == {"step0_distinct_candidates": 2.5, "step0_distinct_kept": 1.5}
+
+
+def test_multidraft_bench_pieces_by_hand():
+    """bench/multidraft.py's bookkeeping: the alpha* reference 1 + a1 + a1 a2 (+ ...), the
+    candidates verified below a node and the draft forwards' sizes of each method at budget 8."""
+    from bench import multidraft as mb
+    from spark.config import ModelConfig
+
+    assert mb.ceiling([0.5, 0.5]) == pytest.approx(1.75) and mb.ceiling([1.0] * 4) == 5.0
+    widths = ModelConfig().granularity_widths(8)
+    got = {n: (mb.children(c), mb.draft_blocks(c)) for n, c in mb.methods(8, widths).items()}
+    assert got == {"single": ([1] * 8, [1] * 8), "spectr k=2": ([2] * 4, [1, 2, 2, 2]), "spectr k=4": ([4, 4], [1, 4]),
+                   "rsd_c wide": ([4, 1], [1, 4]), "rsd_c deep": ([2, 1, 1, 1], [1, 2, 2, 2]),
+                   "rsd_s W=2": ([2] * 4, [1, 2, 2, 2]), "rsd_s W=4": ([4, 4], [1, 4])}
+
+
+def test_multidraft_bench_task_prompts_and_bad_checkpoint(workdir):
+    """--task prompts are the task's test problems, generated to EOS; a checkpoint trained without
+    MatFormer widths (no F/8 draft) is refused with the command that trains one."""
+    import argparse
+
+    from bench import multidraft as mb
+
+    tok = tasks.TaskTokenizer()
+    enc, eos, (task, insts) = mb.prompts_of(argparse.Namespace(task="countdown", prompts=3), tok)
+    assert eos == tok.eos_id and len(enc) == len(insts) == 3 and task is tasks.get("countdown")
+    assert enc[1] == list(tok.encode(tasks.instance(task, "test", 1).prompt, bos=True))
+    with pytest.raises(SystemExit, match="(?s)not trained with MatFormer.*reasoning_countdown_matformer"):
+        mb.main(["--task", "modchain", "--workdir", workdir])

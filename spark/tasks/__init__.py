@@ -48,10 +48,11 @@ def source(name: str, split: str, seed: int = 0) -> Source:
 
 
 def train_config(task: str, *, steps: int, lr: float = 2e-3, d_model: int = 128, num_layers: int = 4,
-                 seq_len: int = 128, batch_size: int = 32, ckpt_every: int = 250):
+                 seq_len: int = 128, batch_size: int = 32, ckpt_every: int = 250, matformer_mode: str = "off"):
     """The shared recipe of configs/reasoning_*.py: a small dense decoder trained on one task's
     generated solutions (loss on the solution), a checkpoint kept every `ckpt_every` steps so
-    bench/reasoning.py can pick the one whose validation greedy accuracy lies in 20–70%."""
+    bench/reasoning.py can pick the one whose validation greedy accuracy lies in 20–70%.
+    `matformer_mode` 'sample' trains the nested FFN widths too (the self-drafts of bench/multidraft.py)."""
     from spark.config import Config, DataConfig, ModelConfig, TrainConfig
 
     get(task)
@@ -60,5 +61,5 @@ def train_config(task: str, *, steps: int, lr: float = 2e-3, d_model: int = 128,
                         ffn_kind="geglu", attn_kind="dense", max_seq_len=seq_len)
     train = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=steps // 20,
                         log_every=50, eval_every=ckpt_every, eval_batches=4, ckpt_every=ckpt_every,
-                        keep_ckpts=steps // ckpt_every + 1, matformer_mode="off")
+                        keep_ckpts=steps // ckpt_every + 1, matformer_mode=matformer_mode)
     return Config(model=model, train=train, data=DataConfig(name=task, tokenizer="task"))
