@@ -167,9 +167,10 @@ def _confidence(logits_BV, logq_BV, sampler):
     return jnp.exp(jnp.max(logq_BV, -1))
 
 
-def draft(model, s: SpecState, key, *, spec: SpecConfig, sampler, sparse):
-    """γ draft tokens per row (unrolled); with an adaptive threshold up to γ, in a while_loop that
-    ends once no row is drafting.
+def draft(model, s: SpecState, key, *, spec: SpecConfig, sampler, sparse, fallback: float | None = None):
+    """γ draft tokens per row (unrolled); with an adaptive threshold or a `fallback` up to γ, in a
+    while_loop that ends once no row is drafting. `fallback` α (BiLD, decode/bild.py): a row stops
+    at the first token whose draft confidence is below α, and that token is not drafted.
 
     -> (drafts_BG, logq_BGV, drafted_BG, target cache with the draft's slots written | unchanged,
     draft cache | None). logq is the processed distribution each draft was sampled from."""
@@ -187,6 +188,8 @@ def draft(model, s: SpecState, key, *, spec: SpecConfig, sampler, sparse):
 
     def pick(i, logits_BV, drafts, logq, drafted, active, confidence):
         d, lq = sample(keys[i], logits_BV, sampler)
+        if fallback is not None:  # the unconfident token is discarded, not drafted
+            active = active & (_confidence(logits_BV, lq, sampler) >= fallback)
         drafts = drafts.at[:, i].set(jnp.where(active, d, 0))
         logq = logq.at[:, i].set(lq)
         drafted = drafted.at[:, i].set(active)
@@ -206,7 +209,7 @@ def draft(model, s: SpecState, key, *, spec: SpecConfig, sampler, sparse):
         return i + 1, cache, pick(i, logits[:, 0], drafts, logq, drafted, active, confidence)
 
     c = (1, cache, carry)
-    if spec.adaptive_threshold is None:  # fixed γ: unrolled (no loop overhead per draft step)
+    if spec.adaptive_threshold is None and fallback is None:  # fixed γ: unrolled (no loop overhead per step)
         for _ in range(1, gamma):
             c = body(c)
     else:  # stops as soon as no row is drafting any more
@@ -222,28 +225,35 @@ def committed_lengths(lengths_B, count_B):
     return lengths_B + count_B
 
 
-def verify(model, cache, pending_B, drafts_BG, *, sampler, widths, sparse):
-    """One target forward over [pending, d_1..d_γ] -> (logp_BTV processed, float32; cache)."""
-    b, g = drafts_BG.shape
+def verify(model, cache, pending_B, drafts_BG, *, widths, sparse):
+    """One target forward over [pending, d_1..d_γ] -> (logits_BTV, cache)."""
+    g = drafts_BG.shape[1]
     block = jnp.concatenate([pending_B[:, None], drafts_BG], axis=1)
     pos = cache.lengths[:, None] + jnp.arange(g + 1, dtype=jnp.int32)
-    logits, cache = model(block, pos, cache=cache, widths=widths, sparse=sparse)
-    logp = processed_logprobs(logits.reshape(b * (g + 1), -1), sampler)
-    return logp.reshape(b, g + 1, -1), cache
+    return model(block, pos, cache=cache, widths=widths, sparse=sparse)
+
+
+def lossless_judge(key, logits_BTV, logq_BGV, drafts_BG, drafted_BG, sampler):
+    """Speculative sampling's test (`accept`) against the target's processed laws (float32)."""
+    b, t, v = logits_BTV.shape
+    logp = processed_logprobs(logits_BTV.reshape(b * t, v), sampler).reshape(b, t, v)
+    return accept(key, logp, logq_BGV, drafts_BG, drafted_BG)
 
 
 def spec_round(model, s: SpecState, *, spec: SpecConfig, sampler, eos_id, pad_id, widths, sparse,
-               drafter=None) -> SpecState:
+               drafter=None, judge=lossless_judge, fallback: float | None = None) -> SpecState:
     """One draft + verify round. `drafter`: the draft model (the same weights, FFNs cut to the draft
-    widths by matformer.cut_ffn); default `model` itself."""
+    widths by matformer.cut_ffn); default `model` itself. `judge` (key, logits_BTV, logq_BGV,
+    drafts_BG, drafted_BG, sampler) -> (n_B kept drafts, t_B the token after them) and `fallback`
+    (see `draft`) make the round BiLD's (decode/bild.py)."""
     gamma = spec.gamma
     k_draft, k_accept = jax.random.split(jax.random.fold_in(s.key, s.rounds))
     lengths = s.cache.lengths
     drafts, logq, drafted, cache, dcache = draft(drafter or model, s, k_draft, spec=spec, sampler=sampler,
-                                                 sparse=sparse)
-    logp, cache = verify(model, cache.replace(lengths=lengths), s.pending_B, drafts, sampler=sampler,
-                         widths=widths, sparse=sparse if spec.verify_sparse is None else spec.verify_sparse)
-    n, t = accept(k_accept, logp, logq, drafts, drafted)
+                                                 sparse=sparse, fallback=fallback)
+    logits, cache = verify(model, cache.replace(lengths=lengths), s.pending_B, drafts, widths=widths,
+                           sparse=sparse if spec.verify_sparse is None else spec.verify_sparse)
+    n, t = judge(k_accept, logits, logq, drafts, drafted, sampler)
 
     live = ~s.done_B
     max_new = s.tokens_BN.shape[1] - gamma - 1
@@ -253,9 +263,14 @@ def spec_round(model, s: SpecState, *, spec: SpecConfig, sampler, eos_id, pad_id
     new_lengths = jnp.where(live, committed_lengths(lengths, count), lengths)
     before_t = jnp.take_along_axis(drafts, jnp.maximum(n - 1, 0)[:, None], 1)[:, 0]
     last = jnp.where(live, jnp.where(n > 0, before_t, s.pending_B), s.last_B)
+    n_drafted = jnp.sum(drafted, 1)
     stats = {"rounds": s.stats["rounds"] + live,
-             "drafted": s.stats["drafted"] + jnp.where(live, jnp.sum(drafted, 1), 0),
+             "drafted": s.stats["drafted"] + jnp.where(live, n_drafted, 0),
              "accepted": s.stats["accepted"] + jnp.where(live, n, 0)}
+    if "short_rounds" in s.stats:  # BiLD's fallbacks (drafting stopped early), rollbacks (a draft rejected)
+        stats |= {"short_rounds": s.stats["short_rounds"] + (live & (n_drafted < gamma)),
+                  "rejecting_rounds": s.stats["rejecting_rounds"] + (live & (n < n_drafted)),
+                  "emitted_drafts": s.stats["emitted_drafts"] + jnp.minimum(n, count)}  # count: 0 unless live
     return SpecState(rounds=s.rounds + 1, tokens_BN=tokens, num_B=num, pending_B=jnp.where(live, t, s.pending_B),
                      last_B=last, done_B=s.done_B | hit_eos | (num >= max_new),
                      cache=cache.replace(lengths=new_lengths),
