@@ -10,6 +10,8 @@
     python sample.py --workdir runs/demo --prompt 'def ' --speculative --tree 3,2,1              (RSD-C)
     python sample.py --workdir runs/demo --prompt 'def ' --speculative --tree_beam 4 --tree_depth 3  (RSD-S)
                      [--verifier kseq|recursive|target_only]                    (decode/multidraft.py)
+    python sample.py --workdir runs/demo --prompt 'def ' --decoder bild --fallback 0.6 --rollback 5.0 \
+                     --max_little_steps 10 [--draft_granularity 8]            (BiLD, decode/bild.py; lossy)
     python sample.py --workdir runs/reasoning_countdown --prompt '3 7 12 goal 30 |' --decoder mfs \
                      --beams 4 --samples 4 [--sigma_rate 0.8 --epsilon 1e-4 --baseline parent_step]
                                                                        (decode/search.py)
@@ -19,10 +21,12 @@ text (list), prompts, tokens_per_s, stats (per row: new_tokens, ffn_overflow, at
 per layer: ffn_density, keys_per_query; checkpoint_step, widths, seconds). With --speculative the
 stats are acceptance_rate, tokens_per_round, rounds (and per row: rounds_per_row, drafted,
 accepted), draft_widths, gamma; multi-draft adds method, verifier, tree_nodes (draft tokens per
-target forward) and accepted_per_round. With a search --decoder (mfs, phi, beam, best_of_n,
-self_consistency) the text is the answer the --answer_rule picks (best_of_n: quality,
-self_consistency: vote) and stats hold the search accounting (gen_tokens, forward_tokens,
-prefill_tokens, steps, stop_step, reverted) and every final beam's text (beams).
+target forward) and accepted_per_round. With --decoder bild: per row rounds, little_tokens, drafted,
+fallbacks, rollbacks; little_share, tokens_per_round, little_widths and the thresholds.
+With a search --decoder (mfs, phi, beam, best_of_n, self_consistency) the text is the answer the
+--answer_rule picks (best_of_n: quality, self_consistency: vote) and stats hold the search
+accounting (gen_tokens, forward_tokens, prefill_tokens, steps, stop_step, reverted) and every
+final beam's text (beams).
 """
 
 import argparse
@@ -73,11 +77,17 @@ def parse_args(argv):
     sp.add_argument("--verifier", default=None, choices=["kseq", "recursive", "target_only"],
                     help="multi-draft verification (default: kseq for --drafts, recursive for trees)")
     add_search_flags(ap)
+    bl = ap.add_argument_group("BiLD, --decoder bild (decode/bild.py; the little model: --draft_granularity / "
+                               "--draft_widths, default F/8; --draft_cache)")
+    bl.add_argument("--fallback", type=float, default=None, help="α_FB: hand over below this top probability (0.6)")
+    bl.add_argument("--rollback", type=float, default=None, help="α_RB: roll back past this big-model NLL (5.0)")
+    bl.add_argument("--max_little_steps", type=int, default=None, help="little tokens in a row at most (10)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     return ap.parse_args(argv)
 
 
-DECODERS = {"plain": None, "mfs": ("mfs", "quality"), "phi": ("phi", "quality"), "beam": ("beam", "quality"),
+DECODERS = {"plain": None, "bild": None, "mfs": ("mfs", "quality"), "phi": ("phi", "quality"),
+            "beam": ("beam", "quality"),
             "best_of_n": ("sample", "quality"), "self_consistency": ("sample", "vote")}
 SEARCH_FLAGS = {  # flag: (type, help); defaults are decode.search.SearchConfig's; bool flags take on | off
     "beams": (int, "M beams kept per step"), "samples": (int, "N samples per beam (best_of_n: completions)"),
@@ -107,7 +117,7 @@ def search_config(args):
     """The SearchConfig the flags ask for (None for --decoder plain); flags a decoder does not
     use are errors."""
     used = [f"--{f}" for f in (*SEARCH_FLAGS, "answer_rule", "delimiter") if getattr(args, f) is not None]
-    if args.decoder == "plain":
+    if args.decoder in ("plain", "bild"):
         if used:
             raise ConfigError(f"{', '.join(used)} need a search --decoder")
         return None
@@ -177,11 +187,31 @@ def pick_widths(model_cfg, widths: str | None, granularity: int | None, flag: st
     return model_cfg.granularity_widths(granularity or 1)
 
 
+BILD_FLAGS = ("fallback", "rollback", "max_little_steps")
+LITTLE_FLAGS = ("draft_granularity", "draft_widths", "draft_cache")  # BiLD's little model and its cache
+
+
+def check_bild_flags(args):
+    """-> BiLDConfig for --decoder bild (little widths filled in later), else None."""
+    used = [f"--{f}" for f in BILD_FLAGS if getattr(args, f) is not None]
+    if args.decoder != "bild":
+        if used:
+            raise ConfigError(f"{', '.join(used)} need --decoder bild")
+        return None
+    if args.speculative:
+        raise ConfigError("--speculative and --decoder bild are different decoders; pick one")
+    from decode.bild import BiLDConfig
+
+    kw = {f: getattr(args, f) for f in (*BILD_FLAGS, "draft_cache") if getattr(args, f) is not None}
+    return BiLDConfig(**kw)
+
+
 def check_speculative_flags(args):
     """-> SpecConfig (one draft), MultiDraftConfig (--drafts / --tree / --tree_beam) or None."""
     flags = ("draft_granularity", "draft_widths", "gamma", "adaptive_threshold", "draft_cache", "drafts", "tree",
              "tree_beam", "tree_depth", "verifier")
-    used = [f"--{f}" for f in flags if getattr(args, f) is not None]
+    used = [f"--{f}" for f in flags if getattr(args, f) is not None
+            and not (args.decoder == "bild" and f in LITTLE_FLAGS)]
     if used and not args.speculative:
         raise ConfigError(f"{', '.join(used)} need --speculative")
     from decode.multidraft import MultiDraftConfig
@@ -217,6 +247,7 @@ def check_speculative_flags(args):
 def main(argv=None):
     args = parse_args(argv)
     prompts = read_prompts(args)
+    bild_cfg = check_bild_flags(args)
     spec_cfg = check_speculative_flags(args)
     scfg = search_config(args)
     workdir, step = resolve_checkpoint(args)
@@ -225,7 +256,7 @@ def main(argv=None):
     import jax.numpy as jnp
     import numpy as np
 
-    from decode import multidraft, speculative
+    from decode import bild, multidraft, speculative
     from decode.generate import generate
     from decode.sampling import SamplerConfig
     from spark import train_lib
@@ -236,7 +267,7 @@ def main(argv=None):
     cfg, params, step = load_checkpoint(workdir, step)
     widths = pick_widths(cfg.model, args.widths, args.granularity)
     draft_widths = (pick_widths(cfg.model, args.draft_widths, args.draft_granularity or 8, "--draft_widths")
-                    if args.speculative else None)
+                    if args.speculative or bild_cfg else None)
     tok = get_tokenizer(cfg.data, workdir)
     encoded = [tok.encode(p, bos=True) for p in prompts]
     ctx = cfg.model.max_seq_len
@@ -258,6 +289,9 @@ def main(argv=None):
     elif args.speculative:
         kw.update(spec=dataclasses.replace(spec_cfg, draft_widths=draft_widths))
         fn = speculative.generate
+    elif bild_cfg is not None:
+        kw.update(bild=dataclasses.replace(bild_cfg, little_widths=draft_widths))
+        fn = bild.generate
     else:
         kw["scan_prefill"] = cfg.train.scan_layers  # a config that trains scanned prefills scanned too
     run_args = (params, jnp.asarray(arr), lengths, jax.random.key(args.seed))
@@ -278,6 +312,9 @@ def main(argv=None):
         if isinstance(spec_cfg, multidraft.MultiDraftConfig):
             stats.update(method=spec_cfg.method, verifier=spec_cfg.verifier, gamma=len(spec_cfg.levels) - 1,
                          accepted_per_round=sum(stats["accepted"]) / max(stats["rounds"], 1))
+    if bild_cfg is not None:
+        stats.update(little_widths=list(draft_widths), fallback=bild_cfg.fallback, rollback=bild_cfg.rollback,
+                     max_little_steps=bild_cfg.max_little_steps)
     if args.json:
         print(json.dumps({"text": texts, "prompts": prompts, "tokens_per_s": float(n_new.sum()) / dt,
                           "stats": stats}))
@@ -289,6 +326,9 @@ def main(argv=None):
         if args.speculative:
             print(f"[speculative: acceptance {stats['acceptance_rate']:.2f}, {stats['tokens_per_round']:.2f} "
                   f"tokens/round, {stats['rounds']} rounds]", file=sys.stderr)
+        if bild_cfg is not None:
+            print(f"[bild: {stats['little_share']:.2f} of the tokens from the little model, "
+                  f"{sum(stats['fallbacks'])} fallbacks, {sum(stats['rollbacks'])} rollbacks]", file=sys.stderr)
 
 
 def step_delimiter(tok, text: str | None) -> int:

@@ -110,6 +110,10 @@ BAD = {
     "prune": (["--prompt", "a", "--decoder", "mfs", "--prune", "no"], "--prune must be on or off, got 'no'"),
     "two decoders": (["--prompt", "a", "--decoder", "phi", "--speculative"], "pick one"),
     "typical": (["--prompt", "a", "--typical_p", "1.5"], "typical_p must be in (0, 1) (1: off), got 1.5"),
+    "bild flag alone": (["--prompt", "a", "--fallback", "0.5"], "--fallback need --decoder bild"),
+    "bild gamma": (["--prompt", "a", "--decoder", "bild", "--gamma", "3"], "--gamma need --speculative"),
+    "bild speculative": (["--prompt", "a", "--decoder", "bild", "--speculative"], "pick one"),
+    "bild fallback": (["--prompt", "a", "--decoder", "bild", "--fallback", "2"], "fallback (α_FB) must be in [0, 1]"),
     "typical search": (["--prompt", "a", "--decoder", "mfs", "--typical_p", "0.9", "--top_k", "5"],
                        "--top_k, --typical_p: the search decoders sample at their own temperatures"),
     "delimiter": (["--prompt", "a", "--decoder", "beam", "--delimiter", "ab", "--max_new_tokens", "8"],
@@ -152,6 +156,22 @@ def test_multidraft_json_greedy_equals_plain(workdir, sample_cli, capsys):
         args = sample_cli.parse_args(["--workdir", workdir, "--prompt", "a", "--speculative", *extra])
         cfg = sample_cli.check_speculative_flags(args)
         assert all(getattr(cfg, k) == v for k, v in want.items()), (cfg, want)
+
+
+def test_bild_json(workdir, sample_cli, capsys):
+    """--decoder bild: α_FB = 1 hands every token to the big model (== plain greedy); α_FB = 0 with
+    no rollback lets the little model write all but every (n+1)-th token."""
+    common = ["--workdir", workdir, "--prompt", "def ", "--prompt", "class A", "--max_new_tokens", "9",
+              "--temperature", "0", "--json"]
+    sample_cli.main(common)
+    plain = json.loads(capsys.readouterr().out)
+    bild = [*common, "--decoder", "bild", "--draft_granularity", "4", "--max_little_steps", "2"]
+    sample_cli.main([*bild, "--fallback", "1"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["text"] == plain["text"] and out["stats"]["little_tokens"] == [0, 0]
+    sample_cli.main([*bild, "--fallback", "0", "--rollback", "inf", "--draft_cache", "separate"])
+    st = json.loads(capsys.readouterr().out)["stats"]
+    assert st["little_tokens"] == [6, 6] and st["rounds"] == [3, 3] and st["little_widths"][0] == st["widths"][0] // 4
 
 
 @pytest.mark.parametrize("name", list(BAD))
