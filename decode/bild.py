@@ -36,12 +36,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from decode.sampling import SamplerConfig, processed_logprobs
-from decode.speculative import DRAFT_CACHES, SpecConfig, spec_prefill, spec_round, summarize
+from decode.speculative import DRAFT_CACHES, SpecConfig, models, spec_prefill, spec_round, summarize
 from spark.errors import ConfigError
-from spark.matformer import cut_ffn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +65,9 @@ class BiLDConfig:
         if self.little_widths is not None:
             object.__setattr__(self, "little_widths", tuple(int(w) for w in self.little_widths))
 
-    def spec(self, model_cfg) -> SpecConfig:
+    def spec(self) -> SpecConfig:
         """The speculative round this runs on: γ = max_little_steps, the little model as the draft."""
-        return SpecConfig(draft_widths=self.little_widths, gamma=self.max_little_steps,
-                          draft_cache=self.draft_cache).resolve(model_cfg)
+        return SpecConfig(draft_widths=self.little_widths, gamma=self.max_little_steps, draft_cache=self.draft_cache)
 
 
 def big_logprobs(logits_BTV, sampler: SamplerConfig):
@@ -112,9 +109,7 @@ def generate(graphdef, params, prompts_BT, prompt_lengths_B, key, *, max_new_tok
     `fallbacks` (rounds the little model ended unconfident), `rollbacks` (rounds the big model
     rejected a little token), `drafted` (little tokens proposed); batch `little_share` (kept
     little tokens / tokens emitted after the first) and `tokens_per_round`."""
-    model = nnx.merge(graphdef, params)
-    spec, widths = bild.spec(model.cfg), model.cfg.check_widths(widths)
-    little = nnx.merge(graphdef, cut_ffn(params, model.cfg, spec.draft_widths))
+    model, little, spec, widths = models(graphdef, params, bild.spec(), widths)
     kw = dict(spec=spec, sampler=sampler, eos_id=eos_id, pad_id=pad_id, widths=widths)
     s = spec_prefill(model, prompts_BT, prompt_lengths_B, key, max_new_tokens=max_new_tokens, drafter=little, **kw)
     zeros = jnp.zeros_like(s.num_B)

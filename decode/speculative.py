@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from decode import goodput as gp
+from decode.goodput import GoodputConfig
 from decode.rollout import prefill_cache
 from decode.sampling import SamplerConfig, processed_logprobs, sample
 from spark.cache import KVCache
@@ -74,17 +76,25 @@ class SpecConfig:
     draft_widths: the draft's per-layer FFN widths (None: the smallest MatFormer granularity);
     gamma: drafts per round (the most, with an adaptive threshold); adaptive_threshold h: stop
     drafting once 1 − Π top-prob > h (None: always γ); draft_cache: "shared" | "separate";
-    verify_sparse: the Spark sparse-gather path for the (γ+1)-token verify (None: as `sparse`)."""
+    verify_sparse: the Spark sparse-gather path for the (γ+1)-token verify (None: as `sparse`);
+    goodput: choose γ ∈ 0..gamma per round from this cost model (decode/goodput.py)."""
 
     draft_widths: tuple[int, ...] | None = None
     gamma: int = 3
     adaptive_threshold: float | None = None
     draft_cache: str = "shared"
     verify_sparse: bool | None = None
+    goodput: GoodputConfig | None = None
 
     def __post_init__(self):
         if self.gamma < 1:
             raise ConfigError(f"gamma must be >= 1, got {self.gamma}")
+        if self.goodput is not None:
+            if self.gamma != self.goodput.gamma_max:
+                raise ConfigError(f"goodput: gamma ({self.gamma}) must be the cost model's γ_max "
+                                  f"({self.goodput.gamma_max})")
+            if self.adaptive_threshold is not None or self.draft_cache != "shared":
+                raise ConfigError("goodput-chosen γ works with a fixed γ per round and the shared draft cache")
         if self.draft_cache not in DRAFT_CACHES:
             raise ConfigError(f"draft_cache must be one of {DRAFT_CACHES}, got {self.draft_cache!r}")
         h = self.adaptive_threshold
@@ -241,22 +251,30 @@ def lossless_judge(key, logits_BTV, logq_BGV, drafts_BG, drafted_BG, sampler):
 
 
 def spec_round(model, s: SpecState, *, spec: SpecConfig, sampler, eos_id, pad_id, widths, sparse,
-               drafter=None, judge=lossless_judge, fallback: float | None = None) -> SpecState:
+               drafter=None, judge=lossless_judge, fallback: float | None = None, plain: bool = False,
+               slack: int | None = None) -> SpecState:
     """One draft + verify round. `drafter`: the draft model (the same weights, FFNs cut to the draft
     widths by matformer.cut_ffn); default `model` itself. `judge` (key, logits_BTV, logq_BGV,
     drafts_BG, drafted_BG, sampler) -> (n_B kept drafts, t_B the token after them) and `fallback`
-    (see `draft`) make the round BiLD's (decode/bild.py)."""
-    gamma = spec.gamma
+    (see `draft`) make the round BiLD's (decode/bild.py). `plain`: no draft, a one-token target
+    step (goodput's γ = 0, decode/goodput.py); `slack`: the room kept after max_new_tokens in
+    tokens_BN (default γ + 1; rounds of several γ in one loop share the largest)."""
+    gamma = 0 if plain else spec.gamma
     k_draft, k_accept = jax.random.split(jax.random.fold_in(s.key, s.rounds))
     lengths = s.cache.lengths
-    drafts, logq, drafted, cache, dcache = draft(drafter or model, s, k_draft, spec=spec, sampler=sampler,
-                                                 sparse=sparse, fallback=fallback)
+    if plain:
+        b, v = s.pending_B.shape[0], model.cfg.vocab_size
+        drafts, drafted, logq = jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0), bool), jnp.zeros((b, 0, v))
+        cache, dcache = s.cache, s.draft_cache
+    else:
+        drafts, logq, drafted, cache, dcache = draft(drafter or model, s, k_draft, spec=spec, sampler=sampler,
+                                                     sparse=sparse, fallback=fallback)
     logits, cache = verify(model, cache.replace(lengths=lengths), s.pending_B, drafts, widths=widths,
                            sparse=sparse if spec.verify_sparse is None else spec.verify_sparse)
     n, t = judge(k_accept, logits, logq, drafts, drafted, sampler)
 
     live = ~s.done_B
-    max_new = s.tokens_BN.shape[1] - gamma - 1
+    max_new = s.tokens_BN.shape[1] - (slack or gamma + 1)
     window, count, hit_eos = emit_window(drafts, n, t, jnp.where(live, max_new - s.num_B, 0), eos_id, pad_id)
     tokens = jax.vmap(lambda row, w, at: jax.lax.dynamic_update_slice(row, w, (at,)))(s.tokens_BN, window, s.num_B)
     num = s.num_B + count
@@ -264,9 +282,9 @@ def spec_round(model, s: SpecState, *, spec: SpecConfig, sampler, eos_id, pad_id
     before_t = jnp.take_along_axis(drafts, jnp.maximum(n - 1, 0)[:, None], 1)[:, 0]
     last = jnp.where(live, jnp.where(n > 0, before_t, s.pending_B), s.last_B)
     n_drafted = jnp.sum(drafted, 1)
-    stats = {"rounds": s.stats["rounds"] + live,
-             "drafted": s.stats["drafted"] + jnp.where(live, n_drafted, 0),
-             "accepted": s.stats["accepted"] + jnp.where(live, n, 0)}
+    stats = s.stats | {"rounds": s.stats["rounds"] + live,  # other keys: the caller's (goodput, BiLD)
+                       "drafted": s.stats["drafted"] + jnp.where(live, n_drafted, 0),
+                       "accepted": s.stats["accepted"] + jnp.where(live, n, 0)}
     if "short_rounds" in s.stats:  # BiLD's fallbacks (drafting stopped early), rollbacks (a draft rejected)
         stats |= {"short_rounds": s.stats["short_rounds"] + (live & (n_drafted < gamma)),
                   "rejecting_rounds": s.stats["rejecting_rounds"] + (live & (n < n_drafted)),
@@ -306,6 +324,22 @@ def summarize(s: SpecState) -> dict:
     return st | {"acceptance_rate": acc, "tokens_per_round": per_round}
 
 
+def models(graphdef, params, spec: SpecConfig, widths):
+    """-> (target, draft model with its FFNs cut to the draft widths, resolved spec, checked widths)."""
+    model = nnx.merge(graphdef, params)
+    spec, widths = spec.resolve(model.cfg), model.cfg.check_widths(widths)
+    return model, nnx.merge(graphdef, cut_ffn(params, model.cfg, spec.draft_widths)), spec, widths
+
+
+def branches(model, drafter, spec: SpecConfig, *, sparse, **kw) -> list:
+    """The round bodies for γ = 0 (a plain target step), 1, …, spec.gamma, sharing one state layout
+    (slack γ_max + 1): the goodput switch's branches."""
+    common = dict(sparse=sparse, drafter=drafter, slack=spec.gamma + 1, **kw)
+    plain = functools.partial(spec_round, model, spec=spec, plain=True, **common)
+    return [plain] + [functools.partial(spec_round, model, spec=dataclasses.replace(spec, gamma=g, goodput=None),
+                                        **common) for g in range(1, spec.gamma + 1)]
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampler", "eos_id", "pad_id", "spec",
                                              "widths", "sparse"))
 def generate(graphdef, params, prompts_BT, prompt_lengths_B, key, *, max_new_tokens: int, sampler: SamplerConfig,
@@ -316,12 +350,22 @@ def generate(graphdef, params, prompts_BT, prompt_lengths_B, key, *, max_new_tok
     the (γ+1)-token verify alone, whose gathers grow with the block; bench/speculative.py).
 
     Returns (new_tokens [B, max_new_tokens] padded with pad_id after EOS, num_new [B], stats), like
-    decode.generate.generate; stats from `summarize`."""
-    model = nnx.merge(graphdef, params)
-    spec, widths = spec.resolve(model.cfg), model.cfg.check_widths(widths)
-    drafter = nnx.merge(graphdef, cut_ffn(params, model.cfg, spec.draft_widths))
-    kw = dict(spec=spec, sampler=sampler, eos_id=eos_id, pad_id=pad_id, widths=widths)
-    s = spec_prefill(model, prompts_BT, prompt_lengths_B, key, max_new_tokens=max_new_tokens, drafter=drafter, **kw)
+    decode.generate.generate; stats from `summarize`, with `spec.goodput` also gamma_chosen [rounds
+    cap] (−1 past the last round) and each row's final acceptance_estimate."""
+    model, drafter, spec, widths = models(graphdef, params, spec, widths)
+    kw = dict(sampler=sampler, eos_id=eos_id, pad_id=pad_id, widths=widths)
+    s = spec_prefill(model, prompts_BT, prompt_lengths_B, key, max_new_tokens=max_new_tokens, drafter=drafter,
+                     spec=spec, **kw)
+    if spec.goodput is None:
+        step = functools.partial(spec_round, model, spec=spec, sparse=sparse, drafter=drafter, **kw)
+    else:
+        s = s.replace(stats=s.stats | gp.init_counts(spec.goodput, s.num_B.shape[0])
+                      | {"gamma_chosen": jnp.full((max_new_tokens,), -1, jnp.int32)})
+        step = functools.partial(gp.goodput_round, branches(model, drafter, spec, sparse=sparse, **kw),
+                                 cfg=spec.goodput)
     cond = lambda s: (s.rounds < max_new_tokens) & ~jnp.all(s.done_B)  # noqa: E731
-    s = jax.lax.while_loop(cond, lambda s: spec_round(model, s, sparse=sparse, drafter=drafter, **kw), s)
-    return s.tokens_BN[:, :max_new_tokens], s.num_B, summarize(s)
+    s = jax.lax.while_loop(cond, step, s)
+    st = summarize(s)
+    if spec.goodput is not None:
+        st = {k: v for k, v in st.items() if not k.startswith("goodput_")} | {"acceptance_estimate": gp.estimate(st)}
+    return s.tokens_BN[:, :max_new_tokens], s.num_B, st

@@ -1,0 +1,138 @@
+"""Goodput-chosen speculation length (SmartSpec, Liu et al. 2024): per round, one γ ∈ {0, …, γ_max}
+for the whole batch, the one that maximises goodput — expected emitted tokens per second,
+
+    γ* = argmax_γ  Σ_{live rows b} E_b(γ) / cost(γ),   E_b(γ) = 1 + α_b + … + α_b^γ = (1 − α_b^{γ+1}) / (1 − α_b),
+
+with α_b the row's estimated per-position acceptance and cost(γ) the measured seconds of a round
+with γ drafts at this batch size (γ = 0: a plain one-token target step, no draft). The round runs
+as `lax.switch` over γ_max + 1 compiled round bodies, so a small γ really costs less.
+
+The acceptance is estimated per row, not over the batch: rows differ (prompt, content, how far
+they are), E is convex in α so an averaged α misjudges the summed E, and a row that finished
+stops counting. The estimate is a ratio of exponential moving counts, acc / tried, where a round
+with n of γ drafts accepted adds n accepted and n + [n < γ] tested positions (the rejected one
+counts; the ratio is the maximum-likelihood α of a geometric run), after both counts are multiplied by
+`decay`. Rounds without drafts (γ* = 0) carry no evidence; they pull the counts toward the prior
+(α₀, weight w) instead, so a batch that stopped speculating tries again once the evidence that
+stopped it has faded.
+
+    costs = measure_costs(graphdef, params, prompts_BT, lengths_B, gamma_max=4, draft_widths=..., sampler=...)
+    spec = SpecConfig(draft_widths=..., gamma=4, goodput=GoodputConfig(costs))
+    speculative.generate(..., spec=spec)          # stats["gamma_chosen"]: γ of every round (−1 past the end)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from spark.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class GoodputConfig:
+    """costs: seconds (any unit) of a round with γ = 0, 1, …, γ_max drafts at the batch size in use;
+    decay: the weight of the past per round; prior α₀ and its weight w in tested positions."""
+
+    costs: tuple[float, ...]
+    decay: float = 0.8
+    prior: float = 0.6
+    prior_weight: float = 2.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "costs", tuple(float(c) for c in self.costs))
+        if len(self.costs) < 2 or any(not c > 0 for c in self.costs):
+            raise ConfigError(f"goodput costs need γ_max + 1 >= 2 positive values (γ = 0 … γ_max), got {self.costs}")
+        if not 0.0 <= self.decay < 1.0:
+            raise ConfigError(f"goodput decay must be in [0, 1), got {self.decay}")
+        if not 0.0 <= self.prior <= 1.0 or not self.prior_weight > 0:
+            raise ConfigError(f"goodput prior must be in [0, 1] with a positive weight, got {self.prior}, "
+                              f"{self.prior_weight}")
+
+    @property
+    def gamma_max(self) -> int:
+        return len(self.costs) - 1
+
+
+def expected_tokens(alpha_B, gamma_max: int):
+    """[B, γ_max + 1]: tokens a round with γ drafts emits in expectation, 1 + α + … + α^γ."""
+    g = jnp.arange(gamma_max + 1, dtype=jnp.float32)
+    powers = alpha_B[:, None].astype(jnp.float32) ** g  # α^0 … α^γmax
+    return jnp.cumsum(powers, axis=1)
+
+
+def choose_gamma(alpha_B, live_B, costs_G):
+    """The γ maximising Σ_live E_b(γ) / cost(γ) (the smallest on ties); 0 when no row is live."""
+    total_G = jnp.sum(jnp.where(live_B[:, None], expected_tokens(alpha_B, costs_G.shape[0] - 1), 0.0), 0)
+    return jnp.argmax(total_G / costs_G).astype(jnp.int32)
+
+
+def init_counts(cfg: GoodputConfig, batch: int) -> dict:
+    """The per-row moving counts (the prior), and the γ chosen per round."""
+    return {"goodput_accepted": jnp.full((batch,), cfg.prior * cfg.prior_weight, jnp.float32),
+            "goodput_tested": jnp.full((batch,), cfg.prior_weight, jnp.float32)}
+
+
+def estimate(stats) -> jax.Array:
+    return stats["goodput_accepted"] / stats["goodput_tested"]
+
+
+def update_counts(stats, n_B, gamma, live_B, cfg: GoodputConfig) -> dict:
+    """After a round with γ drafts and n_B accepted: the moving counts (module docstring)."""
+    d = cfg.decay
+    tested = (n_B + (n_B < gamma)).astype(jnp.float32)
+    acc = jnp.where(gamma > 0, d * stats["goodput_accepted"] + n_B,
+                    d * stats["goodput_accepted"] + (1 - d) * cfg.prior * cfg.prior_weight)
+    tried = jnp.where(gamma > 0, d * stats["goodput_tested"] + tested,
+                      d * stats["goodput_tested"] + (1 - d) * cfg.prior_weight)
+    return stats | {"goodput_accepted": jnp.where(live_B, acc, stats["goodput_accepted"]),
+                    "goodput_tested": jnp.where(live_B, tried, stats["goodput_tested"])}
+
+
+def goodput_round(branches, s, cfg: GoodputConfig):
+    """Choose γ, run that branch (branches[γ]: the round with γ drafts), update the estimates."""
+    live = ~s.done_B
+    gamma = choose_gamma(estimate(s.stats), live, jnp.asarray(cfg.costs, jnp.float32))
+    out = jax.lax.switch(gamma, branches, s)
+    n = out.stats["accepted"] - s.stats["accepted"]
+    stats = update_counts(out.stats, n, gamma, live, cfg)
+    chosen = stats["gamma_chosen"]
+    stats |= {"gamma_chosen": chosen.at[jnp.minimum(s.rounds, chosen.shape[0] - 1)].set(gamma)}
+    return out.replace(stats=stats)
+
+
+def measure_costs(graphdef, params, prompts_BT, prompt_lengths_B, *, gamma_max: int, draft_widths, sampler,
+                  widths=None, sparse: bool = True, reps: int = 4, repeats: int = 3) -> tuple[float, ...]:
+    """Seconds per round of each γ = 0 … γ_max at this batch size and prompt length: every branch of
+    the goodput switch run `reps` times in one jitted loop after a prefill, minus the prefill alone,
+    branches interleaved, the median of `repeats`. The cost model `GoodputConfig.costs` takes."""
+    from decode import speculative as spec_lib
+
+    spec = spec_lib.SpecConfig(draft_widths=draft_widths, gamma=gamma_max)
+
+    def run(params, key, gamma, n):
+        model, drafter, spec_r, widths_r = spec_lib.models(graphdef, params, spec, widths)
+        kw = dict(sampler=sampler, eos_id=-1, pad_id=0, widths=widths_r)
+        s = spec_lib.spec_prefill(model, prompts_BT, prompt_lengths_B, key, max_new_tokens=reps * (gamma_max + 1) + 2,
+                                  spec=spec_r, drafter=drafter, **kw)
+        step = spec_lib.branches(model, drafter, spec_r, sparse=sparse, **kw)[gamma]
+        return jax.lax.fori_loop(0, n, lambda i, s: step(s), s).num_B
+
+    fns = [jax.jit(functools.partial(run, gamma=0, n=0))]  # the prefill alone
+    fns += [jax.jit(functools.partial(run, gamma=g, n=reps)) for g in range(gamma_max + 1)]
+    key = jax.random.key(0)
+    for f in fns:
+        jax.block_until_ready(f(params, key))
+    samples = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, f in enumerate(fns):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(params, key))
+            samples[i].append(time.perf_counter() - t0)
+    prefill, *rounds = (statistics.median(x) for x in samples)
+    return tuple(max(r - prefill, 1e-9) / reps for r in rounds)

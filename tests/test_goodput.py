@@ -1,0 +1,107 @@
+"""Goodput-chosen speculation (decode/goodput.py): the choice == the argmax of SmartSpec's formula
+by a NumPy reference, its two limits worked by hand, the moving acceptance counts by hand, and end
+to end through the real `lax.switch` loop: greedy == plain greedy and the sampled output law
+unchanged (chi-square) while γ changes from round to round."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from test_speculative import ALPHA, GREEDY, LENGTH, PROMPT, SMALL, TOY, TOY_SAMPLER, TRIALS, _batch, _pvalue, _toy
+
+from decode import generate as plain
+from decode import goodput as gp
+from decode import speculative as spec
+from spark.errors import ConfigError
+from spark.model import Transformer
+
+
+def reference_choice(alpha, live, costs):
+    """argmax_γ Σ_live (1 − α^{γ+1}) / (1 − α) / cost(γ) (α = 1: γ + 1), float64, first on ties."""
+    best, arg = -1.0, 0
+    for g, c in enumerate(costs):
+        e = [(g + 1.0) if a == 1.0 else (1.0 - a ** (g + 1)) / (1.0 - a) for a, ok in zip(alpha, live, strict=True)
+             if ok]
+        if sum(e) / c > best + 1e-9:
+            best, arg = sum(e) / c, g
+    return arg
+
+
+def test_choice_equals_numpy_reference():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        b, gmax = rng.integers(1, 6), rng.integers(1, 7)
+        alpha = rng.choice([0.0, 1.0, *rng.uniform(0, 1, 4)], size=b)
+        live = rng.uniform(size=b) < 0.8
+        costs = np.cumsum(rng.uniform(0.05, 1.0, gmax + 1))  # a round with more drafts costs more
+        got = int(gp.choose_gamma(jnp.asarray(alpha, jnp.float32), jnp.asarray(live), jnp.asarray(costs, jnp.float32)))
+        assert got == reference_choice(alpha, live, costs), (alpha, live, costs)
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.3, 0.9, 1.0])  # α^γmax must register in float32 against 1
+def test_limits_by_hand(alpha):
+    """Free drafts and a verify whose cost does not depend on γ: γ_max for any α > 0. A verify of
+    γ + 1 tokens costing γ + 1 plain steps and drafts that cost anything: 0 for any α (a round
+    emits at most γ + 1 tokens for (γ + 1)·c + γ·d > (γ + 1)·c seconds)."""
+    a, live = jnp.full((3,), alpha, jnp.float32), jnp.ones((3,), bool)
+    assert int(gp.choose_gamma(a, live, jnp.ones((6,)))) == 5
+    g = jnp.arange(6, dtype=jnp.float32)
+    assert int(gp.choose_gamma(a, live, (g + 1) * 1.0 + g * 0.01)) == 0
+
+
+def test_moving_counts_by_hand():
+    """prior 0.6 with weight 2 -> (1.2, 2). γ = 4, 2 accepted (the 3rd rejected), decay 0.8:
+    (0.96 + 2, 1.6 + 3) = (2.96, 4.6). γ = 0: toward the prior, (0.8·2.96 + 0.2·1.2, 0.8·4.6 + 0.2·2)
+    = (2.608, 4.08). γ = 3, all 3 accepted (no rejected position): (2.0864 + 3, 3.264 + 3)."""
+    cfg = gp.GoodputConfig((1.0, 2.0), decay=0.8, prior=0.6, prior_weight=2.0)
+    st = gp.init_counts(cfg, 1)
+    live = jnp.ones((1,), bool)
+    want = [(4, 2, 2.96, 4.6), (0, 0, 2.608, 4.08), (3, 3, 5.0864, 6.264)]
+    for gamma, n, acc, tested in want:
+        st = gp.update_counts(st, jnp.asarray([n]), jnp.int32(gamma), live, cfg)
+        np.testing.assert_allclose([st["goodput_accepted"][0], st["goodput_tested"][0]], [acc, tested], rtol=1e-6)
+    frozen = gp.update_counts(st, jnp.asarray([1]), jnp.int32(2), ~live, cfg)  # a finished row keeps its counts
+    assert float(frozen["goodput_tested"][0]) == float(st["goodput_tested"][0])
+
+
+def test_bad_configs():
+    with pytest.raises(ConfigError, match="γ_max"):
+        spec.SpecConfig(gamma=3, goodput=gp.GoodputConfig((1.0, 2.0)))
+    with pytest.raises(ConfigError, match="shared draft cache"):
+        spec.SpecConfig(gamma=1, draft_cache="separate", goodput=gp.GoodputConfig((1.0, 2.0)))
+    with pytest.raises(ConfigError, match="positive"):
+        gp.GoodputConfig((1.0, 0.0))
+
+
+VARYING = (1.0, 1.45, 1.8, 2.2)  # near the break-even of γ = 0 / 1 / 2 at the toy's acceptance: γ moves
+
+
+def test_greedy_equals_plain_greedy_while_gamma_varies():
+    graphdef, params = nnx.split(Transformer(SMALL, nnx.Rngs(0)))
+    prompts = [[5, 9, 2, 44, 17, 3, 8], [11, 4, 30], [7, 7, 1, 60, 2]]
+    arr, lengths = _batch(prompts)
+    kw = dict(max_new_tokens=20, sampler=GREEDY, eos_id=-1, pad_id=0)
+    ref, _, _ = plain.generate(graphdef, params, arr, lengths, jax.random.key(0), **kw)
+    sc = spec.SpecConfig(draft_widths=SMALL.granularity_widths(8), gamma=3,
+                         goodput=gp.GoodputConfig((1.0, 1.2, 1.5, 1.9)))
+    out, num, st = spec.generate(graphdef, params, arr, lengths, jax.random.key(1), spec=sc, **kw)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    assert np.asarray(num).tolist() == [20] * 3  # every branch stops a row at max_new_tokens
+    chosen = np.asarray(st["gamma_chosen"])
+    assert len(set(chosen[chosen >= 0].tolist())) >= 2
+
+
+def test_sampled_law_unchanged_while_gamma_varies():
+    graphdef, params = _toy()
+    sc = spec.SpecConfig(draft_widths=TOY.granularity_widths(8), gamma=3, goodput=gp.GoodputConfig(VARYING))
+    run = jax.jit(functools.partial(spec.generate.__wrapped__, graphdef, max_new_tokens=LENGTH, sampler=TOY_SAMPLER,
+                                    eos_id=-1, pad_id=0, spec=sc))
+    out, num, st = run(params, jnp.asarray(np.tile(PROMPT, (TRIALS, 1)), jnp.int32),
+                       jnp.full((TRIALS,), len(PROMPT), jnp.int32), jax.random.key(0))
+    chosen = np.asarray(st["gamma_chosen"])
+    assert len(set(chosen[chosen >= 0].tolist())) >= 2, chosen
+    assert (np.asarray(num) == LENGTH).all()
+    assert _pvalue([tuple(r) for r in np.asarray(out).tolist()]) > ALPHA
