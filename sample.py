@@ -6,6 +6,8 @@
     python sample.py --workdir runs/demo --prompt 'import ' --widths 72,576,144,288  (Mix'n'Match)
     python sample.py --workdir runs/demo --prompt 'def ' --speculative --draft_granularity 8 --gamma 3
                      [--adaptive_threshold 0.5] [--draft_cache separate]  (decode/speculative.py)
+    python sample.py --workdir runs/demo --prompt 'def ' --speculative --gamma auto --gamma_max 4
+                                                          (γ per round by goodput, decode/goodput.py)
     python sample.py --workdir runs/demo --prompt 'def ' --speculative --drafts 4 --gamma 3     (SpecTr: 4 rows)
     python sample.py --workdir runs/demo --prompt 'def ' --speculative --tree 3,2,1              (RSD-C)
     python sample.py --workdir runs/demo --prompt 'def ' --speculative --tree_beam 4 --tree_depth 3  (RSD-S)
@@ -20,9 +22,11 @@ Spark models decode with the sparse-gather path unless --no_sparse. --json print
 text (list), prompts, tokens_per_s, stats (per row: new_tokens, ffn_overflow, attn_overflow;
 per layer: ffn_density, keys_per_query; checkpoint_step, widths, seconds). With --speculative the
 stats are acceptance_rate, tokens_per_round, rounds (and per row: rounds_per_row, drafted,
-accepted), draft_widths, gamma; multi-draft adds method, verifier, tree_nodes (draft tokens per
-target forward) and accepted_per_round. With --decoder bild: per row rounds, little_tokens, drafted,
-fallbacks, rollbacks; little_share, tokens_per_round, little_widths and the thresholds.
+accepted), draft_widths, gamma (--gamma auto: gamma_chosen per round, goodput_costs in seconds,
+acceptance_estimate per row); compile_seconds in every mode; multi-draft adds method, verifier,
+tree_nodes (draft tokens per target forward) and accepted_per_round. With --decoder bild: per row
+rounds, little_tokens, drafted, fallbacks, rollbacks; little_share, tokens_per_round, little_widths
+and the thresholds.
 With a search --decoder (mfs, phi, beam, best_of_n, self_consistency) the text is the answer the
 --answer_rule picks (best_of_n: quality, self_consistency: vote) and stats hold the search
 accounting (gen_tokens, forward_tokens, prefill_tokens, steps, stop_step, reverted) and every
@@ -65,7 +69,10 @@ def parse_args(argv):
     drafts = sp.add_mutually_exclusive_group()
     drafts.add_argument("--draft_granularity", type=int, default=None, help="MatFormer divisor (default 8)")
     drafts.add_argument("--draft_widths", help="comma-separated draft FFN width per layer")
-    sp.add_argument("--gamma", type=int, default=None, help="tokens drafted per round (at most when adaptive; 3)")
+    sp.add_argument("--gamma", default=None,
+                    help="tokens drafted per round (at most when adaptive; 3), or auto: chosen per round by "
+                         "goodput from costs measured at start (decode/goodput.py)")
+    sp.add_argument("--gamma_max", type=int, default=None, help="--gamma auto: the largest γ (4)")
     sp.add_argument("--adaptive_threshold", type=float, default=None,
                     help="stop drafting once the estimated chance of a rejection exceeds this")
     sp.add_argument("--draft_cache", default=None, choices=["shared", "separate"], help="default shared")
@@ -208,8 +215,8 @@ def check_bild_flags(args):
 
 def check_speculative_flags(args):
     """-> SpecConfig (one draft), MultiDraftConfig (--drafts / --tree / --tree_beam) or None."""
-    flags = ("draft_granularity", "draft_widths", "gamma", "adaptive_threshold", "draft_cache", "drafts", "tree",
-             "tree_beam", "tree_depth", "verifier")
+    flags = ("draft_granularity", "draft_widths", "gamma", "gamma_max", "adaptive_threshold", "draft_cache", "drafts",
+             "tree", "tree_beam", "tree_depth", "verifier")
     used = [f"--{f}" for f in flags if getattr(args, f) is not None
             and not (args.decoder == "bild" and f in LITTLE_FLAGS)]
     if used and not args.speculative:
@@ -226,7 +233,18 @@ def check_speculative_flags(args):
         raise ConfigError("multi-draft decoding drafts into the target's cache: --draft_cache separate does not apply")
     if (args.tree is not None or args.tree_beam is not None) and args.gamma is not None:
         raise ConfigError("--gamma sets SpecTr's row length; a tree's depth is --tree's length or --tree_depth")
-    args.gamma = 3 if args.gamma is None else args.gamma
+    auto = args.gamma == "auto"
+    if auto and (multi or args.adaptive_threshold is not None or args.draft_cache == "separate"):
+        raise ConfigError("--gamma auto chooses one draft's length per round: not with --drafts / trees, "
+                          "--adaptive_threshold or --draft_cache separate")
+    if args.gamma_max is not None and not auto:
+        raise ConfigError("--gamma_max goes with --gamma auto")
+    if auto:
+        args.gamma = 4 if args.gamma_max is None else args.gamma_max
+    elif args.gamma is not None and not re.fullmatch(r"-?\d+", args.gamma):
+        raise ConfigError(f"--gamma must be an integer or auto, got {args.gamma!r}")
+    args.gamma = 3 if args.gamma is None else int(args.gamma)
+    args.goodput = auto
     if args.drafts is not None:
         return MultiDraftConfig("spectr", drafts=args.drafts, length=args.gamma, verifier=args.verifier,
                                 adaptive_threshold=args.adaptive_threshold)
@@ -288,6 +306,13 @@ def main(argv=None):
         fn = multidraft.generate
     elif args.speculative:
         kw.update(spec=dataclasses.replace(spec_cfg, draft_widths=draft_widths))
+        if args.goodput:  # the cost model of this batch size and prompt length, measured now
+            from decode import goodput
+
+            costs = goodput.measure_costs(train_lib.graphdef_of(cfg), params, jnp.asarray(arr), lengths,
+                                          gamma_max=args.gamma, draft_widths=draft_widths, sampler=sampler,
+                                          widths=widths, sparse=not args.no_sparse)
+            kw.update(spec=dataclasses.replace(kw["spec"], goodput=goodput.GoodputConfig(costs)))
         fn = speculative.generate
     elif bild_cfg is not None:
         kw.update(bild=dataclasses.replace(bild_cfg, little_widths=draft_widths))
@@ -298,17 +323,23 @@ def main(argv=None):
     if scfg is not None:
         return run_search(args, scfg, cfg, tok, prompts, run_args, widths, step)
     # compile first (the static graphdef is baked in), so the timing is the generation only
+    t0 = time.perf_counter()
     compiled = fn.lower(train_lib.graphdef_of(cfg), *run_args, **kw).compile()
+    compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     out, n_new, stats = jax.block_until_ready(compiled(*run_args))
     dt = time.perf_counter() - t0
     n_new = np.asarray(n_new)
     texts = [tok.decode(row[:n]) for row, n in zip(np.asarray(out), n_new, strict=True)]
     stats = {k: np.asarray(v).tolist() for k, v in stats.items()}
-    stats.update(checkpoint_step=step, widths=list(widths), new_tokens=n_new.tolist(), seconds=dt)
+    stats.update(checkpoint_step=step, widths=list(widths), new_tokens=n_new.tolist(), seconds=dt,
+                 compile_seconds=compile_s)
     if args.speculative:  # rounds: all rows together; the per-row counts keep their own names
         stats.update(rounds_per_row=stats["rounds"], rounds=int(sum(stats["rounds"])),
                      draft_widths=list(draft_widths), gamma=args.gamma)
+        if args.goodput:
+            stats.update(gamma_chosen=[g for g in stats["gamma_chosen"] if g >= 0],
+                         goodput_costs=list(kw["spec"].goodput.costs))
         if isinstance(spec_cfg, multidraft.MultiDraftConfig):
             stats.update(method=spec_cfg.method, verifier=spec_cfg.verifier, gamma=len(spec_cfg.levels) - 1,
                          accepted_per_round=sum(stats["accepted"]) / max(stats["rounds"], 1))
@@ -326,6 +357,10 @@ def main(argv=None):
         if args.speculative:
             print(f"[speculative: acceptance {stats['acceptance_rate']:.2f}, {stats['tokens_per_round']:.2f} "
                   f"tokens/round, {stats['rounds']} rounds]", file=sys.stderr)
+            if args.goodput:
+                print(f"[goodput: γ per round {stats['gamma_chosen']}, round costs "
+                      f"{[round(c * 1e3, 2) for c in stats['goodput_costs']]} ms for γ = 0..{args.gamma}]",
+                      file=sys.stderr)
         if bild_cfg is not None:
             print(f"[bild: {stats['little_share']:.2f} of the tokens from the little model, "
                   f"{sum(stats['fallbacks'])} fallbacks, {sum(stats['rollbacks'])} rollbacks]", file=sys.stderr)

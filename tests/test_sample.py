@@ -110,6 +110,9 @@ BAD = {
     "prune": (["--prompt", "a", "--decoder", "mfs", "--prune", "no"], "--prune must be on or off, got 'no'"),
     "two decoders": (["--prompt", "a", "--decoder", "phi", "--speculative"], "pick one"),
     "typical": (["--prompt", "a", "--typical_p", "1.5"], "typical_p must be in (0, 1) (1: off), got 1.5"),
+    "gamma word": (["--prompt", "a", "--speculative", "--gamma", "many"], "--gamma must be an integer or auto"),
+    "gamma_max alone": (["--prompt", "a", "--speculative", "--gamma_max", "3"], "--gamma_max goes with --gamma auto"),
+    "gamma auto trees": (["--prompt", "a", "--speculative", "--gamma", "auto", "--drafts", "2"], "not with --drafts"),
     "bild flag alone": (["--prompt", "a", "--fallback", "0.5"], "--fallback need --decoder bild"),
     "bild gamma": (["--prompt", "a", "--decoder", "bild", "--gamma", "3"], "--gamma need --speculative"),
     "bild speculative": (["--prompt", "a", "--decoder", "bild", "--speculative"], "pick one"),
@@ -156,6 +159,19 @@ def test_multidraft_json_greedy_equals_plain(workdir, sample_cli, capsys):
         args = sample_cli.parse_args(["--workdir", workdir, "--prompt", "a", "--speculative", *extra])
         cfg = sample_cli.check_speculative_flags(args)
         assert all(getattr(cfg, k) == v for k, v in want.items()), (cfg, want)
+
+
+def test_goodput_json_greedy_equals_plain(workdir, sample_cli, capsys):
+    """--gamma auto: costs measured for γ = 0..γ_max at start, one γ per round, greedy output unchanged."""
+    common = ["--workdir", workdir, "--prompt", "def ", "--max_new_tokens", "8", "--temperature", "0", "--json"]
+    sample_cli.main(common)
+    plain = json.loads(capsys.readouterr().out)
+    sample_cli.main([*common, "--speculative", "--gamma", "auto", "--gamma_max", "2"])
+    out = json.loads(capsys.readouterr().out)
+    st = out["stats"]
+    assert out["text"] == plain["text"] and len(st["goodput_costs"]) == 3 and all(c > 0 for c in st["goodput_costs"])
+    assert len(st["gamma_chosen"]) == st["rounds"] and set(st["gamma_chosen"]) <= {0, 1, 2}
+    assert st["compile_seconds"] > 0
 
 
 def test_bild_json(workdir, sample_cli, capsys):
