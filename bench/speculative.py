@@ -137,25 +137,27 @@ def measure(args):
 
 # ---------------------------------------------------------------- part 2: forward costs at 2B shapes
 
-def forward_costs(layers, gammas, granularities, reps, rounds, prompt_len=1024, draft_sizes=(1,)):
+def forward_costs(layers, gammas, granularities, reps, rounds, prompt_len=1024, draft_sizes=(1,), batch=1,
+                  kinds=("dense", "spark")):
     """Seconds per forward at the 2B shapes, dense and Spark: target T=1, verify T=γ+1 (Spark: on
     the sparse-gather path and masked), draft per granularity at each block size in `draft_sizes`
     (T=1: "draft F/g", else "draft F/g T=t"; a tree's depth drafts its nodes at once) — each the
     embedding and `layers` layers, without the head — and the head alone per block size. Medians
     of interleaved rounds, then the layers scaled to 26: t26 = t·26/layers + head(T) (timed apart:
-    the head reads as many bytes as several layers, and a difference of the two would be noise)."""
+    the head reads as many bytes as several layers, and a difference of the two would be noise).
+    `batch` rows decode together (every row the same block); `kinds` picks dense and/or Spark."""
     nested = MatFormerConfig(divisors=(8, 4, 2, 1))  # the draft widths (the shapes are what is timed)
     cfgs = {k: dataclasses.replace(c, matformer=nested)  # f32: bf16 is far slower on XLA:CPU (bench/decode.py)
-            for k, c in model_configs(layers, "float32").items()}
+            for k, c in model_configs(layers, "float32").items() if k in kinds}
     variants, heads = {}, {}
     for kind, cfg in cfgs.items():
         graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)))
-        cache = kv_cache.init(cfg, 1, prompt_len + 16)
+        cache = kv_cache.init(cfg, batch, prompt_len + 16)
         cache = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape, x.dtype) if x.ndim > 1 else x,
                              cache)  # random keys: Spark attention selects ~256 of them, as after a real prefill
-        cache = cache.replace(lengths=jnp.full((1,), prompt_len, jnp.int32))
+        cache = cache.replace(lengths=jnp.full((batch,), prompt_len, jnp.int32))
         run = functools.partial(_looped_forward, graphdef, reps=reps, start=prompt_len, vocab=cfg.vocab_size,
-                                head=False)
+                                head=False, batch=batch)
         args = [(params, cache)]
         variants[f"{kind} target"] = (jax.jit(functools.partial(run, t=1, widths=None, sparse=True)), args, 1)
         for g in gammas:
@@ -169,9 +171,9 @@ def forward_costs(layers, gammas, granularities, reps, rounds, prompt_len=1024, 
             for t in draft_sizes:
                 variants[draft_key(kind, gr, t)] = (jax.jit(functools.partial(run, t=t, widths=dw, sparse=True)),
                                                     [(cut_ffn(params, cfg, dw), cache)], 1)
-        if kind == "dense":
+        if kind == kinds[0]:
             for t in sorted({1, *(g + 1 for g in gammas), *draft_sizes}):
-                x = jax.random.normal(jax.random.key(2), (1, t, cfg.d_model))
+                x = jax.random.normal(jax.random.key(2), (batch, t, cfg.d_model))
                 heads[t] = f"head T={t}"
                 variants[heads[t]] = (jax.jit(functools.partial(_looped_head, graphdef, reps=reps)), [(params, x)], 1)
     per = {k: v["median_s"] / reps for k, v in interleaved(variants, rounds).items()}
@@ -193,13 +195,14 @@ def draft_key(kind: str, granularity: int, t: int = 1) -> str:
     return f"{kind} draft F/{granularity}" + (f" T={t}" if t > 1 else "")
 
 
-def _looped_forward(graphdef, params, cache, *, t, widths, sparse, reps, start, vocab, head=True, tree_nodes=None):
+def _looped_forward(graphdef, params, cache, *, t, widths, sparse, reps, start, vocab, head=True, tree_nodes=None,
+                    batch=1):
     """`reps` forwards of a t-token block at the same positions, the cache carried in place
-    (head=False: the embedding and the layers only). tree_nodes = n: the block is the first t nodes
-    of an n-node draft tree (a chain: the mask's content does not change the work), written to
-    scratch slots as multi-draft decoding does."""
+    (head=False: the embedding and the layers only), `batch` rows. tree_nodes = n: the block is the
+    first t nodes of an n-node draft tree (a chain: the mask's content does not change the work),
+    written to scratch slots as multi-draft decoding does."""
     model = nnx.merge(graphdef, params)
-    pos = start + jnp.arange(t, dtype=jnp.int32)[None]
+    pos = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32)[None], (batch, t))
     tree = None
     if tree_nodes is not None:
         tree = kv_cache.Tree(node_BT=jnp.arange(t, dtype=jnp.int32)[None],

@@ -100,9 +100,12 @@ def rollback_judge(rollback: float):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampler", "eos_id", "pad_id", "bild",
                                              "widths", "sparse"))
-def generate(graphdef, params, prompts_BT, prompt_lengths_B, key, *, max_new_tokens: int, sampler: SamplerConfig,
-             eos_id: int, pad_id: int, bild: BiLDConfig = BiLDConfig(), widths=None, sparse: bool = True):
+def generate(graphdef, params, prompts_BT, prompt_lengths_B, key, thresholds=None, *, max_new_tokens: int,
+             sampler: SamplerConfig, eos_id: int, pad_id: int, bild: BiLDConfig = BiLDConfig(), widths=None,
+             sparse: bool = True):
     """BiLD decoding: the big model at `widths` (None: full), the little at `bild.little_widths`.
+    `thresholds` (float32 [2]: α_FB, α_RB), when given, replace the config's as traced values: one
+    compile serves a whole grid of them (bench/policies.py).
 
     Returns (new_tokens [B, max_new_tokens] padded with pad_id after EOS, num_new [B], stats):
     per row `rounds` (big forwards after the prefill), `little_tokens` (little tokens emitted),
@@ -114,8 +117,9 @@ def generate(graphdef, params, prompts_BT, prompt_lengths_B, key, *, max_new_tok
     s = spec_prefill(model, prompts_BT, prompt_lengths_B, key, max_new_tokens=max_new_tokens, drafter=little, **kw)
     zeros = jnp.zeros_like(s.num_B)
     s = s.replace(stats=s.stats | {"short_rounds": zeros, "rejecting_rounds": zeros, "emitted_drafts": zeros})
-    step = functools.partial(spec_round, model, sparse=sparse, drafter=little, judge=rollback_judge(bild.rollback),
-                             fallback=bild.fallback, **kw)
+    fallback, rollback = (bild.fallback, bild.rollback) if thresholds is None else (thresholds[0], thresholds[1])
+    step = functools.partial(spec_round, model, sparse=sparse, drafter=little, judge=rollback_judge(rollback),
+                             fallback=fallback, **kw)
     cond = lambda s: (s.rounds < max_new_tokens) & ~jnp.all(s.done_B)  # noqa: E731
     s = jax.lax.while_loop(cond, step, s)
     st = summarize(s)

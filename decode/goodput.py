@@ -107,7 +107,7 @@ def goodput_round(branches, s, cfg: GoodputConfig):
 
 
 def measure_costs(graphdef, params, prompts_BT, prompt_lengths_B, *, gamma_max: int, draft_widths, sampler,
-                  widths=None, sparse: bool = True, reps: int = 4, repeats: int = 3) -> tuple[float, ...]:
+                  widths=None, sparse: bool = True, reps: int = 16, repeats: int = 3) -> tuple[float, ...]:
     """Seconds per round of each γ = 0 … γ_max at this batch size and prompt length: every branch of
     the goodput switch run `reps` times in one jitted loop after a prefill, minus the prefill alone,
     branches interleaved, the median of `repeats`. The cost model `GoodputConfig.costs` takes."""

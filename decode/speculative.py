@@ -243,6 +243,31 @@ def verify(model, cache, pending_B, drafts_BG, *, widths, sparse):
     return model(block, pos, cache=cache, widths=widths, sparse=sparse)
 
 
+def bucket_sizes(gamma: int) -> list[int]:
+    """Draft counts a verify block is compiled for when drafting stops early: 0, powers of two, γ."""
+    return sorted({0, gamma} | {2**i for i in range(gamma.bit_length()) if 2**i < gamma})
+
+
+def bucketed_verify(model, cache, pending_B, drafts_BG, logq_BGV, drafted_BG, key, *, judge, sampler, widths,
+                    sparse):
+    """verify + judge on the smallest compiled block (`bucket_sizes`) that holds every row's drafts,
+    chosen by `lax.switch`: a round whose drafting stopped after m tokens (adaptive stop, BiLD's
+    fallback) pays for a block of about m + 1 tokens, not γ + 1 (a (γ+1)-token verify costs several
+    steps on a CPU). -> (n_B, t_B, cache)."""
+    sizes = bucket_sizes(drafts_BG.shape[1])
+    need = jnp.max(jnp.sum(drafted_BG, 1))
+    pick = jnp.sum(jnp.asarray(sizes) < need)  # the first size >= need
+
+    def branch(m):
+        def run(cache):
+            logits, cache = verify(model, cache, pending_B, drafts_BG[:, :m], widths=widths, sparse=sparse)
+            n, t = judge(key, logits, logq_BGV[:, :m], drafts_BG[:, :m], drafted_BG[:, :m], sampler)
+            return n, t, cache
+        return run
+
+    return jax.lax.switch(pick, [branch(m) for m in sizes], cache)
+
+
 def lossless_judge(key, logits_BTV, logq_BGV, drafts_BG, drafted_BG, sampler):
     """Speculative sampling's test (`accept`) against the target's processed laws (float32)."""
     b, t, v = logits_BTV.shape
@@ -269,9 +294,14 @@ def spec_round(model, s: SpecState, *, spec: SpecConfig, sampler, eos_id, pad_id
     else:
         drafts, logq, drafted, cache, dcache = draft(drafter or model, s, k_draft, spec=spec, sampler=sampler,
                                                      sparse=sparse, fallback=fallback)
-    logits, cache = verify(model, cache.replace(lengths=lengths), s.pending_B, drafts, widths=widths,
-                           sparse=sparse if spec.verify_sparse is None else spec.verify_sparse)
-    n, t = judge(k_accept, logits, logq, drafts, drafted, sampler)
+    vkw = dict(widths=widths, sparse=sparse if spec.verify_sparse is None else spec.verify_sparse)
+    cache = cache.replace(lengths=lengths)
+    if plain or (fallback is None and spec.adaptive_threshold is None):
+        logits, cache = verify(model, cache, s.pending_B, drafts, **vkw)
+        n, t = judge(k_accept, logits, logq, drafts, drafted, sampler)
+    else:  # drafts of data-dependent length: verify the smallest block that holds them
+        n, t, cache = bucketed_verify(model, cache, s.pending_B, drafts, logq, drafted, k_accept, judge=judge,
+                                      sampler=sampler, **vkw)
 
     live = ~s.done_B
     max_new = s.tokens_BN.shape[1] - (slack or gamma + 1)

@@ -116,8 +116,14 @@ def test_greedy_equals_numpy_reference_of_both_policies(case):
         fallbacks, rollbacks = fallbacks + st["fallbacks"][i], rollbacks + st["rollbacks"][i]
         if case == "every third is big":  # max_little_steps = n: tokens 0, n+1, 2(n+1), ... are the big model's
             assert "".join(who) == ("B" + "L" * steps) * (N_NEW // (steps + 1)) + "B" * (N_NEW % (steps + 1) > 0)
-    if case == "mixed":  # both policies fired
+    if case == "mixed":  # both policies fired; traced thresholds (one compile for a grid) give the same run
         assert fallbacks > 0 and rollbacks > 0
+        graphdef, params = _small()
+        arr, lengths = _batch(PROMPTS)
+        traced, _, _ = bild.generate(graphdef, params, arr, lengths, jax.random.key(0), jnp.asarray([fb, rb]),
+                                     max_new_tokens=N_NEW, sampler=GREEDY, eos_id=-1, pad_id=0,
+                                     bild=bild.BiLDConfig(SMALL.granularity_widths(8), 0.9, 9.0, steps, "separate"))
+        np.testing.assert_array_equal(np.asarray(traced), out)
 
 
 @pytest.mark.parametrize("cache", ["shared", "separate"])
@@ -177,3 +183,21 @@ def test_bad_configs_are_errors():
                     (dict(max_little_steps=0), "max_little_steps"), (dict(draft_cache="x"), "draft_cache")]:
         with pytest.raises(ConfigError, match=msg):
             bild.BiLDConfig(**kw)
+
+
+def test_policies_bench_quality_of_greedy_is_a_full_match():
+    """bench/policies.py's quality measure: the big model's own greedy continuation matches its
+    argmax at every position (match 1.0, log-likelihood = the mean top log-prob); one changed
+    token lowers the match by 1/n."""
+    from bench.policies import quality
+
+    graphdef, params = _small()
+    arr, lengths = _batch(PROMPTS[:1])
+    out, _, _ = plain.generate(graphdef, params, arr, lengths, jax.random.key(0), max_new_tokens=8, sampler=GREEDY,
+                               eos_id=-1, pad_id=0)
+    ids = np.asarray(out)[0].tolist()
+    match, loglik = quality(graphdef, params, PROMPTS[0], ids)
+    top = np.mean([next_logp(PROMPTS[0] + ids[:i]).max() for i in range(8)])
+    assert match == 1.0 and loglik == pytest.approx(top, abs=1e-4)
+    ids[3] = (ids[3] + 1) % SMALL.vocab_size
+    assert quality(graphdef, params, PROMPTS[0], ids)[0] == pytest.approx(7 / 8)

@@ -166,11 +166,11 @@ def test_goodput_json_greedy_equals_plain(workdir, sample_cli, capsys):
     common = ["--workdir", workdir, "--prompt", "def ", "--max_new_tokens", "8", "--temperature", "0", "--json"]
     sample_cli.main(common)
     plain = json.loads(capsys.readouterr().out)
-    sample_cli.main([*common, "--speculative", "--gamma", "auto", "--gamma_max", "2"])
+    sample_cli.main([*common, "--speculative", "--gamma", "auto", "--gamma_max", "1"])
     out = json.loads(capsys.readouterr().out)
     st = out["stats"]
-    assert out["text"] == plain["text"] and len(st["goodput_costs"]) == 3 and all(c > 0 for c in st["goodput_costs"])
-    assert len(st["gamma_chosen"]) == st["rounds"] and set(st["gamma_chosen"]) <= {0, 1, 2}
+    assert out["text"] == plain["text"] and len(st["goodput_costs"]) == 2 and all(c > 0 for c in st["goodput_costs"])
+    assert len(st["gamma_chosen"]) == st["rounds"] and set(st["gamma_chosen"]) <= {0, 1}
     assert st["compile_seconds"] > 0
 
 
