@@ -86,7 +86,7 @@ def test_greedy_equals_plain_greedy_while_gamma_varies():
     kw = dict(max_new_tokens=20, sampler=GREEDY, eos_id=-1, pad_id=0)
     ref, _, _ = plain.generate(graphdef, params, arr, lengths, jax.random.key(0), **kw)
     sc = spec.SpecConfig(draft_widths=SMALL.granularity_widths(8), gamma=3,
-                         goodput=gp.GoodputConfig((1.0, 1.2, 1.5, 1.9)))
+                         goodput=gp.GoodputConfig((1.0, 1.2, 1.5, 1.9), prior=0.6))
     out, num, st = spec.generate(graphdef, params, arr, lengths, jax.random.key(1), spec=sc, **kw)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
     assert np.asarray(num).tolist() == [20] * 3  # every branch stops a row at max_new_tokens
@@ -96,7 +96,8 @@ def test_greedy_equals_plain_greedy_while_gamma_varies():
 
 def test_sampled_law_unchanged_while_gamma_varies():
     graphdef, params = _toy()
-    sc = spec.SpecConfig(draft_widths=TOY.granularity_widths(8), gamma=3, goodput=gp.GoodputConfig(VARYING))
+    sc = spec.SpecConfig(draft_widths=TOY.granularity_widths(8), gamma=3,
+                         goodput=gp.GoodputConfig(VARYING, prior=0.6))
     run = jax.jit(functools.partial(spec.generate.__wrapped__, graphdef, max_new_tokens=LENGTH, sampler=TOY_SAMPLER,
                                     eos_id=-1, pad_id=0, spec=sc))
     out, num, st = run(params, jnp.asarray(np.tile(PROMPT, (TRIALS, 1)), jnp.int32),
