@@ -309,9 +309,9 @@ def main(argv=None):
         if args.goodput:  # the cost model of this batch size and prompt length, measured now
             from decode import goodput
 
-            costs = goodput.measure_costs(train_lib.graphdef_of(cfg), params, jnp.asarray(arr), lengths,
-                                          gamma_max=args.gamma, draft_widths=draft_widths, sampler=sampler,
-                                          widths=widths, sparse=not args.no_sparse)
+            costs = speculative.measure_costs(train_lib.graphdef_of(cfg), params, jnp.asarray(arr), lengths,
+                                              gamma_max=args.gamma, draft_widths=draft_widths, sampler=sampler,
+                                              widths=widths, sparse=not args.no_sparse)
             kw.update(spec=dataclasses.replace(kw["spec"], goodput=goodput.GoodputConfig(costs)))
         fn = speculative.generate
     elif bild_cfg is not None:

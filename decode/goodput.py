@@ -18,7 +18,8 @@ stopped it has faded. The prior is optimistic (α₀ = 1) by default: with α₀
 `runs/bench_lm` goodput chose γ = 0 from the first round and never saw that the F/8 draft is
 accepted ~90% of the time (fixed γ = 3 ran 1.21× plain, goodput 0.98×).
 
-    costs = measure_costs(graphdef, params, prompts_BT, lengths_B, gamma_max=4, draft_widths=..., sampler=...)
+    costs = speculative.measure_costs(graphdef, params, prompts_BT, lengths_B, gamma_max=4, draft_widths=...,
+                                      sampler=...)
     spec = SpecConfig(draft_widths=..., gamma=4, goodput=GoodputConfig(costs))
     speculative.generate(..., spec=spec)          # stats["gamma_chosen"]: γ of every round (−1 past the end)
 """
@@ -26,9 +27,6 @@ accepted ~90% of the time (fixed γ = 3 ran 1.21× plain, goodput 0.98×).
 from __future__ import annotations
 
 import dataclasses
-import functools
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -106,35 +104,3 @@ def goodput_round(branches, s, cfg: GoodputConfig):
     chosen = stats["gamma_chosen"]
     stats |= {"gamma_chosen": chosen.at[jnp.minimum(s.rounds, chosen.shape[0] - 1)].set(gamma)}
     return out.replace(stats=stats)
-
-
-def measure_costs(graphdef, params, prompts_BT, prompt_lengths_B, *, gamma_max: int, draft_widths, sampler,
-                  widths=None, sparse: bool = True, reps: int = 16, repeats: int = 3) -> tuple[float, ...]:
-    """Seconds per round of each γ = 0 … γ_max at this batch size and prompt length: every branch of
-    the goodput switch run `reps` times in one jitted loop after a prefill, minus the prefill alone,
-    branches interleaved, the median of `repeats`. The cost model `GoodputConfig.costs` takes."""
-    from decode import speculative as spec_lib
-
-    spec = spec_lib.SpecConfig(draft_widths=draft_widths, gamma=gamma_max)
-
-    def run(params, key, gamma, n):
-        model, drafter, spec_r, widths_r = spec_lib.models(graphdef, params, spec, widths)
-        kw = dict(sampler=sampler, eos_id=-1, pad_id=0, widths=widths_r)
-        s = spec_lib.spec_prefill(model, prompts_BT, prompt_lengths_B, key, max_new_tokens=reps * (gamma_max + 1) + 2,
-                                  spec=spec_r, drafter=drafter, **kw)
-        step = spec_lib.branches(model, drafter, spec_r, sparse=sparse, **kw)[gamma]
-        return jax.lax.fori_loop(0, n, lambda i, s: step(s), s).num_B
-
-    fns = [jax.jit(functools.partial(run, gamma=0, n=0))]  # the prefill alone
-    fns += [jax.jit(functools.partial(run, gamma=g, n=reps)) for g in range(gamma_max + 1)]
-    key = jax.random.key(0)
-    for f in fns:
-        jax.block_until_ready(f(params, key))
-    samples = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, f in enumerate(fns):
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(params, key))
-            samples[i].append(time.perf_counter() - t0)
-    prefill, *rounds = (statistics.median(x) for x in samples)
-    return tuple(max(r - prefill, 1e-9) / reps for r in rounds)

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import statistics
+import time
 
 import flax.struct
 import jax
@@ -399,3 +401,33 @@ def generate(graphdef, params, prompts_BT, prompt_lengths_B, key, *, max_new_tok
     if spec.goodput is not None:
         st = {k: v for k, v in st.items() if not k.startswith("goodput_")} | {"acceptance_estimate": gp.estimate(st)}
     return s.tokens_BN[:, :max_new_tokens], s.num_B, st
+
+
+def measure_costs(graphdef, params, prompts_BT, prompt_lengths_B, *, gamma_max: int, draft_widths, sampler,
+                  widths=None, sparse: bool = True, reps: int = 16, repeats: int = 3) -> tuple[float, ...]:
+    """Seconds per round of each γ = 0 … γ_max at this batch size and prompt length: every branch of
+    the goodput switch run `reps` times in one jitted loop after a prefill, minus the prefill alone,
+    branches interleaved, the median of `repeats`: the cost model `goodput.GoodputConfig.costs` takes."""
+    spec = SpecConfig(draft_widths=draft_widths, gamma=gamma_max)
+
+    def run(params, key, gamma, n):
+        model, drafter, spec_r, widths_r = models(graphdef, params, spec, widths)
+        kw = dict(sampler=sampler, eos_id=-1, pad_id=0, widths=widths_r)
+        s = spec_prefill(model, prompts_BT, prompt_lengths_B, key, max_new_tokens=reps * (gamma_max + 1) + 2,
+                                  spec=spec_r, drafter=drafter, **kw)
+        step = branches(model, drafter, spec_r, sparse=sparse, **kw)[gamma]
+        return jax.lax.fori_loop(0, n, lambda i, s: step(s), s).num_B
+
+    fns = [jax.jit(functools.partial(run, gamma=0, n=0))]  # the prefill alone
+    fns += [jax.jit(functools.partial(run, gamma=g, n=reps)) for g in range(gamma_max + 1)]
+    key = jax.random.key(0)
+    for f in fns:
+        jax.block_until_ready(f(params, key))
+    samples = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, f in enumerate(fns):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(params, key))
+            samples[i].append(time.perf_counter() - t0)
+    prefill, *rounds = (statistics.median(x) for x in samples)
+    return tuple(max(r - prefill, 1e-9) / reps for r in rounds)
