@@ -137,6 +137,18 @@ def _per_position(fn, p_NV, q_NV, k):
     return jax.vmap(lambda a, b: fn(a, b, k))(p_NV, q_NV)
 
 
+def load_self_drafting(args):
+    """(cfg, params, step) of args.workdir, or exit with the command that trains it (the countdown
+    MatFormer model with --task, else runs/bench_lm) — also when it has no F/8 MatFormer prefix."""
+    cmd = TASK_CMD if args.task else BENCH_LM_CMD
+    require_checkpoint(args.workdir, cmd, minutes=35 if args.task else 45)
+    cfg, params, step = load_checkpoint(args.workdir, None)
+    if cfg.train.matformer_mode == "off" or 8 not in cfg.model.matformer.divisors:
+        sys.exit(f"{args.workdir} was not trained with MatFormer widths down to F/8 (train.matformer_mode="
+                 f"{cfg.train.matformer_mode!r}): its F/8 prefix is no draft model. Train one, e.g.\n  {cmd}")
+    return cfg, params, step
+
+
 def prompts_of(args, tok):
     """(encoded prompts, EOS id, (task, instances) or None): the first `--prompts` code openings
     of bench/speculative.py, generated to exactly `--new_tokens` (no EOS); or, with `--task`, the
@@ -163,15 +175,7 @@ def ceiling(alphas: list[float]) -> float:
 
 
 def measure(args):
-    if args.task:
-        require_checkpoint(args.workdir, TASK_CMD, minutes=35)
-    else:
-        require_checkpoint(args.workdir)
-    cfg, params, step = load_checkpoint(args.workdir, None)
-    if cfg.train.matformer_mode == "off" or 8 not in cfg.model.matformer.divisors:
-        sys.exit(f"{args.workdir} was not trained with MatFormer widths down to F/8 (train.matformer_mode="
-                 f"{cfg.train.matformer_mode!r}): its F/8 prefix is no draft model. Train one, e.g.\n  "
-                 f"{TASK_CMD if args.task else BENCH_LM_CMD}")
+    cfg, params, step = load_self_drafting(args)
     tok = get_tokenizer(cfg.data, args.workdir)
     graphdef = train_lib.graphdef_of(cfg)
     dw = cfg.model.granularity_widths(8)

@@ -43,8 +43,8 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import BENCH_LM_CMD, interleaved, require_checkpoint, write_json  # noqa: E402
-from bench.multidraft import TASK_CMD, prompts_of, solved_share  # noqa: E402
+from bench.common import interleaved, write_json  # noqa: E402
+from bench.multidraft import load_self_drafting, prompts_of, solved_share  # noqa: E402
 from bench.speculative import PROMPTS  # noqa: E402
 from decode import bild as bild_lib  # noqa: E402
 from decode import generate as gen  # noqa: E402
@@ -53,7 +53,6 @@ from decode import speculative as spec  # noqa: E402
 from decode.sampling import SamplerConfig  # noqa: E402
 from spark import train_lib  # noqa: E402
 from spark.data.pipeline import get_tokenizer  # noqa: E402
-from spark.train import load_checkpoint  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = SamplerConfig(0.0)
@@ -249,10 +248,7 @@ def main(argv=None):
         ap.error(f"--prompts must be in 1..{len(PROMPTS)} without --task, got {args.prompts}")
     args.workdir = args.workdir or os.path.join(
         ROOT, "runs", f"reasoning_{args.task}_matformer" if args.task else "bench_lm")
-    require_checkpoint(args.workdir, TASK_CMD if args.task else BENCH_LM_CMD, minutes=35 if args.task else 45)
-    cfg, params, step = load_checkpoint(args.workdir, None)
-    if cfg.train.matformer_mode == "off":
-        sys.exit(f"{args.workdir} was not trained with MatFormer widths: its F/8 prefix is no little model")
+    cfg, params, step = load_self_drafting(args)
     tok = get_tokenizer(cfg.data, args.workdir)
     graphdef = train_lib.graphdef_of(cfg)
     r = {}
