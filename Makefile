@@ -1,5 +1,6 @@
 # make setup | test | demo | bench | lint  — setup is idempotent (stamp file keyed on pyproject.toml and
-# constraints.txt: the exact tested versions; pyproject.toml holds the ranges users install from).
+# constraints.txt: the exact tested versions; pyproject.toml holds the ranges users install from — and on
+# setup.py and the C++ kernel source, so an edited kernel is rebuilt by the editable install).
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt setup.py spark/kernels/cpu_kernels.cc
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
 	@touch $(STAMP)

@@ -1,7 +1,14 @@
 """Batch-1 decode speed: dense Gemma-2-2B shapes vs Spark Gemma-2-2B shapes (random weights).
 
     python bench/decode.py [--layers 8] [--prompts 128,1024,4096] [--new_tokens 64] [--rounds 3]
-                           [--json bench/results/decode.json]
+                           [--dtype float32] [--param_dtype bfloat16] [--json bench/results/decode.json]
+    python bench/decode.py --layers 26 --alternate 3 ...   # f32 at full depth: one model per process
+
+`--param_dtype` (default: --dtype) stores the weights in that dtype while activations and the KV
+cache stay in --dtype: bfloat16 weights with float32 compute is what the CPU kernels (spark/kernels:
+bf16 rows read as they are, float32 accumulation) make fast. `--alternate P`: the two models in
+separate processes (f32 at 26 layers does not fit twice), dense / spark / dense / … for P pairs, each
+timing its own bandwidth; reported per prompt: the median of the per-pair ratios.
 
 Both models have the 2B per-layer shapes (d_model 2304, 8 query / 4 KV heads of 256, local window
 4096 alternating with global layers, vocab 256000) and the same parameter count; the dense one has a
@@ -26,7 +33,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import statistics
+import subprocess
 import sys
 
 import jax
@@ -37,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import interleaved, write_json  # noqa: E402
 from decode import generate as gen  # noqa: E402
 from decode.sampling import SamplerConfig  # noqa: E402
+from spark import kernels  # noqa: E402
 from spark.cli import load_config_file  # noqa: E402
 from spark.model import Transformer  # noqa: E402
 
@@ -45,16 +56,21 @@ FULL_LAYERS = 26
 BANDWIDTH_FLOATS = 256 * 1024 * 1024  # 1 GiB of float32, summed to measure read bandwidth
 
 
-def model_configs(layers: int, dtype: str):
+MODELS = (("dense", "gemma2_2b"), ("spark", "spark_gemma2_2b"))
+
+
+def model_configs(layers: int, dtype: str, param_dtype: str | None = None, models=("dense", "spark")):
     """The dense and Spark 2B model configs (configs/gemma2_2b.py, spark_gemma2_2b.py), `layers` deep."""
-    kw = dict(num_layers=layers, dtype=dtype, param_dtype=dtype)
+    kw = dict(num_layers=layers, dtype=dtype, param_dtype=param_dtype or dtype)
     return {name: dataclasses.replace(load_config_file(os.path.join(ROOT, "configs", f"{file}.py")).model, **kw)
-            for name, file in (("dense", "gemma2_2b"), ("spark", "spark_gemma2_2b"))}
+            for name, file in MODELS if name in models}
 
 
 def build(cfgs, seed: int):
+    """Parameters created directly in their dtype (nnx init under the config's param_dtype)."""
     models = {name: Transformer(cfg, nnx.Rngs(seed + i)) for i, (name, cfg) in enumerate(cfgs.items())}
-    models["spark"].embed = models["dense"].embed  # one shared 256k x 2304 table: same head, half the memory
+    if len(models) == 2:  # one shared 256k x 2304 table: same head, half the memory
+        models["spark"].embed = models["dense"].embed
     return {name: nnx.split(m) for name, m in models.items()}
 
 
@@ -113,26 +129,30 @@ class Stateful:
 
 
 def run(args):
-    cfgs = model_configs(args.layers, args.dtype)
+    cfgs = model_configs(args.layers, args.dtype, args.param_dtype, args.models.split(","))
     split = build(cfgs, args.seed)
     sampler = SamplerConfig(temperature=1.0)
     attn_j = jax.jit(attn_stack, static_argnames=("graphdef", "sparse"), donate_argnums=(4,))
     ffn_j = jax.jit(ffn_stack, static_argnames=("graphdef", "sparse"))
     head_j = jax.jit(head, static_argnames=("graphdef",))
-    xs = [jax.random.normal(jax.random.key(i), (1, 1, cfgs["dense"].d_model)) for i in range(4)]
+    cfg0 = next(iter(cfgs.values()))
+    xs = [jax.random.normal(jax.random.key(i), (1, 1, cfg0.d_model), cfg0.dtype) for i in range(4)]
     big = jnp.ones((BANDWIDTH_FLOATS,), jnp.float32)
     bw_fn = jax.jit(jnp.sum)
 
     variants = {"bandwidth": (bw_fn, [(big,)], 3)}
-    gd_d, p_d = split["dense"]
-    variants["head"] = (lambda x: head_j(gd_d, p_d, x), [(x,) for x in xs], 10)
+    parts = args.parts.split(",")
+    gd_h, p_h = next(iter(split.values()))
+    if "head" in parts:
+        variants["head"] = (lambda x: head_j(gd_h, p_h, x), [(x,) for x in xs], 10)
     for name, (gd, p) in split.items():
         sparse = name == "spark"
-        variants[f"ffn/{name}"] = (lambda x, gd=gd, p=p, s=sparse: ffn_j(gd, p, x, s), [(x,) for x in xs], 10)
+        if "ffn" in parts:
+            variants[f"ffn/{name}"] = (lambda x, gd=gd, p=p, s=sparse: ffn_j(gd, p, x, s), [(x,) for x in xs], 10)
 
     templates, stats = {}, {}
     for t in args.prompts:
-        prompt = jax.random.randint(jax.random.key(t), (1, t), 0, cfgs["dense"].vocab_size)
+        prompt = jax.random.randint(jax.random.key(t), (1, t), 0, cfg0.vocab_size)
         for name, (gd, p) in split.items():
             sparse = name == "spark"
             print(f"prefill {name} t={t}", file=sys.stderr, flush=True)
@@ -148,77 +168,169 @@ def run(args):
                 return out.rows.gen_RL
 
             variants[f"decode/{name}/{t}"] = (dec, [()], 1)
-            attn = Stateful(lambda x, pos, c, gd=gd, p=p, s=sparse: attn_j(gd, p, x, pos, c, s),
-                            jax.tree.map(jnp.copy, state.rows.cache))
-            pos = jnp.array([[t]], jnp.int32)
-            variants[f"attn/{name}/{t}"] = (attn, [(x, pos) for x in xs], 5)
+            if "attn" in parts:
+                attn = Stateful(lambda x, pos, c, gd=gd, p=p, s=sparse: attn_j(gd, p, x, pos, c, s),
+                                jax.tree.map(jnp.copy, state.rows.cache))
+                pos = jnp.array([[t]], jnp.int32)
+                variants[f"attn/{name}/{t}"] = (attn, [(x, pos) for x in xs], 5)
     res = interleaved(variants, args.rounds)
     return summarize(args, cfgs, split, res, stats)
+
+
+def ffn_bytes(cfg, density: float | None) -> float:
+    """Weight bytes one token's FFN reads per layer (Spark: the predictor and the active K2/V rows)."""
+    item = jnp.dtype(cfg.param_dtype).itemsize
+    d, f = cfg.d_model, cfg.ffn_width(0)
+    if cfg.ffn_kind == "spark":
+        r = cfg.ffn_rank
+        return (f * r + density * f * ((d - r) + d)) * item
+    return 3 * f * d * item
 
 
 def summarize(args, cfgs, split, res, stats):
     med = {k: v["median_s"] for k, v in res.items()}
     bw = 4 * BANDWIDTH_FLOATS / med["bandwidth"]
-    out = {"layers": args.layers, "dtype": args.dtype, "new_tokens": args.new_tokens, "rounds": args.rounds,
+    names = list(cfgs)
+    out = {"layers": args.layers, "dtype": args.dtype, "param_dtype": args.param_dtype, "models": names,
+           "new_tokens": args.new_tokens, "rounds": args.rounds,
            "note": f"Gemma-2-2B per-layer shapes, {args.layers} of {FULL_LAYERS} layers, vocab 256000, random "
-                   "weights, batch 1; 26-layer figures are projections from the measured layer and head times",
-           "bandwidth_GBps": bw / 1e9, "head_ms": med["head"] * 1e3,
-           "ffn_ms": {n: med[f"ffn/{n}"] * 1e3 for n in cfgs},
-           "ffn_speedup": med["ffn/dense"] / med["ffn/spark"],
-           "ms_per_token": {}, "spark_vs_dense_decode_speedup": {}, "projected_26_layer_speedup": {},
-           "attention_ms": {}, "attention_speedup": {}, "bandwidth_fraction": {"dense": {}, "spark": {}},
-           "spark_decode_stats": {}}
+                   "weights, batch 1" + ("; 26-layer figures are projections from the measured layer and head "
+                                         "times" if args.layers < FULL_LAYERS else ""),
+           "kernels": kernels.status(), "bandwidth_GBps": bw / 1e9,
+           "ms_per_token": {}, "bytes_per_token": {}, "bound_ms_per_token": {},
+           "bandwidth_fraction": {n: {} for n in names}, "spark_decode_stats": {}}
+    both = len(names) == 2
+    if "head" in med:
+        out["head_ms"] = med["head"] * 1e3
+    if "ffn/" + names[0] in med:
+        out["ffn_ms"] = {n: med[f"ffn/{n}"] * 1e3 for n in names}
     for t in args.prompts:
-        per_tok = {n: med[f"decode/{n}/{t}"] / args.new_tokens for n in cfgs}
+        per_tok = {n: med[f"decode/{n}/{t}"] / args.new_tokens for n in names}
         out["ms_per_token"][t] = {n: v * 1e3 for n, v in per_tok.items()}
-        out["spark_vs_dense_decode_speedup"][t] = per_tok["dense"] / per_tok["spark"]
-        scale = FULL_LAYERS / args.layers
-        proj = {n: scale * (v - med["head"]) + med["head"] for n, v in per_tok.items()}
-        out["projected_26_layer_speedup"][t] = proj["dense"] / proj["spark"]
-        out["attention_ms"][t] = {n: med[f"attn/{n}/{t}"] * 1e3 for n in cfgs}
-        out["attention_speedup"][t] = med[f"attn/dense/{t}"] / med[f"attn/spark/{t}"]
-        s = gen.summarize(stats[("spark", t)])
-        density = float(jnp.mean(s["ffn_density"]))
-        kpq = float(jnp.mean(s["keys_per_query"]))
-        out["spark_decode_stats"][t] = {"ffn_density": density, "keys_per_query": kpq,
-                                        "ffn_overflow": int(s["ffn_overflow"].sum()),
-                                        "attn_overflow": int(s["attn_overflow"].sum())}
+        density = kpq = None
+        if "spark" in names:
+            st = gen.summarize(stats[("spark", t)])
+            density, kpq = float(jnp.mean(st["ffn_density"])), float(jnp.mean(st["keys_per_query"]))
+            out["spark_decode_stats"][t] = {"ffn_density": density, "keys_per_query": kpq,
+                                            "ffn_overflow": int(st["ffn_overflow"].sum()),
+                                            "attn_overflow": int(st["attn_overflow"].sum())}
         visible = t + (args.new_tokens + 1) / 2
+        out["bytes_per_token"][t], out["bound_ms_per_token"][t] = {}, {}
         for n, (_, p) in split.items():
             b = bytes_per_token(cfgs[n], p, visible, density, kpq)
+            out["bytes_per_token"][t][n] = b
+            out["bound_ms_per_token"][t][n] = b / bw * 1e3
             out["bandwidth_fraction"][n][t] = b / bw / per_tok[n]
+        if both:
+            ratio_bound = out["bytes_per_token"][t]["dense"] / out["bytes_per_token"][t]["spark"]
+            speedup = per_tok["dense"] / per_tok["spark"]
+            out.setdefault("spark_vs_dense_decode_speedup", {})[t] = speedup
+            out.setdefault("byte_ratio_bound", {})[t] = ratio_bound
+            out.setdefault("spark_vs_dense_vs_bound", {})[t] = speedup / ratio_bound
+            if "head" in med and args.layers < FULL_LAYERS:
+                scale = FULL_LAYERS / args.layers
+                proj = {n: scale * (v - med["head"]) + med["head"] for n, v in per_tok.items()}
+                out.setdefault("projected_26_layer_speedup", {})[t] = proj["dense"] / proj["spark"]
+            if f"attn/dense/{t}" in med:
+                out.setdefault("attention_ms", {})[t] = {n: med[f"attn/{n}/{t}"] * 1e3 for n in names}
+                out.setdefault("attention_speedup", {})[t] = med[f"attn/dense/{t}"] / med[f"attn/spark/{t}"]
+    if both and "ffn_ms" in out:
+        density = statistics.median(v["ffn_density"] for v in out["spark_decode_stats"].values())
+        out["ffn_speedup"] = med["ffn/dense"] / med["ffn/spark"]
+        out["ffn_byte_ratio_bound"] = ffn_bytes(cfgs["dense"], None) / ffn_bytes(cfgs["spark"], density)
     return out
 
 
 def print_table(r):
-    print(f"\nDecode at batch 1, {r['note']}; bandwidth {r['bandwidth_GBps']:.1f} GB/s, head {r['head_ms']:.1f} ms")
-    print(f"{'prompt':>7} {'dense ms/tok':>12} {'spark ms/tok':>12} {'speedup':>8} {'26L proj':>9} "
-          f"{'attn speedup':>12} {'BW dense':>9} {'BW spark':>9} {'keys/q':>7} {'FFN dens':>8}")
+    names = r["models"]
+    print(f"\nDecode at batch 1, {r['note']}; {r['dtype']} activations, {r['param_dtype']} weights; "
+          f"{r['kernels']}; bandwidth {r['bandwidth_GBps']:.1f} GB/s")
+    print(f"{'prompt':>7} " + " ".join(f"{n + ' ms/tok':>14} {'bound':>7} {'BW frac':>7}" for n in names)
+          + (f" {'speedup':>8} {'byte bound':>10} {'of bound':>8}" if len(names) == 2 else ""))
     for t, ms in r["ms_per_token"].items():
-        st = r["spark_decode_stats"][t]
-        print(f"{t:>7} {ms['dense']:>12.1f} {ms['spark']:>12.1f} {r['spark_vs_dense_decode_speedup'][t]:>7.2f}x "
-              f"{r['projected_26_layer_speedup'][t]:>8.2f}x {r['attention_speedup'][t]:>11.2f}x "
-              f"{r['bandwidth_fraction']['dense'][t]:>9.0%} {r['bandwidth_fraction']['spark'][t]:>9.0%} "
-              f"{st['keys_per_query']:>7.0f} {st['ffn_density']:>8.3f}")
-    print(f"FFN only ({r['layers']} layers, one token): dense {r['ffn_ms']['dense']:.2f} ms, "
-          f"spark {r['ffn_ms']['spark']:.2f} ms -> {r['ffn_speedup']:.2f}x")
+        row = f"{t:>7} " + " ".join(f"{ms[n]:>14.1f} {r['bound_ms_per_token'][t][n]:>7.1f} "
+                                    f"{r['bandwidth_fraction'][n][t]:>7.0%}" for n in names)
+        if len(names) == 2:
+            row += (f" {r['spark_vs_dense_decode_speedup'][t]:>7.2f}x {r['byte_ratio_bound'][t]:>9.2f}x "
+                    f"{r['spark_vs_dense_vs_bound'][t]:>8.0%}")
+        print(row)
+    if "ffn_speedup" in r:
+        print(f"FFN only ({r['layers']} layers, one token): dense {r['ffn_ms']['dense']:.2f} ms, spark "
+              f"{r['ffn_ms']['spark']:.2f} ms -> {r['ffn_speedup']:.2f}x (byte-ratio bound "
+              f"{r['ffn_byte_ratio_bound']:.2f}x)")
+
+
+def alternate(args, argv):
+    """dense and spark in separate processes, alternated for args.alternate pairs; per prompt the
+    median over pairs of each per-pair ratio."""
+    base = [a for a in argv if a not in ("--alternate", str(args.alternate))]
+    base = [a for i, a in enumerate(base) if not (i and base[i - 1] in ("--json", "--models")) and a != "--json"
+            and a != "--models"]
+    pairs = []
+    for p in range(args.alternate):
+        pair = {}
+        for name in ("dense", "spark"):
+            r = subprocess.run([sys.executable, __file__, *base, "--models", name, "--result_line"],
+                               capture_output=True, text=True)
+            line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+            if r.returncode or not line:
+                sys.exit(f"{name} process failed ({r.returncode}):\n{r.stderr[-3000:]}")
+            pair[name] = json.loads(line[-1][7:])
+        pairs.append(pair)
+        print(f"pair {p + 1}: " + ", ".join(
+            f"prompt {t}: dense {pair['dense']['ms_per_token'][t]['dense']:.0f} ms/tok "
+            f"({pair['dense']['bandwidth_fraction']['dense'][t]:.0%} of its bound), spark "
+            f"{pair['spark']['ms_per_token'][t]['spark']:.0f} ms/tok" for t in pair["dense"]["ms_per_token"]),
+            flush=True)
+    med = statistics.median
+    out = {"alternated_pairs": args.alternate, "pairs": pairs, "layers": args.layers, "dtype": args.dtype,
+           "param_dtype": args.param_dtype, "kernels": pairs[0]["dense"]["kernels"],
+           "spark_vs_dense_decode_speedup": {}, "byte_ratio_bound": {}, "spark_vs_dense_vs_bound": {},
+           "bandwidth_fraction": {"dense": {}, "spark": {}}, "ms_per_token": {}}
+    for t in pairs[0]["dense"]["ms_per_token"]:
+        sp = [pr["dense"]["ms_per_token"][t]["dense"] / pr["spark"]["ms_per_token"][t]["spark"] for pr in pairs]
+        bound = [pr["dense"]["bytes_per_token"][t]["dense"] / pr["spark"]["bytes_per_token"][t]["spark"]
+                 for pr in pairs]
+        out["spark_vs_dense_decode_speedup"][t] = med(sp)
+        out["byte_ratio_bound"][t] = med(bound)
+        out["spark_vs_dense_vs_bound"][t] = med([a / b for a, b in zip(sp, bound, strict=True)])
+        out["ms_per_token"][t] = {n: med([pr[n]["ms_per_token"][t][n] for pr in pairs]) for n in ("dense", "spark")}
+        for n in ("dense", "spark"):
+            out["bandwidth_fraction"][n][t] = med([pr[n]["bandwidth_fraction"][n][t] for pr in pairs])
+        print(f"prompt {t}: spark/dense {out['spark_vs_dense_decode_speedup'][t]:.2f}x of a "
+              f"{out['byte_ratio_bound'][t]:.2f}x byte bound ({out['spark_vs_dense_vs_bound'][t]:.0%}); "
+              f"bandwidth fraction dense {out['bandwidth_fraction']['dense'][t]:.0%}, "
+              f"spark {out['bandwidth_fraction']['spark'][t]:.0%} (medians of {args.alternate} pairs)")
+    return out
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--prompts", default="128,1024,4096")
     ap.add_argument("--new_tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--param_dtype", choices=["float32", "bfloat16"], help="default: --dtype")
+    ap.add_argument("--models", default="dense,spark")
+    ap.add_argument("--parts", default="decode,head,ffn,attn", help="what to time besides the bandwidth")
+    ap.add_argument("--alternate", type=int, default=0, help="pairs of one-model processes (f32 at 26 layers)")
+    ap.add_argument("--result_line", action="store_true", help="print RESULT {json} (bench/peer_decode.py)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    args.param_dtype = args.param_dtype or args.dtype
     args.prompts = [int(x) for x in args.prompts.split(",")]
     if args.layers < 2 or args.layers % 2:
         ap.error("--layers must be an even number >= 2 (local/global pairs)")
-    r = run(args)
-    print_table(r)
+    if args.alternate:
+        r = alternate(args, argv)
+    else:
+        r = run(args)
+        print_table(r)
+    if args.result_line:
+        print("RESULT " + json.dumps(r), flush=True)
     write_json(args.json, {"benchmark": "decode", **r})
 
 

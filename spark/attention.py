@@ -35,7 +35,7 @@ from flax import nnx
 
 from spark import cache as kv_cache
 from spark import flash, sparsity
-from spark.layers import NEG, apply_rope, normal_init, softcap, visible_mask
+from spark.layers import NEG, apply_rope, linear_cols, normal_init, softcap, visible_mask
 from spark.sharding import constrain
 
 
@@ -54,7 +54,7 @@ def _rope_qk(q, k, positions_BT, theta, split_at: int | None):
 def _project(x_BTD, w_DNH):
     """x·W as a 2-D matmul over [D, N·H] (the 2-D form is never slower on XLA:CPU; see w_o)."""
     n = w_DNH.shape[1]
-    y = jnp.einsum("BTD,DF->BTF", x_BTD, rearrange(w_DNH, "D N H -> D (N H)"))
+    y = linear_cols(x_BTD, rearrange(w_DNH, "D N H -> D (N H)"))
     return rearrange(y, "B T (N H) -> B T N H", N=n)
 
 
@@ -125,13 +125,13 @@ class Attention(nnx.Module):
 
     def _out(self, out_BTKGH, aux, new_kv, dt):
         out = rearrange(out_BTKGH, "B T K G H -> B T (K G H)").astype(dt)
-        w_o = rearrange(self.w_o[...].astype(dt), "N H D -> (N H) D")  # 2-D: the 3-D einsum is 2x slower at T=1
-        return jnp.einsum("BTF,FD->BTD", out, w_o), new_kv, aux
+        w_o = rearrange(self.w_o[...], "N H D -> (N H) D")  # 2-D: the 3-D einsum is 2x slower at T=1
+        return linear_cols(out, w_o), new_kv, aux
 
     def qkv(self, x_BTD, positions_BT):
         """Projected q [B,T,N,H], k and v [B,T,K,H], with RoPE applied to q and k."""
-        cfg, dt = self.cfg, x_BTD.dtype
-        q, k, v = (_project(x_BTD, w[...].astype(dt)) for w in (self.w_q, self.w_k, self.w_v))
+        cfg = self.cfg
+        q, k, v = (_project(x_BTD, w[...]) for w in (self.w_q, self.w_k, self.w_v))
         split = cfg.attn_rank if cfg.attn_kind == "spark" and cfg.spark.attn_rope == "split" else None
         q, k = _rope_qk(q, k, positions_BT, cfg.rope_theta, split)
         return (constrain(q, "batch", None, "heads", None), constrain(k, "batch", None, "kv_heads", None),

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spark import sparsity
-from spark.layers import gelu, normal_init, rows_matmul
+from spark import kernels, sparsity
+from spark.layers import gelu, linear_cols, linear_rows, normal_init
 
 
 def _density(h_BTF):
@@ -41,13 +41,12 @@ class GeGLU(nnx.Module):
 
     def __call__(self, x_BTD, width: int, sparse: bool = False):
         del sparse  # GeGLU has no sparse-gather path; gate sparsity stays a mask
-        dt = x_BTD.dtype
-        gate = rows_matmul(x_BTD, self.w_gate[:width].astype(dt))
-        up = rows_matmul(x_BTD, self.w_up[:width].astype(dt))
+        gate = linear_rows(x_BTD, self.w_gate[:width])
+        up = linear_rows(x_BTD, self.w_up[:width])
         if self.sparsity > 0.0:
             gate = sparsity.soft_topk(gate, 1.0 - self.sparsity)
         h = gelu(gate) * up
-        out = jnp.einsum("BTF,FD->BTD", h, self.w_down[:width].astype(dt))
+        out = linear_cols(h, self.w_down[:width])
         aux = {"ffn_density": _density(gate > 0) if self.sparsity > 0.0 else jnp.float32(1.0)}
         return out, aux
 
@@ -66,17 +65,15 @@ class SparkFFN(nnx.Module):
 
     def predictor(self, x_BTD, width: int):
         """Pre-activation predictor scores x[:r]·K1ᵀ over the first `width` neurons."""
-        w = self.w_pred[:width].astype(x_BTD.dtype)
-        return rows_matmul(x_BTD[..., : self.rank], w)
+        return linear_rows(x_BTD[..., : self.rank], self.w_pred[:width])
 
     def __call__(self, x_BTD, width: int, sparse: bool = False):
         if sparse:
             return self.sparse_decode(x_BTD, width)
-        dt = x_BTD.dtype
         act = gelu(sparsity.soft_topk(self.predictor(x_BTD, width), self.k_frac,
                                       stop_gradient=self.stop_grad))
-        up = rows_matmul(x_BTD[..., self.rank :], self.w_up[:width].astype(dt))
-        out = jnp.einsum("BTF,FD->BTD", act * up, self.w_down[:width].astype(dt))
+        up = linear_rows(x_BTD[..., self.rank :], self.w_up[:width])
+        out = linear_cols(act * up, self.w_down[:width])
         kept = jnp.sum(act > 0, axis=-1)  # gelu(relu(x − θ)) > 0 exactly where x > θ, as sparse_decode keeps
         rate = sparsity.overflow_rate(kept, self.k_frac * width, self.capacity_sigmas)
         return out, {"ffn_density": jnp.mean(kept.astype(jnp.float32)) / width, "ffn_overflow_rate": rate}
@@ -90,12 +87,17 @@ class SparkFFN(nnx.Module):
         cap = sparsity.capacity(self.k_frac * width, width, self.capacity_sigmas)
         idx_BTC, ok_BTC, dropped_BT = sparsity.capacity_indices(pred, keep, cap)
         pre = jnp.take_along_axis(pred, idx_BTC, axis=-1).astype(jnp.float32) - theta
-        act = jnp.where(ok_BTC, gelu(jax.nn.relu(pre)), 0.0).astype(dt)
-        gather = dict(mode="promise_in_bounds", indices_are_sorted=True)
-        up_rows = self.w_up[...].at[idx_BTC].get(**gather).astype(dt)  # [B,T,C,D-r]
-        up = jnp.einsum("BTE,BTCE->BTC", x_BTD[..., self.rank :], up_rows)
-        down_rows = self.w_down[...].at[idx_BTC].get(**gather).astype(dt)  # [B,T,C,D]
-        out = jnp.einsum("BTC,BTCD->BTD", act * up, down_rows)
+        act = jnp.where(ok_BTC, gelu(jax.nn.relu(pre)), 0.0)
+        b, t, c = idx_BTC.shape
+
+        def gathered(x2_NE, idx_NC, act_NC, k2_FE, v_FD):  # off CPU: XLA gathers, then two einsums
+            gather = dict(mode="promise_in_bounds", indices_are_sorted=True)
+            up = jnp.einsum("NE,NCE->NC", x2_NE, k2_FE.at[idx_NC].get(**gather).astype(dt))  # rows [N,C,D-r]
+            return jnp.einsum("NC,NCD->ND", act_NC.astype(dt) * up, v_FD.at[idx_NC].get(**gather).astype(dt))
+
+        x2 = x_BTD[..., self.rank :].reshape(b * t, -1)
+        out = kernels.ffn_gather(x2, idx_BTC.reshape(b * t, c), act.reshape(b * t, c), self.w_up[...],
+                                 self.w_down[...], dt, gathered).reshape(b, t, -1)
         active = jnp.sum(ok_BTC, axis=-1, dtype=jnp.float32)
         return out, {"ffn_density": jnp.mean(active) / width, "ffn_overflow": jnp.sum(dropped_BT, axis=1)}
 

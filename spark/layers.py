@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spark import kernels
+
 
 class RMSNorm(nnx.Module):
     """Gemma RMSNorm: x · rsqrt(mean(x²) + eps) · (1 + w), computed in float32, w initialised to 0."""
@@ -65,6 +67,29 @@ def rows_matmul(x_BTD, w_FD, out_dtype=None):
         return jnp.einsum("BTD,FD->BTF", x_BTD, w_FD, preferred_element_type=out_dtype)
     y_FN = jnp.einsum("FD,ND->FN", w_FD, x_BTD.reshape(b * t, d), preferred_element_type=out_dtype)
     return jax.lax.optimization_barrier(y_FN).T.reshape(b, t, -1)
+
+
+def linear_rows(x_BTD, w_FD, out_dtype=None):
+    """x · wᵀ -> [B, T, F] in out_dtype (default x's) for w stored one row per output, passed in its
+    stored dtype: on CPU a decode-sized block runs `kernels.gemv_rows`, which reads bf16 weights as
+    they are (float32 accumulation); other backends and blocks cast w to x's dtype (rows_matmul)."""
+    b, t, d = x_BTD.shape
+    od = out_dtype or x_BTD.dtype
+
+    def default(x_ND, w):
+        return rows_matmul(x_ND.reshape(b, t, d), w.astype(x_ND.dtype), out_dtype).reshape(b * t, -1).astype(od)
+    return kernels.gemv_rows(x_BTD.reshape(b * t, d), w_FD, od, default).reshape(b, t, -1)
+
+
+def linear_cols(h_BTF, w_FD, out_dtype=None):
+    """h · w -> [B, T, D] for w stored one row per input (down and output projections), in its stored
+    dtype: `kernels.gemv_cols` on CPU for decode-sized blocks, else an einsum in h's dtype."""
+    b, t, f = h_BTF.shape
+    od = out_dtype or h_BTF.dtype
+
+    def default(h_NF, w):
+        return jnp.einsum("NF,FD->ND", h_NF, w.astype(h_NF.dtype), preferred_element_type=out_dtype).astype(od)
+    return kernels.gemv_cols(h_BTF.reshape(b * t, f), w_FD, od, default).reshape(b, t, -1)
 
 
 NEG = -1e30  # finite "minus infinity": an all-masked row gives uniform weights, never NaN

@@ -17,7 +17,7 @@ from spark.attention import Attention
 from spark.cache import KVCache
 from spark.config import ModelConfig
 from spark.ffn import make_ffn
-from spark.layers import RMSNorm, normal_init, rows_matmul, softcap
+from spark.layers import RMSNorm, linear_rows, normal_init, softcap
 from spark.sharding import constrain
 
 
@@ -87,8 +87,7 @@ class Transformer(nnx.Module):
     def logits(self, x_BTD):
         """Final norm, tied output embedding, final softcap -> float32 logits."""
         x = self.final_norm(x_BTD)
-        emb = self.embed[...].astype(x.dtype)
-        logits = softcap(rows_matmul(x, emb, jnp.float32), self.cfg.final_logit_softcap)
+        logits = softcap(linear_rows(x, self.embed[...], jnp.float32), self.cfg.final_logit_softcap)
         return constrain(logits, "batch", None, "vocab")
 
     def apply_layers(self, x_BTD, positions_BT, cache=None, widths=None, segment_ids_BT=None, sparse=False,

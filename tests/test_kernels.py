@@ -1,0 +1,210 @@
+"""The CPU decode kernels (spark/kernels, XLA FFI) == float64 references on both ISA paths, under jit,
+inside a while_loop with donated buffers; the model decodes with them as without them; without the
+extension (or switched off) the jnp path runs; a failed compile leaves a working install."""
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from decode import generate as gen
+from decode.rollout import prefill_cache
+from decode.sampling import SamplerConfig
+from spark import kernels
+from spark.config import ModelConfig, SparkConfig
+from spark.model import Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILT = kernels.enabled()
+needs_kernels = pytest.mark.skipif(not BUILT, reason=f"spark.kernels: {kernels.status()}")
+ISAS = {"portable": "1", "avx512": "0"}  # SPARK_CPU_KERNELS_PORTABLE
+
+
+def test_extension_builds_where_a_compiler_exists():
+    if shutil.which("c++") or shutil.which("g++"):
+        assert BUILT, kernels.status()
+
+
+@pytest.fixture(params=list(ISAS))
+def isa(request, monkeypatch):
+    if request.param == "avx512" and BUILT and not kernels._load().has_avx512():
+        pytest.skip("this CPU has no AVX-512")
+    monkeypatch.setenv("SPARK_CPU_KERNELS_PORTABLE", ISAS[request.param])
+    assert kernels.isa() == (request.param == "avx512")
+    return request.param
+
+
+def _fresh_jit(fn):
+    """A new jit wrapper: the ISA and on/off switches are read when a function is traced."""
+    return jax.jit(lambda *a: fn(*a))
+
+
+def _rel(a, ref):
+    return float(np.max(np.abs(np.asarray(a, np.float64) - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+def _weights(rng, shape, dtype):
+    w = jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+    return w, np.asarray(w.astype(jnp.float32), np.float64)  # the exact values the kernel reads
+
+
+SHAPES = [(1, 37, 45), (2, 300, 129), (5, 64, 2304), (8, 1000, 16), (16, 129, 333), (3, 17, 1)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gemv_rows_and_cols_equal_float64(isa, dtype):
+    rng = np.random.default_rng(0)
+    rows, cols = _fresh_jit(kernels.gemv_rows), _fresh_jit(kernels.gemv_cols)
+    for n, f, d in SHAPES:  # tails of every width: D not a multiple of 16 or 32
+        w, w64 = _weights(rng, (f, d), dtype)
+        x = rng.standard_normal((n, d), np.float32)
+        h = rng.standard_normal((n, f), np.float32) * (rng.random((n, f)) > 0.3)  # zeros: rows skipped
+        assert _rel(rows(x, w), x.astype(np.float64) @ w64.T) < 1e-5, (n, f, d)
+        assert _rel(cols(h, w), h.astype(np.float64) @ w64) < 1e-5, (n, f, d)
+    assert "spark_gemv_rows" in rows.lower(x, w).as_text()  # the kernel ran, not the reference
+
+
+def _gather_case(rng, n, f, c, e, d, dtype, fill: float):
+    """Sorted index sets per token (as sparsity.capacity_indices: unused slots point at F − 1 with
+    act 0), `fill` of the slots active, tokens overlapping."""
+    idx = np.stack([np.sort(rng.choice(f, c, replace=False)) for _ in range(n)]).astype(np.int32)
+    act = rng.standard_normal((n, c)).astype(np.float32)
+    used = np.arange(c)[None, :] < np.ceil(fill * c)
+    idx, act = np.where(used, idx, f - 1), np.where(used, act, 0.0).astype(np.float32)
+    k2, k64 = _weights(rng, (f, e), dtype)
+    v, v64 = _weights(rng, (f, d), dtype)
+    x2 = rng.standard_normal((n, e), np.float32)
+    up = np.einsum("ne,nce->nc", x2.astype(np.float64), k64[idx])
+    ref = np.einsum("nc,ncd->nd", act * up, v64[idx])
+    return (x2, idx, act, k2, v), ref
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ffn_gather_equals_float64(isa, dtype):
+    rng = np.random.default_rng(1)
+    run = _fresh_jit(kernels.ffn_gather)
+    for n, f, c, e, d, fill in [(1, 200, 24, 33, 70, 1.0), (3, 200, 24, 33, 70, 0.5), (8, 64, 60, 16, 129, 1.0),
+                                (5, 1000, 90, 1280, 2304, 0.8), (2, 50, 50, 7, 5, 1.0)]:
+        args, ref = _gather_case(rng, n, f, c, e, d, dtype, fill)
+        assert _rel(run(*args), ref) < 1e-5, (n, f, c, fill)
+    # every slot empty: nothing read, zeros out
+    args, _ = _gather_case(rng, 2, 40, 8, 5, 6, dtype, 0.0)
+    assert not np.any(np.asarray(run(*args)))
+
+
+@needs_kernels
+def test_reference_functions_equal_float64():
+    """The jnp references the kernels are swapped for compute the same function (they run off CPU)."""
+    rng = np.random.default_rng(2)
+    args, ref = _gather_case(rng, 3, 200, 24, 33, 70, "float32", 0.7)
+    assert _rel(kernels.ffn_gather_ref(*args), ref) < 1e-5
+    w, w64 = _weights(rng, (40, 9), "bfloat16")
+    x = rng.standard_normal((2, 9), np.float32)
+    assert _rel(kernels.gemv_rows_ref(x, w), x.astype(np.float64) @ w64.T) < 1e-5
+
+
+@needs_kernels
+def test_inside_while_loop_with_donated_buffers(isa):
+    """A jitted while_loop that feeds each kernel's output to the next, its carry donated."""
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.standard_normal((96, 40), np.float32) / 8)
+    args, _ = _gather_case(rng, 2, 96, 12, 40, 40, "float32", 1.0)
+    _, idx, act, _, _ = args
+
+    def body(_, y):
+        h = jnp.tanh(kernels.gemv_rows(y, w))  # [2, 96]
+        z = kernels.gemv_cols(h, w)  # [2, 40]
+        return y + 0.1 * kernels.ffn_gather(z, idx, act, w, w)
+
+    step = jax.jit(lambda y: jax.lax.fori_loop(0, 5, body, y), donate_argnums=0)
+    y0 = rng.standard_normal((2, 40)).astype(np.float32)
+    out = np.asarray(step(jnp.asarray(y0)))
+    hlo = jax.jit(lambda y: jax.lax.fori_loop(0, 5, body, y)).lower(jnp.asarray(y0)).as_text()
+    assert all(k in hlo for k in kernels.NAMES)
+    y = y0.astype(np.float64)
+    w64 = np.asarray(w, np.float64)
+    for _ in range(5):
+        z = np.tanh(y @ w64.T) @ w64
+        y = y + 0.1 * np.einsum("nc,ncd->nd", act * np.einsum("ne,nce->nc", z, w64[idx]), w64[idx])
+    assert _rel(out, y) < 1e-5
+
+
+SPARK = ModelConfig(vocab_size=97, d_model=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32,
+                    ffn_dim=512, ffn_kind="spark", attn_kind="spark", spark_ffn_dim=512,
+                    spark=SparkConfig(ffn_k_frac=0.08, attn_k=8, decode_capacity_sigmas=4.0))
+
+
+@needs_kernels
+def test_sparse_decode_with_kernels_equals_masked_forward():
+    """Prefill, then decode one token at a time on the sparse-gather path (kernels: the FFN gather,
+    every projection and the head) == the masked full forward over the whole sequence (no token
+    overflows the capacity here; tests/test_sparse_decode.py checks an overflow, also on the kernel)."""
+    model = Transformer(SPARK, nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 97)
+    full = model(tokens, jnp.broadcast_to(jnp.arange(12), (2, 12)))[0]
+    graphdef, params = nnx.split(model)
+    step = jax.jit(lambda p, tok, pos, cache: nnx.merge(graphdef, p)(tok, pos, cache=cache, sparse=True,
+                                                                      return_aux=True))
+    _, cache = prefill_cache(model, tokens[:, :4], jnp.array([4, 4]), max_new_tokens=8)
+    assert "spark_ffn_gather" in step.lower(params, tokens[:, 4:5], jnp.full((2, 1), 4), cache).as_text()
+    for t in range(4, 12):
+        logits, cache, stats = step(params, tokens[:, t:t + 1], jnp.full((2, 1), t), cache)
+        assert not np.any(np.asarray(stats["ffn_overflow"]))
+        np.testing.assert_allclose(np.asarray(logits[:, 0]), np.asarray(full[:, t]), rtol=1e-4, atol=1e-4)
+
+
+def _greedy(graphdef, params, prompts, lengths):
+    run = jax.jit(functools.partial(gen.generate.__wrapped__, graphdef, max_new_tokens=24,
+                                    sampler=SamplerConfig(0.0), eos_id=-1, pad_id=0))
+    return np.asarray(run(params, prompts, lengths, jax.random.key(0))[0]), run
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["dense", "spark"])
+def test_greedy_generation_with_kernels_equals_without(kind, monkeypatch):
+    cfg = SPARK if kind == "spark" else ModelConfig(vocab_size=97, d_model=64, num_layers=2, num_heads=2,
+                                                    num_kv_heads=1, head_dim=32, ffn_dim=256)
+    graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(4)))
+    prompts = jnp.asarray([[5, 9, 2, 44, 17], [11, 4, 30, 0, 0]], jnp.int32)
+    lengths = jnp.asarray([5, 3], jnp.int32)
+    with_kernels, run = _greedy(graphdef, params, prompts, lengths)
+    assert "spark_gemv_rows" in run.lower(params, prompts, lengths, jax.random.key(0)).as_text()
+    monkeypatch.setenv("SPARK_CPU_KERNELS", "0")
+    without, run = _greedy(graphdef, params, prompts, lengths)
+    assert "spark_gemv" not in run.lower(params, prompts, lengths, jax.random.key(0)).as_text()
+    np.testing.assert_array_equal(with_kernels, without)
+
+
+def test_fallback_without_the_extension(monkeypatch):
+    """No extension: every function is its jnp reference (no custom call in the program) and correct."""
+    monkeypatch.setattr(kernels, "_STATE", {"module": None, "reason": "extension not built (test)"})
+    assert not kernels.enabled() and kernels.status().startswith("jnp fallback")
+    rng = np.random.default_rng(5)
+    args, ref = _gather_case(rng, 2, 50, 10, 7, 9, "float32", 0.8)
+    run = _fresh_jit(kernels.ffn_gather)
+    assert "custom_call" not in run.lower(*args).as_text()
+    assert _rel(run(*args), ref) < 1e-5
+    w, w64 = _weights(rng, (30, 9), "bfloat16")
+    x = rng.standard_normal((2, 9), np.float32)
+    assert _rel(_fresh_jit(kernels.gemv_rows)(x, w), x.astype(np.float64) @ w64.T) < 1e-5
+
+
+def test_failed_compile_leaves_a_working_install(tmp_path):
+    """setup.py's extension is optional: with a compiler that fails, the build succeeds, says so in
+    one warning, and produces no module (spark.kernels then falls back, as tested above)."""
+    env = os.environ | {"CC": "false", "CXX": "false"}
+    r = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
+                        "--build-temp", str(tmp_path / "tmp")], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    warnings = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and 'extension "spark.kernels._cpu" failed' in warnings[0], r.stdout + r.stderr
+    assert not list(tmp_path.rglob("_cpu*.so"))
