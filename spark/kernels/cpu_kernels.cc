@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -74,9 +75,13 @@ void parallel_chunks(ffi::ThreadPool& pool, int64_t n, Body&& body) {
   while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
-inline int64_t num_chunks(int64_t rows, int64_t min_rows) {
-  return std::max<int64_t>(1, std::min<int64_t>(16, rows / min_rows));
-}
+// The split of `rows` rows into ≤ 16 chunks of whole row groups (kGroup), each of at least
+// min_rows rows where there are enough; at least one chunk (empty when rows = 0).
+struct Chunks {
+  int64_t count, per;
+};
+
+Chunks plan_chunks(int64_t rows, int64_t min_rows);
 
 // ---------------------------------------------------------------- row-group primitives
 //
@@ -243,6 +248,20 @@ bool cpu_has_avx512() { return false; }
 
 constexpr int64_t kGroup = 4;
 
+Chunks plan_chunks(int64_t rows, int64_t min_rows) {
+  int64_t count = std::max<int64_t>(1, std::min<int64_t>(16, rows / min_rows));
+  int64_t per = std::max<int64_t>(kGroup, ((rows + count - 1) / count + kGroup - 1) / kGroup * kGroup);
+  return {std::max<int64_t>(1, (rows + per - 1) / per), per};
+}
+
+// Calls fn with the weight buffer's data typed by its element type (f32, or bf16 as uint16_t).
+template <typename Fn>
+ffi::Error with_weights(const ffi::AnyBuffer& w, const char* what, Fn&& fn) {
+  if (w.element_type() == ffi::DataType::F32) return fn(w.typed_data<float>());
+  if (w.element_type() == ffi::DataType::BF16) return fn(reinterpret_cast<const uint16_t*>(w.untyped_data()));
+  return ffi::Error::InvalidArgument(std::string(what) + ": weights must be f32 or bf16");
+}
+
 // One group of nr ≤ kGroup rows, dispatched on the ISA; `next`: the next group's kGroup rows to
 // prefetch (nullptr: none; the AVX-512 path only).
 template <typename W>
@@ -302,10 +321,8 @@ template <typename W>
 ffi::Error gemv_rows(ffi::ThreadPool pool, int32_t isa, const float* x, const W* w, float* y, int64_t n_tok,
                      int64_t f, int64_t d) {
   if (auto e = check_tokens(n_tok); e.failure()) return e;
-  if (f == 0) return ffi::Error::Success();
   bool avx = use_avx(isa);
-  int64_t chunks = num_chunks(f, 64), per = (f + chunks - 1) / chunks;
-  per = (per + kGroup - 1) / kGroup * kGroup;  // whole groups per chunk
+  auto [chunks, per] = plan_chunks(f, 64);
   parallel_chunks(pool, chunks, [&](int64_t c) {
     float out[kGroup * kMaxTokens];
     const W* rows[kGroup];
@@ -326,12 +343,9 @@ ffi::Error GemvRows(ffi::ThreadPool pool, int32_t isa, ffi::Buffer<ffi::F32> x, 
                     ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1]) return ffi::Error::InvalidArgument("rows: x [N, D], W [F, D]");
-  if (w.element_type() == ffi::DataType::F32)
-    return gemv_rows(pool, isa, x.typed_data(), w.typed_data<float>(), y->typed_data(), xd[0], wd[0], wd[1]);
-  if (w.element_type() == ffi::DataType::BF16)
-    return gemv_rows(pool, isa, x.typed_data(), reinterpret_cast<const uint16_t*>(w.untyped_data()),
-                     y->typed_data(), xd[0], wd[0], wd[1]);
-  return ffi::Error::InvalidArgument("rows: W must be f32 or bf16");
+  return with_weights(w, "rows", [&](auto* wp) {
+    return gemv_rows(pool, isa, x.typed_data(), wp, y->typed_data(), xd[0], wd[0], wd[1]);
+  });
 }
 
 // ---------------------------------------------------------------- spark_gemv_cols
@@ -340,15 +354,9 @@ template <typename W>
 ffi::Error gemv_cols(ffi::ThreadPool pool, int32_t isa, const float* h, const W* w, float* y, int64_t n_tok,
                      int64_t f, int64_t d) {
   if (auto e = check_tokens(n_tok); e.failure()) return e;
-  int64_t size = n_tok * d;
-  if (f == 0) {
-    std::fill(y, y + size, 0.0f);
-    return ffi::Error::Success();
-  }
   bool avx = use_avx(isa);
-  int64_t chunks = num_chunks(f, 64), per = (f + chunks - 1) / chunks;
-  per = (per + kGroup - 1) / kGroup * kGroup;
-  chunks = (f + per - 1) / per;
+  auto [chunks, per] = plan_chunks(f, 64);
+  int64_t size = n_tok * d;
   std::vector<float> part(chunks * size, 0.0f);
   parallel_chunks(pool, chunks, [&](int64_t c) {
     float a[kGroup * kMaxTokens];
@@ -374,12 +382,9 @@ ffi::Error GemvCols(ffi::ThreadPool pool, int32_t isa, ffi::Buffer<ffi::F32> h, 
                     ffi::ResultBuffer<ffi::F32> y) {
   auto hd = h.dimensions(), wd = w.dimensions();
   if (hd.size() != 2 || wd.size() != 2 || hd[1] != wd[0]) return ffi::Error::InvalidArgument("cols: h [N, F], W [F, D]");
-  if (w.element_type() == ffi::DataType::F32)
-    return gemv_cols(pool, isa, h.typed_data(), w.typed_data<float>(), y->typed_data(), hd[0], wd[0], wd[1]);
-  if (w.element_type() == ffi::DataType::BF16)
-    return gemv_cols(pool, isa, h.typed_data(), reinterpret_cast<const uint16_t*>(w.untyped_data()),
-                     y->typed_data(), hd[0], wd[0], wd[1]);
-  return ffi::Error::InvalidArgument("cols: W must be f32 or bf16");
+  return with_weights(w, "cols", [&](auto* wp) {
+    return gemv_cols(pool, isa, h.typed_data(), wp, y->typed_data(), hd[0], wd[0], wd[1]);
+  });
 }
 
 // ---------------------------------------------------------------- spark_ffn_gather
@@ -417,13 +422,7 @@ ffi::Error ffn_gather(ffi::ThreadPool pool, int32_t isa, const float* x2, const 
   if (!union_of(idx, act, n_tok, cap, f, rows, table))
     return ffi::Error::InvalidArgument("ffn_gather: neuron index out of range");
   int64_t m = static_cast<int64_t>(rows.size()), size = n_tok * d;
-  if (m == 0) {  // every slot empty: nothing to read
-    std::fill(y, y + size, 0.0f);
-    return ffi::Error::Success();
-  }
-  int64_t chunks = num_chunks(m, 32), per = (m + chunks - 1) / chunks;
-  per = (per + kGroup - 1) / kGroup * kGroup;
-  chunks = (m + per - 1) / per;
+  auto [chunks, per] = plan_chunks(m, 32);  // m = 0 (every slot empty): one empty chunk, zeros out
   std::vector<float> part(chunks * size, 0.0f);
   parallel_chunks(pool, chunks, [&](int64_t c) {
     float up[kGroup * kMaxTokens], a[kGroup * kMaxTokens];
@@ -460,15 +459,11 @@ ffi::Error FfnGather(ffi::ThreadPool pool, int32_t isa, ffi::Buffer<ffi::F32> x2
   if (xd.size() != 2 || id.size() != 2 || ad.size() != 2 || kd.size() != 2 || vd.size() != 2 || id[0] != xd[0] ||
       ad[0] != xd[0] || ad[1] != id[1] || kd[1] != xd[1] || vd[0] != kd[0] || k2.element_type() != v.element_type())
     return ffi::Error::InvalidArgument("ffn_gather: x2 [N, E], idx/act [N, C], K2 [F, E], V [F, D], one dtype");
-  if (k2.element_type() == ffi::DataType::F32)
-    return ffn_gather(pool, isa, x2.typed_data(), idx.typed_data(), act.typed_data(), k2.typed_data<float>(),
-                      v.typed_data<float>(), y->typed_data(), xd[0], id[1], kd[0], kd[1], vd[1]);
-  if (k2.element_type() == ffi::DataType::BF16)
-    return ffn_gather(pool, isa, x2.typed_data(), idx.typed_data(), act.typed_data(),
-                      reinterpret_cast<const uint16_t*>(k2.untyped_data()),
-                      reinterpret_cast<const uint16_t*>(v.untyped_data()), y->typed_data(), xd[0], id[1], kd[0],
-                      kd[1], vd[1]);
-  return ffi::Error::InvalidArgument("ffn_gather: weights must be f32 or bf16");
+  return with_weights(k2, "ffn_gather", [&](auto* kp) {
+    auto* vp = reinterpret_cast<decltype(kp)>(v.untyped_data());  // same dtype: checked above
+    return ffn_gather(pool, isa, x2.typed_data(), idx.typed_data(), act.typed_data(), kp, vp, y->typed_data(),
+                      xd[0], id[1], kd[0], kd[1], vd[1]);
+  });
 }
 
 }  // namespace
