@@ -260,18 +260,21 @@ def print_table(r):
               f"{r['ffn_byte_ratio_bound']:.2f}x)")
 
 
-def alternate(args, argv):
+def child_argv(args, model: str) -> list[str]:
+    """The flags of one single-model process of `alternate` (its RESULT line read back)."""
+    return ["--layers", str(args.layers), "--prompts", ",".join(map(str, args.prompts)), "--new_tokens",
+            str(args.new_tokens), "--rounds", str(args.rounds), "--dtype", args.dtype, "--param_dtype",
+            args.param_dtype, "--parts", args.parts, "--seed", str(args.seed), "--models", model, "--result_line"]
+
+
+def alternate(args):
     """dense and spark in separate processes, alternated for args.alternate pairs; per prompt the
     median over pairs of each per-pair ratio."""
-    base = [a for a in argv if a not in ("--alternate", str(args.alternate))]
-    base = [a for i, a in enumerate(base) if not (i and base[i - 1] in ("--json", "--models")) and a != "--json"
-            and a != "--models"]
     pairs = []
     for p in range(args.alternate):
         pair = {}
         for name in ("dense", "spark"):
-            r = subprocess.run([sys.executable, __file__, *base, "--models", name, "--result_line"],
-                               capture_output=True, text=True)
+            r = subprocess.run([sys.executable, __file__, *child_argv(args, name)], capture_output=True, text=True)
             line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
             if r.returncode or not line:
                 sys.exit(f"{name} process failed ({r.returncode}):\n{r.stderr[-3000:]}")
@@ -305,7 +308,6 @@ def alternate(args, argv):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--prompts", default="128,1024,4096")
@@ -325,7 +327,7 @@ def main(argv=None):
     if args.layers < 2 or args.layers % 2:
         ap.error("--layers must be an even number >= 2 (local/global pairs)")
     if args.alternate:
-        r = alternate(args, argv)
+        r = alternate(args)
     else:
         r = run(args)
         print_table(r)

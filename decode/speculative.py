@@ -414,7 +414,7 @@ def measure_costs(graphdef, params, prompts_BT, prompt_lengths_B, *, gamma_max: 
         model, drafter, spec_r, widths_r = models(graphdef, params, spec, widths)
         kw = dict(sampler=sampler, eos_id=-1, pad_id=0, widths=widths_r)
         s = spec_prefill(model, prompts_BT, prompt_lengths_B, key, max_new_tokens=reps * (gamma_max + 1) + 2,
-                                  spec=spec_r, drafter=drafter, **kw)
+                         spec=spec_r, drafter=drafter, **kw)
         step = branches(model, drafter, spec_r, sparse=sparse, **kw)[gamma]
         # the whole state: returning num_B alone let XLA drop the prefill from the n = 0 baseline (num_B = 1
         # does not depend on it), which charged prefill / reps to every γ (γ = 0 over-costed 30% at B = 16)
