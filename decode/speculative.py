@@ -278,27 +278,21 @@ def lossless_judge(key, logits_BTV, logq_BGV, drafts_BG, drafted_BG, sampler):
 
 
 def spec_round(model, s: SpecState, *, spec: SpecConfig, sampler, eos_id, pad_id, widths, sparse,
-               drafter=None, judge=lossless_judge, fallback: float | None = None, plain: bool = False,
+               drafter=None, judge=lossless_judge, fallback: float | None = None,
                slack: int | None = None) -> SpecState:
     """One draft + verify round. `drafter`: the draft model (the same weights, FFNs cut to the draft
     widths by matformer.cut_ffn); default `model` itself. `judge` (key, logits_BTV, logq_BGV,
     drafts_BG, drafted_BG, sampler) -> (n_B kept drafts, t_B the token after them) and `fallback`
-    (see `draft`) make the round BiLD's (decode/bild.py). `plain`: no draft, a one-token target
-    step (goodput's γ = 0, decode/goodput.py); `slack`: the room kept after max_new_tokens in
-    tokens_BN (default γ + 1; rounds of several γ in one loop share the largest)."""
-    gamma = 0 if plain else spec.gamma
+    (see `draft`) make the round BiLD's (decode/bild.py). `slack`: the room kept after
+    max_new_tokens in tokens_BN (default γ + 1; rounds of several γ in one loop share the largest)."""
+    gamma = spec.gamma
     k_draft, k_accept = jax.random.split(jax.random.fold_in(s.key, s.rounds))
     lengths = s.cache.lengths
-    if plain:
-        b, v = s.pending_B.shape[0], model.cfg.vocab_size
-        drafts, drafted, logq = jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0), bool), jnp.zeros((b, 0, v))
-        cache, dcache = s.cache, s.draft_cache
-    else:
-        drafts, logq, drafted, cache, dcache = draft(drafter or model, s, k_draft, spec=spec, sampler=sampler,
-                                                     sparse=sparse, fallback=fallback)
+    drafts, logq, drafted, cache, dcache = draft(drafter or model, s, k_draft, spec=spec, sampler=sampler,
+                                                 sparse=sparse, fallback=fallback)
     vkw = dict(widths=widths, sparse=sparse if spec.verify_sparse is None else spec.verify_sparse)
     cache = cache.replace(lengths=lengths)
-    if plain or (fallback is None and spec.adaptive_threshold is None):
+    if fallback is None and spec.adaptive_threshold is None:
         logits, cache = verify(model, cache, s.pending_B, drafts, **vkw)
         n, t = judge(k_accept, logits, logq, drafts, drafted, sampler)
     else:  # drafts of data-dependent length: verify the smallest block that holds them
@@ -326,6 +320,22 @@ def spec_round(model, s: SpecState, *, spec: SpecConfig, sampler, eos_id, pad_id
                      cache=cache.replace(lengths=new_lengths),
                      draft_cache=None if dcache is None else dcache.replace(lengths=new_lengths),
                      key=s.key, stats=stats)
+
+
+def plain_round(model, s: SpecState, *, sampler, eos_id, pad_id, widths, sparse, slack: int) -> SpecState:
+    """Goodput's γ = 0 round: one target step that samples straight from the target's logits (no
+    draft, no acceptance test; what decode/generate.py's loop does), in the speculative state."""
+    live, lengths, rows = ~s.done_B, s.cache.lengths, jnp.arange(s.num_B.shape[0])
+    logits, cache = model(s.pending_B[:, None], lengths[:, None], cache=s.cache, widths=widths, sparse=sparse)
+    t, _ = sample(jax.random.fold_in(s.key, s.rounds), logits[:, 0], sampler)
+    t = jnp.where(live, t, pad_id)
+    tokens = s.tokens_BN.at[rows, s.num_B].set(jnp.where(live, t, s.tokens_BN[rows, s.num_B]))
+    num = s.num_B + live
+    return s.replace(rounds=s.rounds + 1, tokens_BN=tokens, num_B=num, pending_B=jnp.where(live, t, s.pending_B),
+                     last_B=jnp.where(live, s.pending_B, s.last_B),
+                     done_B=s.done_B | (t == eos_id) | (num >= s.tokens_BN.shape[1] - slack),
+                     cache=cache.replace(lengths=jnp.where(live, lengths + 1, lengths)),
+                     stats=s.stats | {"rounds": s.stats["rounds"] + live})
 
 
 def spec_prefill(model, prompts_BT, prompt_lengths_B, key, *, max_new_tokens, spec: SpecConfig, sampler, eos_id,
@@ -366,10 +376,16 @@ def models(graphdef, params, spec: SpecConfig, widths):
 def branches(model, drafter, spec: SpecConfig, *, sparse, **kw) -> list:
     """The round bodies for γ = 0 (a plain target step), 1, …, spec.gamma, sharing one state layout
     (slack γ_max + 1): the goodput switch's branches."""
-    common = dict(sparse=sparse, drafter=drafter, slack=spec.gamma + 1, **kw)
-    plain = functools.partial(spec_round, model, spec=spec, plain=True, **common)
-    return [plain] + [functools.partial(spec_round, model, spec=dataclasses.replace(spec, gamma=g, goodput=None),
-                                        **common) for g in range(1, spec.gamma + 1)]
+    common = dict(sparse=sparse, slack=spec.gamma + 1, **kw)
+    return [functools.partial(plain_round, model, **common)] + [
+        functools.partial(spec_round, model, spec=dataclasses.replace(spec, gamma=g, goodput=None), drafter=drafter,
+                          **common) for g in range(1, spec.gamma + 1)]
+
+
+def with_goodput_stats(s: SpecState, cfg: GoodputConfig, max_rounds: int) -> SpecState:
+    """The goodput decoder's extra stats: the moving acceptance counts, the γ of every round."""
+    return s.replace(stats=s.stats | gp.init_counts(cfg, s.num_B.shape[0])
+                     | {"gamma_chosen": jnp.full((max_rounds,), -1, jnp.int32)})
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampler", "eos_id", "pad_id", "spec",
@@ -388,14 +404,13 @@ def generate(graphdef, params, prompts_BT, prompt_lengths_B, key, *, max_new_tok
     kw = dict(sampler=sampler, eos_id=eos_id, pad_id=pad_id, widths=widths)
     s = spec_prefill(model, prompts_BT, prompt_lengths_B, key, max_new_tokens=max_new_tokens, drafter=drafter,
                      spec=spec, **kw)
+    cond = lambda s: (s.rounds < max_new_tokens) & ~jnp.all(s.done_B)  # noqa: E731
     if spec.goodput is None:
         step = functools.partial(spec_round, model, spec=spec, sparse=sparse, drafter=drafter, **kw)
     else:
-        s = s.replace(stats=s.stats | gp.init_counts(spec.goodput, s.num_B.shape[0])
-                      | {"gamma_chosen": jnp.full((max_new_tokens,), -1, jnp.int32)})
+        s = with_goodput_stats(s, spec.goodput, max_new_tokens)
         step = functools.partial(gp.goodput_round, branches(model, drafter, spec, sparse=sparse, **kw),
-                                 cfg=spec.goodput)
-    cond = lambda s: (s.rounds < max_new_tokens) & ~jnp.all(s.done_B)  # noqa: E731
+                                 cfg=spec.goodput, more=cond)
     s = jax.lax.while_loop(cond, step, s)
     st = summarize(s)
     if spec.goodput is not None:
@@ -404,32 +419,40 @@ def generate(graphdef, params, prompts_BT, prompt_lengths_B, key, *, max_new_tok
 
 
 def measure_costs(graphdef, params, prompts_BT, prompt_lengths_B, *, gamma_max: int, draft_widths, sampler,
-                  widths=None, sparse: bool = True, reps: int = 16, repeats: int = 3) -> tuple[float, ...]:
-    """Seconds per round of each γ = 0 … γ_max at this batch size and prompt length: every branch of
-    the goodput switch run `reps` times in one jitted loop after a prefill, minus the prefill alone,
-    branches interleaved, the median of `repeats`: the cost model `goodput.GoodputConfig.costs` takes."""
-    spec = SpecConfig(draft_widths=draft_widths, gamma=gamma_max)
+                  widths=None, sparse: bool = True, reps: int = 16, repeats: int = 5) -> tuple[float, ...]:
+    """Seconds per round of each γ = 0 … γ_max at this batch size and prompt length, timed through
+    the goodput decoder itself, with what it pays around a branch (the switch, the bookkeeping; a
+    branch timed on its own under-stated a γ ≥ 1 round by ~25% at B = 4 on runs/bench_lm): its
+    loop, after a prefill, run for `reps` and for 2·`reps` rounds with a cost vector that forces γ
+    (an argument: one compile serves every γ); the difference / reps is the round's cost (the
+    first rounds of a call cost more than the later ones — ~10 ms at B = 1 — so the prefill alone is
+    not the baseline). This machine's speed drifts and only the ratios between the costs decide γ,
+    so each repeat times every γ back to back, and the result is the median γ = 0 cost times the
+    median over repeats of each γ's ratio to it: the cost model `goodput.GoodputConfig.costs` takes."""
+    cfg = GoodputConfig((1.0,) * (gamma_max + 1))
+    spec = SpecConfig(draft_widths=draft_widths, gamma=gamma_max, goodput=cfg)
+    cap = 2 * reps * (gamma_max + 1) + 2
 
-    def run(params, key, gamma, n):
+    @jax.jit
+    def run(params, key, costs_G, n):
         model, drafter, spec_r, widths_r = models(graphdef, params, spec, widths)
         kw = dict(sampler=sampler, eos_id=-1, pad_id=0, widths=widths_r)
-        s = spec_prefill(model, prompts_BT, prompt_lengths_B, key, max_new_tokens=reps * (gamma_max + 1) + 2,
-                         spec=spec_r, drafter=drafter, **kw)
-        step = branches(model, drafter, spec_r, sparse=sparse, **kw)[gamma]
-        # the whole state: returning num_B alone let XLA drop the prefill from the n = 0 baseline (num_B = 1
-        # does not depend on it), which charged prefill / reps to every γ (γ = 0 over-costed 30% at B = 16)
-        return jax.lax.fori_loop(0, n, lambda i, s: step(s), s)
+        s = spec_prefill(model, prompts_BT, prompt_lengths_B, key, max_new_tokens=cap, spec=spec_r,
+                         drafter=drafter, **kw)
+        more = lambda s: s.rounds < n  # noqa: E731
+        step = functools.partial(gp.goodput_round, branches(model, drafter, spec_r, sparse=sparse, **kw),
+                                 cfg=cfg, more=more, costs_G=costs_G)
+        return jax.lax.while_loop(more, step, with_goodput_stats(s, cfg, cap))  # the whole state: nothing dropped
 
-    fns = [jax.jit(functools.partial(run, gamma=0, n=0))]  # the prefill alone
-    fns += [jax.jit(functools.partial(run, gamma=g, n=reps)) for g in range(gamma_max + 1)]
+    force = [jnp.where(jnp.arange(gamma_max + 1) == g, 1.0, 1e30).astype(jnp.float32) for g in range(gamma_max + 1)]
     key = jax.random.key(0)
-    for f in fns:
-        jax.block_until_ready(f(params, key))
-    samples = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, f in enumerate(fns):
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(params, key))
-            samples[i].append(time.perf_counter() - t0)
-    prefill, *rounds = (statistics.median(x) for x in samples)
-    return tuple(max(r - prefill, 1e-9) / reps for r in rounds)
+
+    def seconds(costs_G, n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(params, key, costs_G, jnp.int32(n)))
+        return time.perf_counter() - t0
+
+    seconds(force[0], 1)  # compile
+    per_round = [[max(seconds(c, 2 * reps) - seconds(c, reps), 1e-9) / reps for c in force] for _ in range(repeats)]
+    plain = statistics.median(r[0] for r in per_round)
+    return tuple(plain * statistics.median(r[g] / r[0] for r in per_round) for g in range(gamma_max + 1))

@@ -15,6 +15,7 @@ from test_speculative import ALPHA, GREEDY, LENGTH, PROMPT, SMALL, TOY, TOY_SAMP
 from decode import generate as plain
 from decode import goodput as gp
 from decode import speculative as spec
+from decode.sampling import SamplerConfig
 from spark.errors import ConfigError
 from spark.model import Transformer
 
@@ -106,3 +107,34 @@ def test_sampled_law_unchanged_while_gamma_varies():
     assert len(set(chosen[chosen >= 0].tolist())) >= 2, chosen
     assert (np.asarray(num) == LENGTH).all()
     assert _pvalue([tuple(r) for r in np.asarray(out).tolist()]) > ALPHA
+
+
+def test_plain_stretch_equals_a_switch_per_round():
+    """γ = 0 runs plain rounds in an inner loop while the choice stays 0: the same decisions, draws
+    and tokens as choosing anew each round (the reference: the same decoder whose stretch is cut
+    to one round). Sampled (T = 1), so a draw taken with another key would show."""
+    graphdef, params = nnx.split(Transformer(SMALL, nnx.Rngs(0)))
+    arr, lengths = _batch([[5, 9, 2, 44, 17, 3, 8], [11, 4, 30], [7, 7, 1, 60, 2]])
+    cfg = gp.GoodputConfig((1.0, 1.9, 2.5, 3.0), decay=0.5)  # the prior 1 ends stretches
+    sc = spec.SpecConfig(draft_widths=SMALL.granularity_widths(8), gamma=3, goodput=cfg)
+    n, key, sampler = 40, jax.random.key(3), SamplerConfig(temperature=1.0)
+    out, num, st = spec.generate(graphdef, params, arr, lengths, key, max_new_tokens=n, sampler=sampler, eos_id=-1,
+                                 pad_id=0, spec=sc)
+
+    @jax.jit
+    def per_round(params):
+        model, drafter, s_cfg, widths = spec.models(graphdef, params, sc, None)
+        kw = dict(sampler=sampler, eos_id=-1, pad_id=0, widths=widths)
+        s = spec.spec_prefill(model, arr, lengths, key, max_new_tokens=n, spec=s_cfg, drafter=drafter, **kw)
+        step = functools.partial(gp.goodput_round, spec.branches(model, drafter, s_cfg, sparse=True, **kw), cfg=cfg,
+                                 more=lambda s: False)  # a stretch of one round
+        s = jax.lax.while_loop(lambda s: (s.rounds < n) & ~jnp.all(s.done_B), step, spec.with_goodput_stats(s, cfg, n))
+        return s.tokens_BN[:, :n], s.num_B, s.stats["gamma_chosen"]
+
+    ref_out, ref_num, ref_chosen = per_round(params)
+    chosen = np.asarray(st["gamma_chosen"])
+    c = chosen.tolist()
+    assert any(c[i:i + 3] == [0, 0, 3] for i in range(len(c))), c  # a stretch of two plain rounds ended
+    np.testing.assert_array_equal(chosen, np.asarray(ref_chosen))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref_out))
+    np.testing.assert_array_equal(np.asarray(num), np.asarray(ref_num))
