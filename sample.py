@@ -311,6 +311,7 @@ def main(argv=None):
 
             costs = speculative.measure_costs(train_lib.graphdef_of(cfg), params, jnp.asarray(arr), lengths,
                                               gamma_max=args.gamma, draft_widths=draft_widths, sampler=sampler,
+                                              max_new_tokens=max(args.max_new_tokens, 4 * args.gamma + 6),  # ≥ 2 reps
                                               widths=widths, sparse=not args.no_sparse)
             kw.update(spec=dataclasses.replace(kw["spec"], goodput=goodput.GoodputConfig(costs)))
         fn = speculative.generate

@@ -136,7 +136,7 @@ def goodput_sweep(args, cfg, graphdef, params, tok):
     for b in [int(x) for x in args.batches.split(",") if x]:
         arr, lengths = padded([encoded[i % len(encoded)] for i in range(b)], tok.pad_id)
         costs = spec.measure_costs(graphdef, params, arr, lengths, gamma_max=GAMMA_MAX, draft_widths=dw,
-                                 sampler=sampler)
+                                   sampler=sampler, max_new_tokens=args.new_tokens)
         sc = {"γ=1": spec.SpecConfig(dw, gamma=1), "γ=3": spec.SpecConfig(dw, gamma=3),
               "adaptive h=0.5": spec.SpecConfig(dw, gamma=GAMMA_MAX, adaptive_threshold=0.5),
               "goodput": spec.SpecConfig(dw, gamma=GAMMA_MAX, goodput=gp.GoodputConfig(costs))}

@@ -419,19 +419,25 @@ def generate(graphdef, params, prompts_BT, prompt_lengths_B, key, *, max_new_tok
 
 
 def measure_costs(graphdef, params, prompts_BT, prompt_lengths_B, *, gamma_max: int, draft_widths, sampler,
-                  widths=None, sparse: bool = True, reps: int = 16, repeats: int = 5) -> tuple[float, ...]:
+                  max_new_tokens: int, widths=None, sparse: bool = True, repeats: int = 15) -> tuple[float, ...]:
     """Seconds per round of each γ = 0 … γ_max at this batch size and prompt length, timed through
     the goodput decoder itself, with what it pays around a branch (the switch, the bookkeeping; a
     branch timed on its own under-stated a γ ≥ 1 round by ~25% at B = 4 on runs/bench_lm): its
     loop, after a prefill, run for `reps` and for 2·`reps` rounds with a cost vector that forces γ
     (an argument: one compile serves every γ); the difference / reps is the round's cost (the
     first rounds of a call cost more than the later ones — ~10 ms at B = 1 — so the prefill alone is
-    not the baseline). This machine's speed drifts and only the ratios between the costs decide γ,
+    not the baseline). The cache and buffers are those of a decode of `max_new_tokens` (a round's
+    attention reads the whole cache: a longer one made a 4-token verify look 4× a plain step at
+    B = 1), so reps = (max_new_tokens − 2) // (2·(γ_max + 1)) rounds keep every row decoding.
+    This machine's speed drifts and only the ratios between the costs decide γ,
     so each repeat times every γ back to back, and the result is the median γ = 0 cost times the
     median over repeats of each γ's ratio to it: the cost model `goodput.GoodputConfig.costs` takes."""
     cfg = GoodputConfig((1.0,) * (gamma_max + 1))
     spec = SpecConfig(draft_widths=draft_widths, gamma=gamma_max, goodput=cfg)
-    cap = 2 * reps * (gamma_max + 1) + 2
+    reps = (max_new_tokens - 2) // (2 * (gamma_max + 1))
+    if reps < 1:
+        raise ConfigError(f"measuring round costs needs max_new_tokens >= {2 * gamma_max + 4}, got {max_new_tokens}")
+    cap = max_new_tokens
 
     @jax.jit
     def run(params, key, costs_G, n):

@@ -75,6 +75,8 @@ def test_bad_configs():
         spec.SpecConfig(gamma=1, draft_cache="separate", goodput=gp.GoodputConfig((1.0, 2.0)))
     with pytest.raises(ConfigError, match="positive"):
         gp.GoodputConfig((1.0, 0.0))
+    with pytest.raises(ConfigError, match="max_new_tokens >= 10"):  # 2 rounds of γ_max + 1 tokens, and the first
+        spec.measure_costs(None, None, None, None, gamma_max=3, draft_widths=None, sampler=None, max_new_tokens=9)
 
 
 VARYING = (1.0, 1.45, 1.8, 2.2)  # near the break-even of γ = 0 / 1 / 2 at the toy's acceptance: γ moves
