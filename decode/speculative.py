@@ -426,9 +426,9 @@ def measure_costs(graphdef, params, prompts_BT, prompt_lengths_B, *, gamma_max: 
     loop, after a prefill, run for `reps` and for 2·`reps` rounds with a cost vector that forces γ
     (an argument: one compile serves every γ); the difference / reps is the round's cost (the
     first rounds of a call cost more than the later ones — ~10 ms at B = 1 — so the prefill alone is
-    not the baseline). The cache and buffers are those of a decode of `max_new_tokens` (a round's
-    attention reads the whole cache: a longer one made a 4-token verify look 4× a plain step at
-    B = 1), so reps = (max_new_tokens − 2) // (2·(γ_max + 1)) rounds keep every row decoding.
+    not the baseline). The cache and buffers are those of a decode of `max_new_tokens` (timed with
+    a cache twice as long, a γ = 3 round cost 4.25 plain rounds at B = 1, where the decode pays
+    ~3), so reps = (max_new_tokens − 2) // (2·(γ_max + 1)) rounds keep every row decoding.
     This machine's speed drifts and only the ratios between the costs decide γ,
     so each repeat times every γ back to back, and the result is the median γ = 0 cost times the
     median over repeats of each γ's ratio to it: the cost model `goodput.GoodputConfig.costs` takes."""
