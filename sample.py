@@ -307,9 +307,9 @@ def main(argv=None):
     elif args.speculative:
         kw.update(spec=dataclasses.replace(spec_cfg, draft_widths=draft_widths))
         if args.goodput:  # the cost model of this batch size and prompt length, measured now
-            from decode import goodput
+            from decode import goodput, goodput_costs
 
-            costs = speculative.measure_costs(train_lib.graphdef_of(cfg), params, jnp.asarray(arr), lengths,
+            costs = goodput_costs.measure_costs(train_lib.graphdef_of(cfg), params, jnp.asarray(arr), lengths,
                                               gamma_max=args.gamma, draft_widths=draft_widths, sampler=sampler,
                                               max_new_tokens=max(args.max_new_tokens, 4 * args.gamma + 6),  # ≥ 2 reps
                                               widths=widths, sparse=not args.no_sparse)

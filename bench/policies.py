@@ -49,6 +49,7 @@ from bench.speculative import PROMPTS  # noqa: E402
 from decode import bild as bild_lib  # noqa: E402
 from decode import generate as gen  # noqa: E402
 from decode import goodput as gp  # noqa: E402
+from decode import goodput_costs  # noqa: E402
 from decode import speculative as spec  # noqa: E402
 from decode.sampling import SamplerConfig  # noqa: E402
 from spark import train_lib  # noqa: E402
@@ -135,7 +136,7 @@ def goodput_sweep(args, cfg, graphdef, params, tok):
     out = {}
     for b in [int(x) for x in args.batches.split(",") if x]:
         arr, lengths = padded([encoded[i % len(encoded)] for i in range(b)], tok.pad_id)
-        costs = spec.measure_costs(graphdef, params, arr, lengths, gamma_max=GAMMA_MAX, draft_widths=dw,
+        costs = goodput_costs.measure_costs(graphdef, params, arr, lengths, gamma_max=GAMMA_MAX, draft_widths=dw,
                                    sampler=sampler, max_new_tokens=args.new_tokens)
         sc = {"γ=1": spec.SpecConfig(dw, gamma=1), "γ=3": spec.SpecConfig(dw, gamma=3),
               "adaptive h=0.5": spec.SpecConfig(dw, gamma=GAMMA_MAX, adaptive_threshold=0.5),

@@ -9,7 +9,7 @@ from the target's logits). The round runs as `lax.switch` over γ_max + 1 compil
 small γ really costs less; γ = 0 runs plain rounds in an inner loop for as long as the choice stays 0
 (`goodput_round`), so a batch that stopped speculating decodes at plain decoding's speed (the switch
 and the bookkeeping per round cost ~8% and ~10% of a plain step at B = 16 before). The costs are
-timed through this decoder itself (`speculative.measure_costs`), with what it pays around a branch.
+timed through this decoder itself (`goodput_costs.measure_costs`), with what it pays around a branch.
 
 The acceptance is estimated per row, not over the batch: rows differ (prompt, content, how far
 they are), E is convex in α so an averaged α misjudges the summed E, and a row that finished
@@ -22,7 +22,7 @@ stopped it has faded. The prior is optimistic (α₀ = 1) by default: with α₀
 `runs/bench_lm` goodput chose γ = 0 from the first round and never saw that the F/8 draft is
 accepted ~90% of the time (fixed γ = 3 ran 1.21× plain, goodput 0.98×).
 
-    costs = speculative.measure_costs(graphdef, params, prompts_BT, lengths_B, gamma_max=4, draft_widths=...,
+    costs = goodput_costs.measure_costs(graphdef, params, prompts_BT, lengths_B, gamma_max=4, draft_widths=...,
                                       sampler=...)
     spec = SpecConfig(draft_widths=..., gamma=4, goodput=GoodputConfig(costs))
     speculative.generate(..., spec=spec)          # stats["gamma_chosen"]: γ of every round (−1 past the end)

@@ -14,6 +14,7 @@ from test_speculative import ALPHA, GREEDY, LENGTH, PROMPT, SMALL, TOY, TOY_SAMP
 
 from decode import generate as plain
 from decode import goodput as gp
+from decode import goodput_costs
 from decode import speculative as spec
 from decode.sampling import SamplerConfig
 from spark.errors import ConfigError
@@ -76,7 +77,8 @@ def test_bad_configs():
     with pytest.raises(ConfigError, match="positive"):
         gp.GoodputConfig((1.0, 0.0))
     with pytest.raises(ConfigError, match="max_new_tokens >= 10"):  # 2 rounds of γ_max + 1 tokens, and the first
-        spec.measure_costs(None, None, None, None, gamma_max=3, draft_widths=None, sampler=None, max_new_tokens=9)
+        goodput_costs.measure_costs(None, None, None, None, gamma_max=3, draft_widths=None, sampler=None,
+                                    max_new_tokens=9)
 
 
 VARYING = (1.0, 1.45, 1.8, 2.2)  # near the break-even of γ = 0 / 1 / 2 at the toy's acceptance: γ moves

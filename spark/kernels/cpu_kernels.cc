@@ -468,21 +468,19 @@ ffi::Error FfnGather(ffi::ThreadPool pool, int32_t isa, ffi::Buffer<ffi::F32> x2
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SparkGemvRows, GemvRows,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Attr<int32_t>("isa")
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// Both GEMVs: (x f32, w f32 | bf16) -> y f32, on the intra-op pool, with the ISA attribute.
+static auto GemvBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Attr<int32_t>("isa")
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::AnyBuffer>()
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SparkGemvCols, GemvCols,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Attr<int32_t>("isa")
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparkGemvRows, GemvRows, GemvBinding());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparkGemvCols, GemvCols, GemvBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SparkFfnGather, FfnGather,
                               ffi::Ffi::Bind()
