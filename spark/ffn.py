@@ -18,6 +18,8 @@ than one fused [F, 2D−r] matrix whose rows must be split again (`python bench/
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -89,15 +91,10 @@ class SparkFFN(nnx.Module):
         pre = jnp.take_along_axis(pred, idx_BTC, axis=-1).astype(jnp.float32) - theta
         act = jnp.where(ok_BTC, gelu(jax.nn.relu(pre)), 0.0)
         b, t, c = idx_BTC.shape
-
-        def gathered(x2_NE, idx_NC, act_NC, k2_FE, v_FD):  # off CPU: XLA gathers, then two einsums
-            gather = dict(mode="promise_in_bounds", indices_are_sorted=True)
-            up = jnp.einsum("NE,NCE->NC", x2_NE, k2_FE.at[idx_NC].get(**gather).astype(dt))  # rows [N,C,D-r]
-            return jnp.einsum("NC,NCD->ND", act_NC.astype(dt) * up, v_FD.at[idx_NC].get(**gather).astype(dt))
-
         x2 = x_BTD[..., self.rank :].reshape(b * t, -1)
         out = kernels.ffn_gather(x2, idx_BTC.reshape(b * t, c), act.reshape(b * t, c), self.w_up[...],
-                                 self.w_down[...], dt, gathered).reshape(b, t, -1)
+                                 self.w_down[...], dt, functools.partial(kernels.ffn_gather_ref, dtype=dt))
+        out = out.reshape(b, t, -1)
         active = jnp.sum(ok_BTC, axis=-1, dtype=jnp.float32)
         return out, {"ffn_density": jnp.mean(active) / width, "ffn_overflow": jnp.sum(dropped_BT, axis=1)}
 

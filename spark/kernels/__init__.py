@@ -78,12 +78,13 @@ def gemv_cols_ref(h_NF, w_FD):
     return jnp.einsum("NF,FD->ND", h_NF.astype(jnp.float32), w_FD, preferred_element_type=jnp.float32)
 
 
-def ffn_gather_ref(x2_NE, idx_NC, act_NC, k2_FE, v_FD):
+def ffn_gather_ref(x2_NE, idx_NC, act_NC, k2_FE, v_FD, dtype=jnp.float32):
+    """XLA gathers of the rows, then two einsums, computed in `dtype` (the model's path off CPU)."""
     gather = dict(mode="promise_in_bounds", indices_are_sorted=True)
-    up = jnp.einsum("NE,NCE->NC", x2_NE.astype(jnp.float32), k2_FE.at[idx_NC].get(**gather),
-                    preferred_element_type=jnp.float32)
-    return jnp.einsum("NC,NCD->ND", act_NC.astype(jnp.float32) * up, v_FD.at[idx_NC].get(**gather),
-                      preferred_element_type=jnp.float32)
+    up = jnp.einsum("NE,NCE->NC", x2_NE.astype(dtype), k2_FE.at[idx_NC].get(**gather).astype(dtype),
+                    preferred_element_type=dtype)
+    return jnp.einsum("NC,NCD->ND", act_NC.astype(dtype) * up, v_FD.at[idx_NC].get(**gather).astype(dtype),
+                      preferred_element_type=dtype)
 
 
 # ---------------------------------------------------------------- dispatch
