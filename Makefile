@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt setup.py spark/kernels/cpu_kernels.cc
 
 # two pytest workers: the suite is compile-bound and XLA compiles on one core (fresh cache: 419 s vs 625 s)
 test: setup
-	$(BIN)/python -m pytest -n 2 tests
+	$(BIN)/python -m pytest -n 2 --dist worksteal tests
 
 # the CPU demo: JAX_PLATFORMS=cpu keeps libtpu (installed by the test extra, used as a compiler by
 # bench/aot_compile.py) from probing for a TPU; set JAX_PLATFORMS yourself to run it elsewhere
