@@ -73,6 +73,8 @@ def parse_args(argv):
                     help="tokens drafted per round (at most when adaptive; 3), or auto: chosen per round by "
                          "goodput from costs measured at start (decode/goodput.py)")
     sp.add_argument("--gamma_max", type=int, default=None, help="--gamma auto: the largest γ (4)")
+    sp.add_argument("--cost_repeats", type=int, default=None,
+                    help="--gamma auto: times each round cost is measured (15; fewer: a faster start, noisier costs)")
     sp.add_argument("--adaptive_threshold", type=float, default=None,
                     help="stop drafting once the estimated chance of a rejection exceeds this")
     sp.add_argument("--draft_cache", default=None, choices=["shared", "separate"], help="default shared")
@@ -215,8 +217,8 @@ def check_bild_flags(args):
 
 def check_speculative_flags(args):
     """-> SpecConfig (one draft), MultiDraftConfig (--drafts / --tree / --tree_beam) or None."""
-    flags = ("draft_granularity", "draft_widths", "gamma", "gamma_max", "adaptive_threshold", "draft_cache", "drafts",
-             "tree", "tree_beam", "tree_depth", "verifier")
+    flags = ("draft_granularity", "draft_widths", "gamma", "gamma_max", "cost_repeats", "adaptive_threshold",
+             "draft_cache", "drafts", "tree", "tree_beam", "tree_depth", "verifier")
     used = [f"--{f}" for f in flags if getattr(args, f) is not None
             and not (args.decoder == "bild" and f in LITTLE_FLAGS)]
     if used and not args.speculative:
@@ -237,8 +239,11 @@ def check_speculative_flags(args):
     if auto and (multi or args.adaptive_threshold is not None or args.draft_cache == "separate"):
         raise ConfigError("--gamma auto chooses one draft's length per round: not with --drafts / trees, "
                           "--adaptive_threshold or --draft_cache separate")
-    if args.gamma_max is not None and not auto:
-        raise ConfigError("--gamma_max goes with --gamma auto")
+    if (args.gamma_max is not None or args.cost_repeats is not None) and not auto:
+        raise ConfigError("--gamma_max and --cost_repeats go with --gamma auto")
+    if args.cost_repeats is not None and args.cost_repeats < 1:
+        raise ConfigError(f"--cost_repeats must be >= 1, got {args.cost_repeats}")
+    args.cost_repeats = args.cost_repeats or 15
     if auto:
         args.gamma = 4 if args.gamma_max is None else args.gamma_max
     elif args.gamma is not None and not re.fullmatch(r"-?\d+", args.gamma):
@@ -312,7 +317,7 @@ def main(argv=None):
             costs = goodput_costs.measure_costs(train_lib.graphdef_of(cfg), params, jnp.asarray(arr), lengths,
                                               gamma_max=args.gamma, draft_widths=draft_widths, sampler=sampler,
                                               max_new_tokens=max(args.max_new_tokens, 4 * args.gamma + 6),  # ≥ 2 reps
-                                              widths=widths, sparse=not args.no_sparse)
+                                              widths=widths, sparse=not args.no_sparse, repeats=args.cost_repeats)
             kw.update(spec=dataclasses.replace(kw["spec"], goodput=goodput.GoodputConfig(costs)))
         fn = speculative.generate
     elif bild_cfg is not None:

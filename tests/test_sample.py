@@ -111,7 +111,10 @@ BAD = {
     "two decoders": (["--prompt", "a", "--decoder", "phi", "--speculative"], "pick one"),
     "typical": (["--prompt", "a", "--typical_p", "1.5"], "typical_p must be in (0, 1) (1: off), got 1.5"),
     "gamma word": (["--prompt", "a", "--speculative", "--gamma", "many"], "--gamma must be an integer or auto"),
-    "gamma_max alone": (["--prompt", "a", "--speculative", "--gamma_max", "3"], "--gamma_max goes with --gamma auto"),
+    "gamma_max alone": (["--prompt", "a", "--speculative", "--gamma_max", "3"],
+                        "--gamma_max and --cost_repeats go with --gamma auto"),
+    "cost_repeats 0": (["--prompt", "a", "--speculative", "--gamma", "auto", "--cost_repeats", "0"],
+                       "--cost_repeats must be >= 1, got 0"),
     "gamma auto trees": (["--prompt", "a", "--speculative", "--gamma", "auto", "--drafts", "2"], "not with --drafts"),
     "bild flag alone": (["--prompt", "a", "--fallback", "0.5"], "--fallback need --decoder bild"),
     "bild gamma": (["--prompt", "a", "--decoder", "bild", "--gamma", "3"], "--gamma need --speculative"),
@@ -166,7 +169,7 @@ def test_goodput_json_greedy_equals_plain(workdir, sample_cli, capsys):
     common = ["--workdir", workdir, "--prompt", "def ", "--max_new_tokens", "8", "--temperature", "0", "--json"]
     sample_cli.main(common)
     plain = json.loads(capsys.readouterr().out)
-    sample_cli.main([*common, "--speculative", "--gamma", "auto", "--gamma_max", "1"])
+    sample_cli.main([*common, "--speculative", "--gamma", "auto", "--gamma_max", "1", "--cost_repeats", "3"])
     out = json.loads(capsys.readouterr().out)
     st = out["stats"]
     assert out["text"] == plain["text"] and len(st["goodput_costs"]) == 2 and all(c > 0 for c in st["goodput_costs"])
