@@ -80,7 +80,7 @@ def param_bytes(params) -> int:
 
 def bytes_per_token(cfg, params, visible: float, ffn_density: float | None, keys_per_query: float | None):
     """Bytes one decode token must read: weights (the embedding once, as the logit head), KV cache."""
-    item = jnp.dtype(cfg.param_dtype).itemsize
+    item, kv_item = jnp.dtype(cfg.param_dtype).itemsize, jnp.dtype(cfg.dtype).itemsize  # the cache: cfg.dtype
     total = param_bytes(params)
     l, d, h, kh, n = cfg.num_layers, cfg.d_model, cfg.head_dim, cfg.num_kv_heads, cfg.num_heads
     if cfg.ffn_kind == "spark":  # K2 and V: only the active rows
@@ -88,9 +88,9 @@ def bytes_per_token(cfg, params, visible: float, ffn_density: float | None, keys
         total -= l * f * ((d - r) + d) * item * (1.0 - ffn_density)
     if cfg.attn_kind == "spark":  # first r dims of every visible key + gate half and value of the kept keys
         r = cfg.attn_rank
-        kv = l * (visible * kh * r + keys_per_query * n * ((h - r) + h)) * item
+        kv = l * (visible * kh * r + keys_per_query * n * ((h - r) + h)) * kv_item
     else:
-        kv = l * visible * kh * 2 * h * item
+        kv = l * visible * kh * 2 * h * kv_item
     return total + kv
 
 

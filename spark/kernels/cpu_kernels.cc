@@ -160,6 +160,31 @@ SPARK_AVX512 inline void dots_step(const W* const* rows, const float* x, int64_t
   }
 }
 
+// bf16 in pairs: one 64-byte load is 32 weights; as 16 32-bit words, a word's high half is the odd
+// weight (the word with its low half cleared is that f32) and its low half the even one (shifted
+// up 16). No shuffle: x is read in the pair layout (pair_layout: per 32 values, the 16 even then the
+// 16 odd), and axpys write y in it. Measured on the development machine (AMD EPYC, 2 threads, a
+// chain of 16 [9216, 2304] bf16 GEMVs, interleaved): rows 20.4 -> 26.5 GB/s and cols 19.8 -> 26.0
+// against 28.4 for jnp.sum (f32 rows: 26-29), where 16-wide steps widening bf16 with a shuffle
+// (vpmovzxwd) read 72%; in L3 the shuffle path ran at 58 GB/s, so not its arithmetic alone.
+SPARK_AVX512 inline void split_pairs(__m512i raw, __m512& even, __m512& odd) {
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(int32_t(0xFFFF0000u))));
+}
+
+template <int R, int NT>
+SPARK_AVX512 inline void dots_pairs(const uint16_t* const* rows, const uint16_t* const* next, const float* x,
+                                    int64_t xs, int64_t i, __m512 (&acc)[R][NT]) {
+  if (next)
+    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(next[r] + i), _MM_HINT_T2);
+  __m512 e[R], o[R];
+  for (int r = 0; r < R; ++r) split_pairs(_mm512_loadu_si512(rows[r] + i), e[r], o[r]);
+  for (int n = 0; n < NT; ++n) {
+    __m512 xe = _mm512_loadu_ps(x + n * xs + i), xo = _mm512_loadu_ps(x + n * xs + i + 16);
+    for (int r = 0; r < R; ++r) acc[r][n] = _mm512_fmadd_ps(o[r], xo, _mm512_fmadd_ps(e[r], xe, acc[r][n]));
+  }
+}
+
 template <typename W, int R, int NT>
 SPARK_AVX512 inline void dots_group(const W* const* rows, const W* const* next, const float* x, int64_t xs, int64_t d,
                                     float* out) {
@@ -167,6 +192,8 @@ SPARK_AVX512 inline void dots_group(const W* const* rows, const W* const* next, 
   for (int r = 0; r < R; ++r)
     for (int n = 0; n < NT; ++n) acc[r][n] = _mm512_setzero_ps();
   int64_t i = 0;
+  if constexpr (std::is_same_v<W, uint16_t>)
+    for (; i + 32 <= d; i += 32) dots_pairs<R, NT>(rows, next, x, xs, i, acc);
   for (; i + 16 <= d; i += 16) {
     prefetch_next<W, R>(next, i);
     dots_step<W, R, NT, false>(rows, x, xs, i, 0, acc);
@@ -190,6 +217,25 @@ SPARK_AVX512 inline void axpys_step(const W* const* rows, const __m512 (&c)[R][N
   }
 }
 
+template <int R, int NT>
+SPARK_AVX512 inline void axpys_pairs(const uint16_t* const* rows, const uint16_t* const* next, const __m512 (&c)[R][NT],
+                                     float* y, int64_t ys, int64_t i) {
+  if (next)
+    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(next[r] + i), _MM_HINT_T2);
+  __m512 e[R], o[R];
+  for (int r = 0; r < R; ++r) split_pairs(_mm512_loadu_si512(rows[r] + i), e[r], o[r]);
+  for (int n = 0; n < NT; ++n) {
+    float* yp = y + n * ys + i;
+    __m512 ye = _mm512_loadu_ps(yp), yo = _mm512_loadu_ps(yp + 16);
+    for (int r = 0; r < R; ++r) {
+      ye = _mm512_fmadd_ps(c[r][n], e[r], ye);
+      yo = _mm512_fmadd_ps(c[r][n], o[r], yo);
+    }
+    _mm512_storeu_ps(yp, ye);
+    _mm512_storeu_ps(yp + 16, yo);
+  }
+}
+
 template <typename W, int R, int NT>
 SPARK_AVX512 inline void axpys_group(const W* const* rows, const W* const* next, const float* a, float* y, int64_t ys,
                                      int64_t d) {
@@ -197,6 +243,8 @@ SPARK_AVX512 inline void axpys_group(const W* const* rows, const W* const* next,
   for (int r = 0; r < R; ++r)
     for (int n = 0; n < NT; ++n) c[r][n] = _mm512_set1_ps(a[r * kMaxTokens + n]);
   int64_t i = 0;
+  if constexpr (std::is_same_v<W, uint16_t>)
+    for (; i + 32 <= d; i += 32) axpys_pairs<R, NT>(rows, next, c, y, ys, i);
   for (; i + 16 <= d; i += 16) {
     prefetch_next<W, R>(next, i);
     axpys_step<W, R, NT, false>(rows, c, y, ys, i, 0);
@@ -300,6 +348,35 @@ inline const W* const* next_rows(const W* w, int64_t r0, int64_t end, int64_t d,
 
 bool use_avx(int32_t isa) { return isa == 1 && cpu_has_avx512(); }
 
+// The AVX-512 bf16 path reads x and writes y in the pair layout (dots_pairs): n rows of d values,
+// per whole 32 values the 16 at even offsets then the 16 at odd ones, a last < 32 as they are.
+template <typename W>
+bool pair_layout(bool avx) { return avx && std::is_same_v<W, uint16_t>; }
+
+std::vector<float> to_pairs(const float* x, int64_t n, int64_t d) {
+  std::vector<float> out(x, x + n * d);
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t i = 0; i + 32 <= d; i += 32)
+      for (int k = 0; k < 16; ++k) {
+        out[t * d + i + k] = x[t * d + i + 2 * k];
+        out[t * d + i + 16 + k] = x[t * d + i + 2 * k + 1];
+      }
+  return out;
+}
+
+void from_pairs(float* y, int64_t n, int64_t d) {
+  float tmp[32];
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t i = 0; i + 32 <= d; i += 32) {
+      float* p = y + t * d + i;
+      for (int k = 0; k < 16; ++k) {
+        tmp[2 * k] = p[k];
+        tmp[2 * k + 1] = p[16 + k];
+      }
+      std::memcpy(p, tmp, sizeof tmp);
+    }
+}
+
 // Adds chunk partials [chunks, N·D] into y [N·D] in chunk order.
 void reduce_partials(const std::vector<float>& part, int64_t chunks, int64_t size, float* y) {
   std::memcpy(y, part.data(), size * sizeof(float));
@@ -322,6 +399,8 @@ ffi::Error gemv_rows(ffi::ThreadPool pool, int32_t isa, const float* x, const W*
                      int64_t f, int64_t d) {
   if (auto e = check_tokens(n_tok); e.failure()) return e;
   bool avx = use_avx(isa);
+  std::vector<float> xp;
+  if (pair_layout<W>(avx)) x = (xp = to_pairs(x, n_tok, d)).data();
   auto [chunks, per] = plan_chunks(f, 64);
   parallel_chunks(pool, chunks, [&](int64_t c) {
     float out[kGroup * kMaxTokens];
@@ -375,6 +454,7 @@ ffi::Error gemv_cols(ffi::ThreadPool pool, int32_t isa, const float* h, const W*
     }
   });
   reduce_partials(part, chunks, size, y);
+  if (pair_layout<W>(avx)) from_pairs(y, n_tok, d);
   return ffi::Error::Success();
 }
 
@@ -421,6 +501,8 @@ ffi::Error ffn_gather(ffi::ThreadPool pool, int32_t isa, const float* x2, const 
   std::vector<float> table;
   if (!union_of(idx, act, n_tok, cap, f, rows, table))
     return ffi::Error::InvalidArgument("ffn_gather: neuron index out of range");
+  std::vector<float> xp;
+  if (pair_layout<W>(avx)) x2 = (xp = to_pairs(x2, n_tok, e)).data();
   int64_t m = static_cast<int64_t>(rows.size()), size = n_tok * d;
   auto [chunks, per] = plan_chunks(m, 32);  // m = 0 (every slot empty): one empty chunk, zeros out
   std::vector<float> part(chunks * size, 0.0f);
@@ -450,6 +532,7 @@ ffi::Error ffn_gather(ffi::ThreadPool pool, int32_t isa, const float* x2, const 
     }
   });
   reduce_partials(part, chunks, size, y);
+  if (pair_layout<W>(avx)) from_pairs(y, n_tok, d);
   return ffi::Error::Success();
 }
 
