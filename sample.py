@@ -243,7 +243,6 @@ def check_speculative_flags(args):
         raise ConfigError("--gamma_max and --cost_repeats go with --gamma auto")
     if args.cost_repeats is not None and args.cost_repeats < 1:
         raise ConfigError(f"--cost_repeats must be >= 1, got {args.cost_repeats}")
-    args.cost_repeats = args.cost_repeats or 15
     if auto:
         args.gamma = 4 if args.gamma_max is None else args.gamma_max
     elif args.gamma is not None and not re.fullmatch(r"-?\d+", args.gamma):
@@ -317,7 +316,8 @@ def main(argv=None):
             costs = goodput_costs.measure_costs(train_lib.graphdef_of(cfg), params, jnp.asarray(arr), lengths,
                                               gamma_max=args.gamma, draft_widths=draft_widths, sampler=sampler,
                                               max_new_tokens=max(args.max_new_tokens, 4 * args.gamma + 6),  # ≥ 2 reps
-                                              widths=widths, sparse=not args.no_sparse, repeats=args.cost_repeats)
+                                              widths=widths, sparse=not args.no_sparse,
+                                              repeats=args.cost_repeats or goodput_costs.REPEATS)
             kw.update(spec=dataclasses.replace(kw["spec"], goodput=goodput.GoodputConfig(costs)))
         fn = speculative.generate
     elif bild_cfg is not None:

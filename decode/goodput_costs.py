@@ -20,9 +20,11 @@ from decode.goodput import GoodputConfig
 from decode.speculative import SpecConfig, branches, models, spec_prefill, with_goodput_stats
 from spark.errors import ConfigError
 
+REPEATS = 15  # timings of every γ per measurement (sample.py --cost_repeats)
+
 
 def measure_costs(graphdef, params, prompts_BT, prompt_lengths_B, *, gamma_max: int, draft_widths, sampler,
-                  max_new_tokens: int, widths=None, sparse: bool = True, repeats: int = 15) -> tuple[float, ...]:
+                  max_new_tokens: int, widths=None, sparse: bool = True, repeats: int = REPEATS) -> tuple[float, ...]:
     """Seconds per round of each γ = 0 … γ_max at this batch size and prompt length, timed through
     the goodput decoder itself, with what it pays around a branch (the switch, the bookkeeping; a
     branch timed on its own under-stated a γ ≥ 1 round by ~25% at B = 4 on runs/bench_lm): its

@@ -172,6 +172,8 @@ SPARK_AVX512 inline void split_pairs(__m512i raw, __m512& even, __m512& odd) {
   odd = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(int32_t(0xFFFF0000u))));
 }
 
+// The prefetch is written out in dots_pairs / axpys_pairs: calling prefetch_next there measured
+// 16-19 GB/s against 24-26 (bf16 rows and cols, 3 interleaved process pairs).
 template <int R, int NT>
 SPARK_AVX512 inline void dots_pairs(const uint16_t* const* rows, const uint16_t* const* next, const float* x,
                                     int64_t xs, int64_t i, __m512 (&acc)[R][NT]) {
@@ -252,7 +254,6 @@ SPARK_AVX512 inline void axpys_group(const W* const* rows, const W* const* next,
   if (i < d) axpys_step<W, R, NT, true>(rows, c, y, ys, i, lanes(d - i));
 }
 
-// Token blocks of 4 (the rows of a group are re-read per block, from cache).
 // Token blocks of 4 (the group's rows are re-read per block, from cache; prefetched on the first).
 template <typename W, int R>
 SPARK_AVX512 void dots_avx512(const W* const* rows, const W* const* next, const float* x, int64_t xs, int64_t n_tok,
