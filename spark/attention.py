@@ -34,7 +34,7 @@ from einops import rearrange
 from flax import nnx
 
 from spark import cache as kv_cache
-from spark import flash, sparsity
+from spark import flash, kernels, sparsity
 from spark.layers import NEG, apply_rope, linear_cols, normal_init, softcap, visible_mask
 from spark.sharding import constrain
 
@@ -114,13 +114,12 @@ class Attention(nnx.Module):
         valid_BTS = visible_mask(positions_BT, k_pos_BS, self.window, segment_ids_BT, k_seg_BS)
         if tree is not None:
             valid_BTS &= structural_BTS
-        valid_B11TS = valid_BTS[:, None, None]
         if self.cfg.attn_kind == "spark" and sparse and kv is not None:
-            out, aux = self._spark_sparse(q, keys, values, valid_B11TS)
+            out, aux = self._spark_sparse(q, keys, values, valid_BTS)
         elif self.cfg.attn_kind == "spark":
-            out, aux = self._spark(q, keys.astype(dt), values.astype(dt), valid_B11TS)
+            out, aux = self._spark(q, keys.astype(dt), values.astype(dt), valid_BTS[:, None, None])
         else:
-            out, aux = self._dense(q, keys.astype(dt), values.astype(dt), valid_B11TS, v_t)
+            out, aux = self._dense(q, keys, values, valid_BTS, v_t)
         return self._out(out, aux, new_kv, dt)
 
     def _out(self, out_BTKGH, aux, new_kv, dt):
@@ -137,13 +136,21 @@ class Attention(nnx.Module):
         return (constrain(q, "batch", None, "heads", None), constrain(k, "batch", None, "kv_heads", None),
                 constrain(v, "batch", None, "kv_heads", None))
 
-    def _dense(self, q, keys, values, valid, values_transposed: bool):
-        cfg = self.cfg
-        scalar = cfg.query_pre_attn_scalar or cfg.head_dim
-        s = softcap(_scores(q, keys, scalar**-0.5), cfg.attn_logit_softcap)
-        p = jax.nn.softmax(jnp.where(valid, s, NEG), axis=-1)
-        spec = "BKGTS,BKHS->BTKGH" if values_transposed else "BKGTS,BKSH->BTKGH"
-        out = jnp.einsum(spec, p.astype(values.dtype), values)
+    def _dense(self, q, keys, values, valid_BTS, values_transposed: bool):
+        """Dense attention: the CPU kernel for decode-sized blocks (spark/kernels), else jnp."""
+        cfg, dt = self.cfg, q.dtype
+        scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+
+        def default(q, keys, values, valid_BTS, _):
+            s = softcap(_scores(q, keys.astype(dt), scale), cfg.attn_logit_softcap)
+            p = jax.nn.softmax(jnp.where(valid_BTS[:, None, None], s, NEG), axis=-1)
+            spec = "BKGTS,BKHS->BTKGH" if values_transposed else "BKGTS,BKSH->BTKGH"
+            out = jnp.einsum(spec, p.astype(dt), values.astype(dt))
+            kept = jnp.broadcast_to(jnp.sum(valid_BTS, -1, dtype=jnp.int32)[:, None, None], s.shape[:-1])
+            return out, kept, jnp.zeros(q.shape[:1], jnp.int32)
+        out, _, _ = kernels.attention(q, keys, values, valid_BTS, jnp.zeros(valid_BTS.shape[:2]), default,
+                                      rank=cfg.head_dim, scale=scale, softcap=cfg.attn_logit_softcap,
+                                      v_t=values_transposed)
         return out, {}
 
     def _spark(self, q, keys, values, valid):
@@ -172,26 +179,35 @@ class Attention(nnx.Module):
         out, kept = flash.attend(spec, q, keys, values, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS)
         return out, ({} if cfg.attn_kind == "dense" else self._spark_stats(kept))
 
-    def _spark_sparse(self, q, keys_BKSH, values_BKSH, valid):
+    def _spark_sparse(self, q, keys_BKSH, values_BKSH, valid_BTS):
+        """Sparse-gather Spark attention: the CPU kernel (no capacity limit) for decode-sized blocks,
+        else the capacity-slot gathers below (static shapes for GPU/TPU)."""
         cfg, dt = self.cfg, q.dtype
         r, h = cfg.attn_rank, cfg.head_dim
-        s1 = _scores(q[..., :r], keys_BKSH[..., :r].astype(dt), r**-0.5)  # raw: keys are chosen uncapped
-        keep = sparsity.keep_k_of_valid(s1, jnp.broadcast_to(valid, s1.shape), cfg.spark.attn_k)
-        cap = sparsity.capacity(cfg.spark.attn_k, s1.shape[-1], cfg.spark.decode_capacity_sigmas)
-        idx, ok, dropped = sparsity.capacity_indices(s1, keep, cap)  # [B,K,G,T,C]
-        b, kh = idx.shape[:2]
-        bi = jnp.arange(b)[:, None, None, None, None]
-        ki = jnp.arange(kh)[None, :, None, None, None]
-        gather = dict(mode="promise_in_bounds")
-        k2 = keys_BKSH.at[bi, ki, idx, r:].get(**gather).astype(dt)  # [B,K,G,T,C,H-r]
-        v = values_BKSH.at[bi, ki, idx].get(**gather).astype(dt)  # [B,K,G,T,C,H]
-        s2 = jnp.einsum("BTKGE,BKGTCE->BKGTC", q[..., r:], k2, preferred_element_type=jnp.float32)
-        s2 = s2 * (h - r) ** -0.5
-        s1c = jnp.where(ok, softcap(jnp.take_along_axis(s1, idx, axis=-1), cfg.attn_logit_softcap), NEG)
-        w = jax.nn.softmax(s1c, axis=-1) * jnp.where(ok, jax.nn.softplus(s2), 0.0)
-        out = jnp.einsum("BKGTC,BKGTCH->BTKGH", w.astype(dt), v)
-        kept = jnp.sum(ok, axis=-1, dtype=jnp.float32)
-        return out, {"keys_per_query": jnp.mean(kept), "attn_overflow": jnp.sum(dropped, axis=(1, 2, 3))}
+
+        def default(q, keys_BKSH, values_BKSH, valid_BTS, _):
+            s1 = _scores(q[..., :r], keys_BKSH[..., :r].astype(dt), r**-0.5)  # raw: keys are chosen uncapped
+            keep = sparsity.keep_k_of_valid(s1, jnp.broadcast_to(valid_BTS[:, None, None], s1.shape), cfg.spark.attn_k)
+            cap = sparsity.capacity(cfg.spark.attn_k, s1.shape[-1], cfg.spark.decode_capacity_sigmas)
+            idx, ok, dropped = sparsity.capacity_indices(s1, keep, cap)  # [B,K,G,T,C]
+            b, kh = idx.shape[:2]
+            bi = jnp.arange(b)[:, None, None, None, None]
+            ki = jnp.arange(kh)[None, :, None, None, None]
+            gather = dict(mode="promise_in_bounds")
+            k2 = keys_BKSH.at[bi, ki, idx, r:].get(**gather).astype(dt)  # [B,K,G,T,C,H-r]
+            v = values_BKSH.at[bi, ki, idx].get(**gather).astype(dt)  # [B,K,G,T,C,H]
+            s2 = jnp.einsum("BTKGE,BKGTCE->BKGTC", q[..., r:], k2, preferred_element_type=jnp.float32)
+            s2 = s2 * (h - r) ** -0.5
+            s1c = jnp.where(ok, softcap(jnp.take_along_axis(s1, idx, axis=-1), cfg.attn_logit_softcap), NEG)
+            w = jax.nn.softmax(s1c, axis=-1) * jnp.where(ok, jax.nn.softplus(s2), 0.0)
+            out = jnp.einsum("BKGTC,BKGTCH->BTKGH", w.astype(dt), v)
+            return out, jnp.sum(ok, axis=-1, dtype=jnp.int32), jnp.sum(dropped, axis=(1, 2, 3))
+
+        z_BT = kernels.spark_z(valid_BTS, cfg.spark.attn_k)
+        out, kept, dropped = kernels.attention(q, keys_BKSH, values_BKSH, valid_BTS, z_BT, default, rank=r,
+                                               scale=r**-0.5, gate_scale=(h - r) ** -0.5,
+                                               softcap=cfg.attn_logit_softcap, spark=True)
+        return out, {"keys_per_query": jnp.mean(kept.astype(jnp.float32)), "attn_overflow": dropped}
 
 
 def spark_scores(q_BTKGH, k_BKSH, cfg):

@@ -101,6 +101,82 @@ def test_ffn_gather_equals_float64(isa, dtype):
     assert not np.any(np.asarray(run(*args)))
 
 
+def _attn_case(rng, b, t, kh, g, h, s, dtype, v_t, window=None):
+    """Random q/K/V, each row's block of t tokens at its own start (ragged; the first row's block
+    ends at the last key), visible keys causal
+    (and inside `window`); K/V as the kernel reads them (dtype) and in float64."""
+    q = rng.standard_normal((b, t, kh, g, h)).astype(np.float32)
+    k, k64 = _weights(rng, (b, kh, s, h), dtype)
+    v, v64 = _weights(rng, (b, kh, h, s) if v_t else (b, kh, s, h), dtype)
+    start = rng.integers(0, s - t + 1, (b, 1))
+    start[0] = s - t  # the first row sees the whole cache
+    pos = start + np.arange(t)  # [B, T]
+    valid = np.arange(s)[None, None, :] <= pos[:, :, None]
+    if window is not None:
+        valid &= pos[:, :, None] - np.arange(s)[None, None, :] < window
+    return q, (k, k64), (v, v64), valid
+
+
+def _attn_float64(q, k64, v64, valid, attn_k, rank, cap, spark, v_t):
+    """The paper's formulas per query in float64: dense softmax(softcap(q·k/√H)); Spark (arXiv
+    2506.06644 §3) keeps the visible keys with s1 = q[:r]·k[:r]/√r ≥ mean + std·Φ⁻¹(1 − k/n) (all
+    when n ≤ k; the row max always), weights softmax(softcap(s1)) · softplus(q[r:]·k[r:]/√(H − r))."""
+    from statistics import NormalDist
+    b, t, kh, g, h = q.shape
+    v64 = v64.swapaxes(-1, -2) if v_t else v64  # [B, K, S, H]
+    out, kept = np.zeros(q.shape), np.zeros((b, kh, g, t), np.int64)
+    for bi, ki, gi, ti in np.ndindex(b, kh, g, t):
+        qq, vis = q[bi, ti, ki, gi].astype(np.float64), np.flatnonzero(valid[bi, ti])
+        s1 = k64[bi, ki, vis, :rank] @ qq[:rank] / np.sqrt(rank)
+        keep = np.ones(len(vis), bool)
+        if spark and len(vis) > attn_k:
+            theta = s1.mean() + s1.std() * NormalDist().inv_cdf(1 - attn_k / len(vis))
+            keep = (s1 >= theta) | (s1 == s1.max())
+        logit = s1[keep] if cap is None else cap * np.tanh(s1[keep] / cap)
+        w = np.exp(logit - logit.max())
+        w /= w.sum()
+        if spark:
+            w *= np.logaddexp(0.0, k64[bi, ki, vis[keep], rank:] @ qq[rank:] / np.sqrt(h - rank))
+        out[bi, ti, ki, gi] = w @ v64[bi, ki, vis[keep]]
+        kept[bi, ki, gi, ti] = keep.sum()
+    return out, kept
+
+
+ATTN_CASES = [  # b, t, kh, g, h, s, rank (0: dense), window, v_t, k
+    (1, 1, 4, 2, 256, 300, 128, None, False, 32),  # 2B shapes, Spark
+    (2, 3, 2, 2, 64, 50, 16, None, False, 8),  # a verify block of 3, ragged rows
+    (3, 2, 1, 2, 48, 40, 0, 7, False, 8),  # dense, a window, widths with tails
+    (2, 2, 2, 2, 256, 1100, 0, None, True, 8),  # dense with V [H, S], a row that ends early
+    (2, 8, 1, 2, 40, 24, 8, None, False, 1),  # 16 queries (the largest block); rows with every key below θ
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_attention_equals_float64(isa, dtype):
+    rng = np.random.default_rng(6)
+    for b, t, kh, g, h, s, rank, window, v_t, attn_k in ATTN_CASES:
+        q, (k, k64), (v, v64), valid = _attn_case(rng, b, t, kh, g, h, s, dtype, v_t, window)
+        spark = rank > 0
+        r = rank or h
+        kw = dict(rank=r, scale=r**-0.5, gate_scale=(h - r) ** -0.5 if spark else 1.0, softcap=20.0, spark=spark,
+                  v_t=v_t)
+        z = kernels.spark_z(jnp.asarray(valid), attn_k)
+        run = _fresh_jit(functools.partial(kernels.attention, default=None, **kw))
+        out, kept, dropped = run(q, k, v, jnp.asarray(valid), z)
+        ref, ref_kept = _attn_float64(q, k64, v64, valid, attn_k, r, 20.0, spark, v_t)
+        case = (b, t, kh, g, h, s, rank)
+        np.testing.assert_array_equal(np.asarray(kept), ref_kept, err_msg=str(case))
+        assert spark == bool(np.any(ref_kept < valid.sum(-1)[:, None, None, :])), case  # the selection ran
+        assert _rel(out, ref) < 1e-5, case
+        assert not np.any(np.asarray(dropped))
+        if isa == "portable":  # the jnp formulas (the kernel's reference off CPU) agree too
+            jref, jkept = jax.jit(functools.partial(kernels.attention_ref, **kw))(q, k, v, jnp.asarray(valid), z)
+            np.testing.assert_array_equal(np.asarray(jkept), ref_kept)
+            assert _rel(jref, ref) < 1e-5, case
+    assert "spark_attention" in run.lower(q, k, v, jnp.asarray(valid), z).as_text()
+
+
 @needs_kernels
 def test_reference_functions_equal_float64():
     """The jnp references the kernels are swapped for compute the same function (they run off CPU)."""
@@ -120,10 +196,16 @@ def test_inside_while_loop_with_donated_buffers(isa):
     args, _ = _gather_case(rng, 2, 96, 12, 40, 40, "float32", 1.0)
     _, idx, act, _, _ = args
 
+    kv = jnp.asarray(rng.standard_normal((1, 1, 30, 40), np.float32))  # one KV head, 30 keys, head 40
+    valid = jnp.arange(30)[None, None] < 20
+    z = kernels.spark_z(valid, 8)
+
     def body(_, y):
         h = jnp.tanh(kernels.gemv_rows(y, w))  # [2, 96]
-        z = kernels.gemv_cols(h, w)  # [2, 40]
-        return y + 0.1 * kernels.ffn_gather(z, idx, act, w, w)
+        z2 = kernels.gemv_cols(h, w)  # [2, 40]
+        a = kernels.attention(y.reshape(1, 1, 1, 2, 40), kv, kv, valid, z, None, rank=8, scale=0.3,
+                              gate_scale=0.2, softcap=None, spark=True)[0]
+        return y + 0.1 * kernels.ffn_gather(z2, idx, act, w, w) + 0.1 * a.reshape(2, 40)
 
     step = jax.jit(lambda y: jax.lax.fori_loop(0, 5, body, y), donate_argnums=0)
     y0 = rng.standard_normal((2, 40)).astype(np.float32)
@@ -132,9 +214,13 @@ def test_inside_while_loop_with_donated_buffers(isa):
     assert all(k in hlo for k in kernels.NAMES)
     y = y0.astype(np.float64)
     w64 = np.asarray(w, np.float64)
+    kv64 = np.asarray(kv, np.float64)
     for _ in range(5):
-        z = np.tanh(y @ w64.T) @ w64
-        y = y + 0.1 * np.einsum("nc,ncd->nd", act * np.einsum("ne,nce->nc", z, w64[idx]), w64[idx])
+        z2 = np.tanh(y @ w64.T) @ w64
+        q = (y * np.r_[np.full(8, 0.3 * 8**0.5), np.full(32, 0.2 * 32**0.5)]).reshape(1, 1, 1, 2, 40)
+        a = _attn_float64(q, kv64, kv64, np.asarray(valid), 8, 8, None, True, False)[0]
+        gathered = np.einsum("nc,ncd->nd", act * np.einsum("ne,nce->nc", z2, w64[idx]), w64[idx])
+        y = y + 0.1 * gathered + 0.1 * a.reshape(2, 40)
     assert _rel(out, y) < 1e-5
 
 
@@ -146,8 +232,9 @@ SPARK = ModelConfig(vocab_size=97, d_model=64, num_layers=2, num_heads=2, num_kv
 @needs_kernels
 def test_sparse_decode_with_kernels_equals_masked_forward():
     """Prefill, then decode one token at a time on the sparse-gather path (kernels: the FFN gather,
-    every projection and the head) == the masked full forward over the whole sequence (no token
-    overflows the capacity here; tests/test_sparse_decode.py checks an overflow, also on the kernel)."""
+    the attention, every projection and the head) == the masked full forward over the whole
+    sequence (no token overflows the FFN capacity here; the attention kernel has none;
+    tests/test_sparse_decode.py checks an overflow on both paths)."""
     model = Transformer(SPARK, nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 97)
     full = model(tokens, jnp.broadcast_to(jnp.arange(12), (2, 12)))[0]
@@ -155,7 +242,8 @@ def test_sparse_decode_with_kernels_equals_masked_forward():
     step = jax.jit(lambda p, tok, pos, cache: nnx.merge(graphdef, p)(tok, pos, cache=cache, sparse=True,
                                                                       return_aux=True))
     _, cache = prefill_cache(model, tokens[:, :4], jnp.array([4, 4]), max_new_tokens=8)
-    assert "spark_ffn_gather" in step.lower(params, tokens[:, 4:5], jnp.full((2, 1), 4), cache).as_text()
+    hlo = step.lower(params, tokens[:, 4:5], jnp.full((2, 1), 4), cache).as_text()
+    assert "spark_ffn_gather" in hlo and "spark_attention" in hlo
     for t in range(4, 12):
         logits, cache, stats = step(params, tokens[:, t:t + 1], jnp.full((2, 1), t), cache)
         assert not np.any(np.asarray(stats["ffn_overflow"]))
@@ -177,10 +265,11 @@ def test_greedy_generation_with_kernels_equals_without(kind, monkeypatch):
     prompts = jnp.asarray([[5, 9, 2, 44, 17], [11, 4, 30, 0, 0]], jnp.int32)
     lengths = jnp.asarray([5, 3], jnp.int32)
     with_kernels, run = _greedy(graphdef, params, prompts, lengths)
-    assert "spark_gemv_rows" in run.lower(params, prompts, lengths, jax.random.key(0)).as_text()
+    hlo = run.lower(params, prompts, lengths, jax.random.key(0)).as_text()
+    assert "spark_gemv_rows" in hlo and "spark_attention" in hlo
     monkeypatch.setenv("SPARK_CPU_KERNELS", "0")
     without, run = _greedy(graphdef, params, prompts, lengths)
-    assert "spark_gemv" not in run.lower(params, prompts, lengths, jax.random.key(0)).as_text()
+    assert "custom_call" not in run.lower(params, prompts, lengths, jax.random.key(0)).as_text()
     np.testing.assert_array_equal(with_kernels, without)
 
 

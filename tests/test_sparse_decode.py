@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from spark import cache as kv_cache
-from spark import sparsity
+from spark import kernels, sparsity
 from spark.attention import Attention, spark_scores, visible_mask
 from spark.config import ModelConfig, SparkConfig
 from spark.ffn import SparkFFN
@@ -83,7 +83,14 @@ ATTN_CFG = ModelConfig(vocab_size=61, d_model=32, num_layers=1, num_heads=4, num
                        ffn_dim=64, attn_kind="spark", spark=SparkConfig(attn_k=4, decode_capacity_sigmas=0.0))
 
 
-def test_sparse_attention_overflow_is_counted():
+@pytest.mark.parametrize("path", ["jnp", "kernel"])
+def test_sparse_attention_overflow_is_counted(path, monkeypatch):
+    """The capacity path (jnp: GPU/TPU, or SPARK_CPU_KERNELS=0) keeps the top `capacity` keys and
+    counts the rest; the CPU kernel has no capacity: nothing dropped, the masked output exactly."""
+    if path == "jnp":
+        monkeypatch.setenv("SPARK_CPU_KERNELS", "0")
+    elif not kernels.enabled():
+        pytest.skip(kernels.status())
     attn = Attention(ATTN_CFG, 0, nnx.Rngs(0))
     b, s = 2, 16
     x = jax.random.normal(jax.random.key(2), (b, s + 1, 32))
@@ -99,6 +106,11 @@ def test_sparse_attention_overflow_is_counted():
     keep = sparsity.keep_k_of_valid(s1, jnp.broadcast_to(valid, s1.shape), 4)
     expect = np.maximum(np.asarray(keep.sum(-1)) - 4, 0).sum(axis=(1, 2, 3))
     assert expect.sum() > 0, "the test needs an overflow to have power"
+    if path == "kernel":
+        assert not np.any(np.asarray(aux["attn_overflow"]))
+        assert float(aux["keys_per_query"]) == pytest.approx(np.asarray(keep.sum(-1)).mean())
+        np.testing.assert_allclose(np.asarray(out), np.asarray(masked), atol=1e-5, rtol=1e-5)
+        return
     assert aux["attn_overflow"].tolist() == expect.tolist()
     assert float(aux["keys_per_query"]) == pytest.approx(np.minimum(np.asarray(keep.sum(-1)), 4).mean())
     assert not np.allclose(np.asarray(out), np.asarray(masked), atol=1e-4)  # dropping keys changes the output
@@ -134,10 +146,12 @@ def test_sparse_decode_equals_full_forward(widths):
     np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, 1)), np.asarray(full), atol=1e-4, rtol=1e-4)
 
 
-def test_search_decoders_report_decode_overflow():
+def test_search_decoders_report_decode_overflow(monkeypatch):
     """A tight capacity overflows; greedy through the search machinery (method "sample", N = 1,
     τ = 0) decodes the same tokens as plain greedy generation and reports the same per-row
-    overflow counts (ModelLM passes the model's decode stats on instead of dropping them)."""
+    overflow counts (ModelLM passes the model's decode stats on instead of dropping them). The
+    jnp path: the CPU attention kernel has no capacity to overflow."""
+    monkeypatch.setenv("SPARK_CPU_KERNELS", "0")
     from decode import search
     from decode.generate import generate
     from decode.sampling import SamplerConfig

@@ -4,6 +4,9 @@
     y_ND = gemv_cols(h_NF, w_FD)                     h · w     (down / output projections)
     y_ND = ffn_gather(x2_NE, idx_NC, act_NC, k2_FE, v_FD)
                                                      Σ_c act·(x2 · K2[idx])·V[idx] (the Spark FFN decode)
+    out, kept, dropped = attention(q, keys, values, valid, z, default, ...)
+                                                     decode attention over a KV cache, dense or Spark
+                                                     (attention_ref: the formulas)
 
 w may be float32 or bfloat16 (accumulation is float32 either way; inputs are cast to float32,
 outputs are float32). On CPU, for decode-sized blocks (N ≤ MAX_TOKENS), the compiled kernel runs:
@@ -28,8 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spark import sparsity
+
 MAX_TOKENS = 16  # the kernels' token block (cpu_kernels.cc kMaxTokens)
-NAMES = ("spark_gemv_rows", "spark_gemv_cols", "spark_ffn_gather")
+NAMES = ("spark_gemv_rows", "spark_gemv_cols", "spark_ffn_gather", "spark_attention")
 
 _STATE: dict = {}
 
@@ -87,6 +92,43 @@ def ffn_gather_ref(x2_NE, idx_NC, act_NC, k2_FE, v_FD, dtype=jnp.float32):
                       preferred_element_type=dtype)
 
 
+def attention_ref(q_BTKGH, keys_BKSH, values, valid_BTS, z_BT, *, rank, scale, gate_scale, softcap, spark, v_t):
+    """The attention kernel's formulas in float32: (out [B,T,K,G,H], kept [B,K,G,T] int32).
+
+    Scores over the first `rank` dims (×scale) of the keys visible to each query (valid [B,T,S]).
+    Dense (rank = H): softmax of softcap(s) over the visible keys, Σ p·v (v [B,K,H,S] when v_t).
+    Spark: keep s ≥ mean + std·z[b,t] (moments over the visible; z = −inf keeps all) or the row
+    max; Σ softmax_kept(softcap(s)) · softplus(q[r:]·k[r:]·gate_scale) · v. No capacity limit:
+    the masked Spark attention exactly (spark/attention.py), with z from `spark_z`."""
+    f32 = jnp.float32
+    q, k, v = q_BTKGH.astype(f32), keys_BKSH.astype(f32), values.astype(f32)
+    r = rank
+    s = jnp.einsum("BTKGH,BKSH->BKGTS", q[..., :r], k[..., :r], precision="highest") * scale
+    valid = jnp.broadcast_to(valid_BTS[:, None, None], s.shape)
+    keep = valid
+    if spark:
+        mean, std = sparsity.masked_moments(s, valid)
+        z = z_BT[:, None, None, :, None]
+        theta = jnp.where(jnp.isneginf(z), -jnp.inf, mean + std * z)
+        row_max = jnp.max(jnp.where(valid, s, -jnp.inf), axis=-1, keepdims=True)
+        keep = valid & ((s >= theta) | (s >= row_max))
+    logits = jnp.where(keep, s if softcap is None else softcap * jnp.tanh(s / softcap), -jnp.inf)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    e = jnp.where(keep, jnp.exp(logits - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
+    p = e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), jnp.finfo(f32).tiny)
+    if spark:
+        g = jnp.einsum("BTKGE,BKSE->BKGTS", q[..., r:], k[..., r:], precision="highest") * gate_scale
+        p = p * jnp.where(keep, jax.nn.softplus(g), 0.0)
+    out = jnp.einsum("BKGTS,BKHS->BTKGH" if v_t else "BKGTS,BKSH->BTKGH", p, v, precision="highest")
+    return out, jnp.sum(keep, axis=-1, dtype=jnp.int32)
+
+
+def spark_z(valid_BTS, k: int):
+    """Φ⁻¹(1 − k/n) per query for n visible keys, −inf where n ≤ k (keep all): the z of `attention`."""
+    n = jnp.sum(valid_BTS, axis=-1).astype(jnp.float32)
+    return sparsity.threshold_from_moments(0.0, 1.0, sparsity.attn_k_frac(n, k))
+
+
 # ---------------------------------------------------------------- dispatch
 
 def _ffi(name, out_shape, *args):
@@ -134,3 +176,34 @@ def ffn_gather(x2_NE, idx_NC, act_NC, k2_FE, v_FD, out_dtype=jnp.float32, defaul
         return _ffi("spark_ffn_gather", out, x2.astype(jnp.float32), idx.astype(jnp.int32), act.astype(jnp.float32),
                     k2, v).astype(out_dtype)
     return _dispatch(kernel, default, x2_NE.shape[0], (x2_NE, idx_NC, act_NC, k2_FE, v_FD))
+
+
+def attention(q_BTKGH, keys_BKSH, values, valid_BTS, z_BT, default, *, rank, scale, gate_scale=1.0, softcap=None,
+              spark=False, v_t=False):
+    """Decode attention over a KV cache (formulas: `attention_ref`) -> (out [B,T,K,G,H] in q's dtype,
+    kept [B,K,G,T] int32, dropped [B] int32). `default(q, keys, values, valid, z)` returns the same
+    off CPU (None: `attention_ref`); the kernel (CPU, G·T ≤ MAX_TOKENS, f32 or bf16 cache) drops nothing. It reads each
+    visible key's first `rank` dims once, and — Spark — the gate half and value of the keys some
+    query keeps; keys and values are [B,K,S,H], values [B,K,H,S] when v_t (dense only)."""
+    b, t, kh, g, h = q_BTKGH.shape
+    kw = dict(rank=rank, scale=scale, gate_scale=gate_scale, softcap=softcap, spark=spark, v_t=v_t)
+
+    def reference(q, k, v, valid, z):
+        out, kept = attention_ref(q, k, v, valid, z, **kw)
+        return out.astype(q.dtype), kept, jnp.zeros((b,), jnp.int32)
+    default = default or reference
+    if keys_BKSH.dtype not in (jnp.float32, jnp.bfloat16) or values.dtype != keys_BKSH.dtype:
+        return default(q_BTKGH, keys_BKSH, values, valid_BTS, z_BT)
+
+    def kernel(q, k, v, valid, z):
+        qs = jnp.concatenate([q[..., :rank] * scale, q[..., rank:] * gate_scale], axis=-1).astype(jnp.float32)
+        qm = qs.transpose(0, 2, 3, 1, 4).reshape(b * kh, g * t, h)  # n = g·T + t
+        m, n = b * kh, g * t
+        shapes = (jax.ShapeDtypeStruct((m, n, h), jnp.float32), jax.ShapeDtypeStruct((m, n), jnp.int32))
+        out, kept = jax.ffi.ffi_call("spark_attention", shapes, vmap_method="sequential")(
+            qm, k.reshape(b * kh, *k.shape[2:]), v.reshape(b * kh, *v.shape[2:]), valid, z.astype(jnp.float32),
+            isa=np.int32(isa()), mode=np.int32(int(spark) | 2 * int(v_t)), rank=np.int32(rank),
+            softcap=np.float32(softcap or 0.0))
+        out = out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).astype(q.dtype)
+        return out, kept.reshape(b, kh, g, t), jnp.zeros((b,), jnp.int32)
+    return _dispatch(kernel, default, g * t, (q_BTKGH, keys_BKSH, values, valid_BTS, z_BT))

@@ -16,6 +16,7 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -550,6 +551,175 @@ ffi::Error FfnGather(ffi::ThreadPool pool, int32_t isa, ffi::Buffer<ffi::F32> x2
   });
 }
 
+// ---------------------------------------------------------------- spark_attention
+//
+// Decode attention over a KV cache, one (batch row, KV head) pair m per work item, its N = G·T
+// queries (the G query heads of the KV head × the block's T tokens, n = g·T + t) together, so every
+// key and value row is read once per call:
+//   scores  s[n, s] = q[n, :r] · k[s, :r]     over the keys visible to n's token (valid[b, t, s]);
+//   keep    dense: every visible key; Spark: s ≥ mean + std·z[b, t] over the visible (z = −inf: all)
+//           or s = the row max (spark/sparsity.py keep_k_of_valid, float64 moments);
+//   weights p = softmax over the kept keys of softcap(s);
+//   output  dense: Σ p · v[s];  Spark: Σ p · softplus(q[n, r:] · k[s, r:]) · v[s], reading the gate
+//           half of k and v only for keys some query kept (the sparse gather; no capacity limit).
+// q arrives scaled (each half by its own scale). v is [S, H], or [H, S] when `v_t` (dense only).
+// `mode`: bit 0 Spark, bit 1 v_t. Also returns each query's kept-key count.
+
+struct AttnDims {
+  int64_t m, n, s, h, r, b, t;
+};
+
+inline float softcap1(float x, float cap) { return cap > 0.0f ? cap * std::tanh(x / cap) : x; }
+inline float softplus1(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
+
+// The kept keys' softmax weights p[n, s] (0 elsewhere) from the scores; returns the kept counts.
+void attn_weights(const AttnDims& a, bool spark, float cap, const bool* val, const float* z, std::vector<float>& sc,
+                  int64_t s_end, int32_t* kept) {
+  for (int64_t n = 0; n < a.n; ++n) {
+    int64_t t = n % a.t;
+    const bool* vn = val + t * a.s;
+    float* row = sc.data() + n * s_end;
+    double sum = 0, cnt = 0;
+    float mx = -INFINITY;
+    for (int64_t s = 0; s < s_end; ++s)
+      if (vn[s]) sum += row[s], cnt += 1, mx = std::max(mx, row[s]);
+    float theta = -INFINITY;
+    if (spark && cnt > 0 && !(std::isinf(z[t]) && z[t] < 0)) {
+      float mean = float(sum / cnt);
+      double var = 0;
+      for (int64_t s = 0; s < s_end; ++s)
+        if (vn[s]) var += double(row[s] - mean) * double(row[s] - mean);
+      theta = mean + float(std::sqrt(var / cnt)) * z[t];
+    }
+    float lmax = -INFINITY;
+    int32_t k = 0;
+    for (int64_t s = 0; s < s_end; ++s) {
+      bool keep = vn[s] && (row[s] >= theta || row[s] >= mx);
+      row[s] = keep ? softcap1(row[s], cap) : -INFINITY;
+      if (keep) lmax = std::max(lmax, row[s]), ++k;
+    }
+    double total = 0;
+    for (int64_t s = 0; s < s_end; ++s) {
+      float p = row[s] == -INFINITY ? 0.0f : std::exp(row[s] - lmax);
+      row[s] = p;
+      total += p;
+    }
+    float inv = total > 0 ? float(1.0 / total) : 0.0f;
+    for (int64_t s = 0; s < s_end; ++s) row[s] *= inv;
+    kept[n] = k;
+  }
+}
+
+// Row pointers base + idx[j]·stride for one group of keys, and the next group's (nullptr past the end).
+template <typename W>
+inline const W* const* key_rows(const W* base, const std::vector<int32_t>& idx, int64_t j0, int64_t stride,
+                                const W** rows, const W** next) {
+  int64_t nr = std::min<int64_t>(kGroup, idx.size() - j0);
+  for (int64_t r = 0; r < nr; ++r) rows[r] = base + int64_t(idx[j0 + r]) * stride;
+  if (j0 + 2 * kGroup > int64_t(idx.size())) return nullptr;
+  for (int64_t r = 0; r < kGroup; ++r) next[r] = base + int64_t(idx[j0 + kGroup + r]) * stride;
+  return next;
+}
+
+template <typename W>
+void attend_one(bool avx, const AttnDims& a, int32_t mode, float cap, int64_t m, const float* q, const W* k,
+                const W* v, const bool* valid, const float* z, float* out, int32_t* kept) {
+  const bool spark = mode & 1, v_t = mode & 2;
+  const int64_t kh = a.m / a.b, bi = m / kh, e = a.h - a.r;
+  const bool* val = valid + bi * a.t * a.s;
+  const float* zb = z + bi * a.t;
+  std::vector<int32_t> idx;  // keys some query of this block sees
+  for (int64_t s = 0; s < a.s; ++s) {
+    bool any = false;
+    for (int64_t t = 0; t < a.t; ++t) any |= val[t * a.s + s];
+    if (any) idx.push_back(int32_t(s));
+  }
+  float* y = out + m * a.n * a.h;
+  std::fill(y, y + a.n * a.h, 0.0f);
+  if (idx.empty()) {
+    std::fill(kept + m * a.n, kept + (m + 1) * a.n, 0);
+    return;
+  }
+  const int64_t s_end = idx.back() + 1;
+  const W* km = k + m * a.s * a.h;
+  const W* vm = v + m * a.s * a.h;
+  const bool pairs = pair_layout<W>(avx);
+  std::vector<float> q1(a.n * a.r), q2(a.n * e);
+  for (int64_t n = 0; n < a.n; ++n) {
+    std::memcpy(&q1[n * a.r], q + (m * a.n + n) * a.h, a.r * sizeof(float));
+    std::memcpy(q2.data() + n * e, q + (m * a.n + n) * a.h + a.r, e * sizeof(float));
+  }
+  if (pairs) q1 = to_pairs(q1.data(), a.n, a.r), q2 = to_pairs(q2.data(), a.n, e);
+  std::vector<float> sc(a.n * s_end, 0.0f);
+  float dot[kGroup * kMaxTokens], coef[kGroup * kMaxTokens];
+  const W* rows[kGroup];
+  const W* next[kGroup];
+  for (size_t j0 = 0; j0 < idx.size(); j0 += kGroup) {
+    int64_t nr = std::min<int64_t>(kGroup, idx.size() - j0);
+    dots(avx, rows, key_rows(km, idx, j0, a.h, rows, next), nr, q1.data(), a.r, a.n, a.r, dot);
+    for (int64_t r = 0; r < nr; ++r)
+      for (int64_t n = 0; n < a.n; ++n) sc[n * s_end + idx[j0 + r]] = dot[r * kMaxTokens + n];
+  }
+  attn_weights(a, spark, cap, val, zb, sc, s_end, kept + m * a.n);
+  if (v_t) {  // y[n, h] = Σ_s p[n, s] v[h, s]: H rows of s_end values
+    if (pairs) sc = to_pairs(sc.data(), a.n, s_end);
+    for (int64_t h0 = 0; h0 < a.h; h0 += kGroup) {
+      int64_t nr = std::min(kGroup, a.h - h0);
+      for (int64_t r = 0; r < nr; ++r) rows[r] = vm + (h0 + r) * a.s;
+      bool ahead = h0 + 2 * kGroup <= a.h;
+      for (int64_t r = 0; ahead && r < kGroup; ++r) next[r] = vm + (h0 + kGroup + r) * a.s;
+      dots(avx, rows, ahead ? next : nullptr, nr, sc.data(), s_end, a.n, s_end, dot);
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t n = 0; n < a.n; ++n) y[n * a.h + h0 + r] = dot[r * kMaxTokens + n];
+    }
+    return;
+  }
+  std::vector<int32_t> used;  // keys some query kept
+  for (int32_t s : idx) {
+    bool any = false;
+    for (int64_t n = 0; n < a.n; ++n) any |= sc[n * s_end + s] != 0.0f;
+    if (any) used.push_back(s);
+  }
+  const W* vrows[kGroup];
+  const W* vnext[kGroup];
+  for (size_t j0 = 0; j0 < used.size(); j0 += kGroup) {
+    int64_t nr = std::min<int64_t>(kGroup, used.size() - j0);
+    if (spark) dots(avx, rows, key_rows(km + a.r, used, j0, a.h, rows, next), nr, q2.data(), e, a.n, e, dot);
+    const W* const* vn = key_rows(vm, used, j0, a.h, vrows, vnext);
+    for (int64_t r = 0; r < nr; ++r)
+      for (int64_t n = 0; n < a.n; ++n) {
+        float p = sc[n * s_end + used[j0 + r]];
+        coef[r * kMaxTokens + n] = spark && p != 0.0f ? p * softplus1(dot[r * kMaxTokens + n]) : p;
+      }
+    axpys(avx, vrows, vn, nr, coef, y, a.h, a.n, a.h);
+  }
+  if (pairs) from_pairs(y, a.n, a.h);
+}
+
+ffi::Error Attention(ffi::ThreadPool pool, int32_t isa, int32_t mode, int32_t rank, float cap,
+                     ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Buffer<ffi::PRED> valid,
+                     ffi::Buffer<ffi::F32> z, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::S32> kept) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = valid.dimensions(), zd = z.dimensions();
+  bool v_t = mode & 2;
+  if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || md.size() != 3 || zd.size() != 2 || kd[0] != qd[0] ||
+      kd[2] != qd[2] || vd[0] != qd[0] || vd[v_t ? 2 : 1] != kd[1] || vd[v_t ? 1 : 2] != qd[2] || md[2] != kd[1] ||
+      md[0] < 1 || qd[0] % md[0] != 0 || qd[1] % md[1] != 0 || zd[0] != md[0] || zd[1] != md[1] ||
+      k.element_type() != v.element_type() || rank < 1 || rank > qd[2] || ((mode & 1) && v_t))
+    return ffi::Error::InvalidArgument(
+        "attention: q [M, N, H], k [M, S, H], v [M, S, H] (or [M, H, S]), valid [B, T, S], z [B, T], one k/v dtype");
+  if (auto e = check_tokens(qd[1]); e.failure()) return e;
+  AttnDims a{qd[0], qd[1], kd[1], qd[2], rank, md[0], md[1]};
+  bool avx = use_avx(isa);
+  return with_weights(k, "attention", [&](auto* kp) {
+    auto* vp = reinterpret_cast<decltype(kp)>(v.untyped_data());
+    parallel_chunks(pool, a.m, [&](int64_t m) {
+      attend_one(avx, a, mode, cap, m, q.typed_data(), kp, vp, valid.typed_data(), z.typed_data(), out->typed_data(),
+                 kept->typed_data());
+    });
+    return ffi::Error::Success();
+  });
+}
+
 }  // namespace
 
 // Both GEMVs: (x f32, w f32 | bf16) -> y f32, on the intra-op pool, with the ISA attribute.
@@ -577,6 +747,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparkFfnGather, FfnGather,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparkAttention, Attention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Attr<int32_t>("isa")
+                                  .Attr<int32_t>("mode")
+                                  .Attr<int32_t>("rank")
+                                  .Attr<float>("softcap")
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
 // ---------------------------------------------------------------- the Python module
 
 static PyObject* registrations(PyObject*, PyObject*) {
@@ -589,6 +774,7 @@ static PyObject* registrations(PyObject*, PyObject*) {
   add("spark_gemv_rows", reinterpret_cast<void*>(SparkGemvRows));
   add("spark_gemv_cols", reinterpret_cast<void*>(SparkGemvCols));
   add("spark_ffn_gather", reinterpret_cast<void*>(SparkFfnGather));
+  add("spark_attention", reinterpret_cast<void*>(SparkAttention));
   return d;
 }
 
