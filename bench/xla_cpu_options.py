@@ -87,9 +87,10 @@ def gather_variants(jnp, rng, dtype):
     idx = jnp.asarray(np.sort(rng.choice(f, cap, replace=False))[None], jnp.int32)
     act = jnp.asarray(np.where(np.arange(cap) < active, rng.random(cap), 0.0)[None], jnp.float32)
     x2 = jnp.asarray(rng.standard_normal((1, d - r), np.float32))
-    out = {"xla": (kernels.ffn_gather_ref, (x2, idx, act, k2, v))}
+    out = {"xla": (kernels.capacity_gather, (x2, idx, act, k2, v))}
     if kernels.enabled():
-        out["kernel"] = (kernels.ffn_gather, (x2, idx, act, k2, v))
+        act_NF = jnp.zeros((1, f), jnp.float32).at[0, idx[0]].set(act[0])
+        out["kernel"] = (lambda *a: kernels.ffn_gather(*a)[0], (x2, act_NF, k2, v))
     return out, active * (2 * d - r) * jnp.dtype(dtype).itemsize
 
 

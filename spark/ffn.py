@@ -9,16 +9,16 @@ Spark FFN: out = (gelu(TopK(x[:r]·K1ᵀ)) ⊙ x[r:]·K2ᵀ) · V     K1: [F, r]
 TopK is the soft statistical top-k over the width in use, keeping spark.ffn_k_frac of it.
 
 Sparse-gather decoding (`sparse=True`, for decode steps of a few tokens): the predictor runs
-densely, the threshold picks the active neurons, and only their rows of K2 and V are read — a
-static buffer of ceil(k + c·√k) rows per token, c = spark.decode_capacity_sigmas (sparsity.capacity_indices: ascending
-indices, overflow keeps the top by predictor score and is counted in aux['ffn_overflow']).
+densely, the threshold picks the active neurons, and only their rows of K2 and V are read — on
+CPU by the gather kernel (spark/kernels: every active row, the union over the block's tokens);
+elsewhere a static buffer of ceil(k + c·√k) rows per token, c = spark.decode_capacity_sigmas
+(sparsity.capacity_indices: ascending indices, overflow keeps the top by activation — the
+predictor's order — and is counted in aux['ffn_overflow']).
 Neuron-major rows make every gathered row contiguous; two separate matrices gather 11.5× faster
 than one fused [F, 2D−r] matrix whose rows must be split again (`python bench/decode_layouts.py`).
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -81,22 +81,25 @@ class SparkFFN(nnx.Module):
         return out, {"ffn_density": jnp.mean(kept.astype(jnp.float32)) / width, "ffn_overflow_rate": rate}
 
     def sparse_decode(self, x_BTD, width: int):
-        """Same function as __call__ (forward only), reading only the selected rows of K2 and V."""
+        """Same function as __call__ (forward only), reading only the active rows of K2 and V: on CPU
+        the gather kernel (every active row), elsewhere a static capacity of rows per token."""
         dt = x_BTD.dtype
         pred = self.predictor(x_BTD, width)
-        theta = sparsity.threshold(pred, self.k_frac)
-        keep = pred.astype(jnp.float32) > theta
+        act = gelu(jax.nn.relu(pred.astype(jnp.float32) - sparsity.threshold(pred, self.k_frac)))  # 0: inactive
+        b, t, f_all = *act.shape[:2], self.w_up.shape[0]
+        act = jnp.pad(act, ((0, 0), (0, 0), (0, f_all - width))).reshape(b * t, f_all)  # full matrices: no slice copy
         cap = sparsity.capacity(self.k_frac * width, width, self.capacity_sigmas)
-        idx_BTC, ok_BTC, dropped_BT = sparsity.capacity_indices(pred, keep, cap)
-        pre = jnp.take_along_axis(pred, idx_BTC, axis=-1).astype(jnp.float32) - theta
-        act = jnp.where(ok_BTC, gelu(jax.nn.relu(pre)), 0.0)
-        b, t, c = idx_BTC.shape
+
+        def capacity_path(x2, act, k2, v):  # ascending indices; overflow keeps the top by activation
+            idx, ok, dropped = sparsity.capacity_indices(act, act > 0, cap)
+            a = jnp.where(ok, jnp.take_along_axis(act, idx, axis=-1), 0.0)
+            return kernels.capacity_gather(x2, idx, a, k2, v, dt).astype(dt), dropped
+
         x2 = x_BTD[..., self.rank :].reshape(b * t, -1)
-        out = kernels.ffn_gather(x2, idx_BTC.reshape(b * t, c), act.reshape(b * t, c), self.w_up[...],
-                                 self.w_down[...], dt, functools.partial(kernels.ffn_gather_ref, dtype=dt))
-        out = out.reshape(b, t, -1)
-        active = jnp.sum(ok_BTC, axis=-1, dtype=jnp.float32)
-        return out, {"ffn_density": jnp.mean(active) / width, "ffn_overflow": jnp.sum(dropped_BT, axis=1)}
+        out, dropped = kernels.ffn_gather(x2, act, self.w_up[...], self.w_down[...], dt, capacity_path)
+        active = jnp.sum(act > 0, axis=-1) - dropped
+        return out.reshape(b, t, -1), {"ffn_density": jnp.mean(active.astype(jnp.float32)) / width,
+                                       "ffn_overflow": jnp.sum(dropped.reshape(b, t), axis=1)}
 
 
 def make_ffn(cfg, layer: int, rngs: nnx.Rngs):

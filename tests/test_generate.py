@@ -135,7 +135,7 @@ def test_start_then_donated_decode_equals_generate():
     assert summarize(state)["ffn_overflow"].shape == (2,)
 
 
-def test_sparse_generation_matches_masked_and_reports_stats():
+def test_sparse_generation_matches_masked_and_reports_stats(monkeypatch):
     model = Transformer(SPARK, nnx.Rngs(5))  # capacity 4k: nothing overflows
     sparse, _, stats = _gen(model, PROMPTS, max_new=10, full=True)
     masked, _, stats_m = _gen(model, PROMPTS, max_new=10, full=True, sparse=False)
@@ -145,5 +145,6 @@ def test_sparse_generation_matches_masked_and_reports_stats():
     assert stats["ffn_density"].shape == (2,) and 0.1 < float(stats["ffn_density"].mean()) < 0.45
     assert int(stats["steps"]) == 10
     tight = dataclasses.replace(SPARK, spark=dataclasses.replace(SPARK.spark, decode_capacity_sigmas=0.0))
+    monkeypatch.setenv("SPARK_CPU_KERNELS", "0")  # the capacity path (GPU/TPU); the CPU kernels have none
     _, _, stats_t = _gen(Transformer(tight, nnx.Rngs(5)), PROMPTS, max_new=10, full=True)
     assert int(stats_t["ffn_overflow"].sum()) > 0  # a tight capacity overflows, and says so

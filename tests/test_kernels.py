@@ -74,7 +74,8 @@ def test_gemv_rows_and_cols_equal_float64(isa, dtype):
 
 def _gather_case(rng, n, f, c, e, d, dtype, fill: float):
     """Sorted index sets per token (as sparsity.capacity_indices: unused slots point at F − 1 with
-    act 0), `fill` of the slots active, tokens overlapping."""
+    act 0), `fill` of the slots active, tokens overlapping -> the kernel's arguments (act dense
+    [N, F]), the capacity form (idx, act [N, C]) and the float64 result."""
     idx = np.stack([np.sort(rng.choice(f, c, replace=False)) for _ in range(n)]).astype(np.int32)
     act = rng.standard_normal((n, c)).astype(np.float32)
     used = np.arange(c)[None, :] < np.ceil(fill * c)
@@ -84,7 +85,9 @@ def _gather_case(rng, n, f, c, e, d, dtype, fill: float):
     x2 = rng.standard_normal((n, e), np.float32)
     up = np.einsum("ne,nce->nc", x2.astype(np.float64), k64[idx])
     ref = np.einsum("nc,ncd->nd", act * up, v64[idx])
-    return (x2, idx, act, k2, v), ref
+    act_NF = np.zeros((n, f), np.float32)
+    np.add.at(act_NF, (np.arange(n)[:, None], idx), act)  # unused slots add 0 at F − 1
+    return (x2, act_NF, k2, v), (x2, idx, act, k2, v), ref
 
 
 @needs_kernels
@@ -94,11 +97,13 @@ def test_ffn_gather_equals_float64(isa, dtype):
     run = _fresh_jit(kernels.ffn_gather)
     for n, f, c, e, d, fill in [(1, 200, 24, 33, 70, 1.0), (3, 200, 24, 33, 70, 0.5), (8, 64, 60, 16, 129, 1.0),
                                 (5, 1000, 90, 1280, 2304, 0.8), (2, 50, 50, 7, 5, 1.0)]:
-        args, ref = _gather_case(rng, n, f, c, e, d, dtype, fill)
-        assert _rel(run(*args), ref) < 1e-5, (n, f, c, fill)
+        args, _, ref = _gather_case(rng, n, f, c, e, d, dtype, fill)
+        out, dropped = run(*args)
+        assert _rel(out, ref) < 1e-5, (n, f, c, fill)
+        assert not np.any(np.asarray(dropped))
     # every slot empty: nothing read, zeros out
-    args, _ = _gather_case(rng, 2, 40, 8, 5, 6, dtype, 0.0)
-    assert not np.any(np.asarray(run(*args)))
+    args, _, _ = _gather_case(rng, 2, 40, 8, 5, 6, dtype, 0.0)
+    assert not np.any(np.asarray(run(*args)[0]))
 
 
 def _attn_case(rng, b, t, kh, g, h, s, dtype, v_t, window=None):
@@ -181,8 +186,9 @@ def test_attention_equals_float64(isa, dtype):
 def test_reference_functions_equal_float64():
     """The jnp references the kernels are swapped for compute the same function (they run off CPU)."""
     rng = np.random.default_rng(2)
-    args, ref = _gather_case(rng, 3, 200, 24, 33, 70, "float32", 0.7)
+    args, capacity_args, ref = _gather_case(rng, 3, 200, 24, 33, 70, "float32", 0.7)
     assert _rel(kernels.ffn_gather_ref(*args), ref) < 1e-5
+    assert _rel(kernels.capacity_gather(*capacity_args), ref) < 1e-5
     w, w64 = _weights(rng, (40, 9), "bfloat16")
     x = rng.standard_normal((2, 9), np.float32)
     assert _rel(kernels.gemv_rows_ref(x, w), x.astype(np.float64) @ w64.T) < 1e-5
@@ -193,8 +199,7 @@ def test_inside_while_loop_with_donated_buffers(isa):
     """A jitted while_loop that feeds each kernel's output to the next, its carry donated."""
     rng = np.random.default_rng(3)
     w = jnp.asarray(rng.standard_normal((96, 40), np.float32) / 8)
-    args, _ = _gather_case(rng, 2, 96, 12, 40, 40, "float32", 1.0)
-    _, idx, act, _, _ = args
+    (_, act_NF, _, _), (_, idx, act, _, _), _ = _gather_case(rng, 2, 96, 12, 40, 40, "float32", 1.0)
 
     kv = jnp.asarray(rng.standard_normal((1, 1, 30, 40), np.float32))  # one KV head, 30 keys, head 40
     valid = jnp.arange(30)[None, None] < 20
@@ -205,7 +210,7 @@ def test_inside_while_loop_with_donated_buffers(isa):
         z2 = kernels.gemv_cols(h, w)  # [2, 40]
         a = kernels.attention(y.reshape(1, 1, 1, 2, 40), kv, kv, valid, z, None, rank=8, scale=0.3,
                               gate_scale=0.2, softcap=None, spark=True)[0]
-        return y + 0.1 * kernels.ffn_gather(z2, idx, act, w, w) + 0.1 * a.reshape(2, 40)
+        return y + 0.1 * kernels.ffn_gather(z2, act_NF, w, w)[0] + 0.1 * a.reshape(2, 40)
 
     step = jax.jit(lambda y: jax.lax.fori_loop(0, 5, body, y), donate_argnums=0)
     y0 = rng.standard_normal((2, 40)).astype(np.float32)
@@ -278,13 +283,19 @@ def test_fallback_without_the_extension(monkeypatch):
     monkeypatch.setattr(kernels, "_STATE", {"module": None, "reason": "extension not built (test)"})
     assert not kernels.enabled() and kernels.status().startswith("jnp fallback")
     rng = np.random.default_rng(5)
-    args, ref = _gather_case(rng, 2, 50, 10, 7, 9, "float32", 0.8)
-    run = _fresh_jit(kernels.ffn_gather)
+    args, _, ref = _gather_case(rng, 2, 50, 10, 7, 9, "float32", 0.8)
+    run = _fresh_jit(lambda *a: kernels.ffn_gather(*a)[0])
     assert "custom_call" not in run.lower(*args).as_text()
     assert _rel(run(*args), ref) < 1e-5
     w, w64 = _weights(rng, (30, 9), "bfloat16")
     x = rng.standard_normal((2, 9), np.float32)
     assert _rel(_fresh_jit(kernels.gemv_rows)(x, w), x.astype(np.float64) @ w64.T) < 1e-5
+    q, (k, k64), (v, v64), valid = _attn_case(rng, 2, 2, 1, 2, 40, 24, "float32", False)
+    kw = dict(rank=8, scale=8**-0.5, gate_scale=32**-0.5, softcap=20.0, spark=True, v_t=False)
+    run = _fresh_jit(functools.partial(kernels.attention, default=None, **kw))
+    args = (q, k, v, jnp.asarray(valid), kernels.spark_z(jnp.asarray(valid), 4))
+    assert "custom_call" not in run.lower(*args).as_text()
+    assert _rel(run(*args)[0], _attn_float64(q, k64, v64, valid, 4, 8, 20.0, True, False)[0]) < 1e-5
 
 
 def test_failed_compile_leaves_a_working_install(tmp_path):

@@ -45,7 +45,14 @@ def test_sparse_ffn_equals_masked_dense(width):
     np.testing.assert_allclose(np.asarray(sparse), np.asarray(dense), atol=1e-5, rtol=1e-5)
 
 
-def test_sparse_ffn_overflow_is_counted_and_keeps_top_by_predictor():
+@pytest.mark.parametrize("path", ["jnp", "kernel"])
+def test_sparse_ffn_overflow_is_counted_and_keeps_top_by_predictor(path, monkeypatch):
+    """The capacity path (GPU/TPU, or SPARK_CPU_KERNELS=0) keeps the top `capacity` neurons by
+    predictor score and counts the rest; the CPU kernel reads every active row, drops nothing."""
+    if path == "jnp":
+        monkeypatch.setenv("SPARK_CPU_KERNELS", "0")
+    elif not kernels.enabled():
+        pytest.skip(kernels.status())
     ffn = _ffn(capacity=0.0)
     x = jax.random.normal(jax.random.key(1), (2, 4, 64))
     out, aux = ffn(x, 512, sparse=True)
@@ -54,17 +61,19 @@ def test_sparse_ffn_overflow_is_counted_and_keeps_top_by_predictor():
     cap = sparsity.capacity(0.08 * 512, 512, 0.0)
     up = np.einsum("BTE,FE->BTF", np.asarray(x[..., ffn.rank:]), np.asarray(ffn.w_up[...]))
     expect_out = np.zeros(out.shape)
-    expect_dropped, overflowing = np.zeros(2, int), 0
+    expect_dropped, overflowing, read = np.zeros(2, int), 0, []
     for b in range(2):
         for t in range(4):
             kept = np.flatnonzero(pred[b, t] > theta[b, t, 0])
             expect_dropped[b] += max(len(kept) - cap, 0)
             overflowing += len(kept) > cap
-            kept = kept[np.argsort(-pred[b, t, kept])[:cap]]
+            kept = kept[np.argsort(-pred[b, t, kept])[:cap if path == "jnp" else None]]
+            read.append(len(kept))
             act = np.asarray(gelu(jnp.asarray(pred[b, t, kept] - theta[b, t, 0])))
             expect_out[b, t] = (act * up[b, t, kept]) @ np.asarray(ffn.w_down[...])[kept]
     assert expect_dropped.sum() > 0, "the test needs an overflow to have power"
-    assert aux["ffn_overflow"].tolist() == expect_dropped.tolist()
+    assert aux["ffn_overflow"].tolist() == (expect_dropped.tolist() if path == "jnp" else [0, 0])
+    assert float(aux["ffn_density"]) == pytest.approx(np.mean(read) / 512)  # the rows each token read
     np.testing.assert_allclose(np.asarray(out), expect_out, atol=1e-5, rtol=1e-4)
     _, masked_aux = ffn(x, 512)  # the masked path reports the share of tokens that would overflow
     assert float(masked_aux["ffn_overflow_rate"]) == pytest.approx(overflowing / 8)

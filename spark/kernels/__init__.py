@@ -2,8 +2,8 @@
 
     y_NF = gemv_rows(x_ND, w_FD)                     x · wᵀ    (projections stored one row per output)
     y_ND = gemv_cols(h_NF, w_FD)                     h · w     (down / output projections)
-    y_ND = ffn_gather(x2_NE, idx_NC, act_NC, k2_FE, v_FD)
-                                                     Σ_c act·(x2 · K2[idx])·V[idx] (the Spark FFN decode)
+    y_ND, dropped_N = ffn_gather(x2_NE, act_NF, k2_FE, v_FD)
+                                                     Σ_{f: act ≠ 0} act·(x2 · K2[f])·V[f] (the Spark FFN decode)
     out, kept, dropped = attention(q, keys, values, valid, z, default, ...)
                                                      decode attention over a KV cache, dense or Spark
                                                      (attention_ref: the formulas)
@@ -83,8 +83,15 @@ def gemv_cols_ref(h_NF, w_FD):
     return jnp.einsum("NF,FD->ND", h_NF.astype(jnp.float32), w_FD, preferred_element_type=jnp.float32)
 
 
-def ffn_gather_ref(x2_NE, idx_NC, act_NC, k2_FE, v_FD, dtype=jnp.float32):
-    """XLA gathers of the rows, then two einsums, computed in `dtype` (the model's path off CPU)."""
+def ffn_gather_ref(x2_NE, act_NF, k2_FE, v_FD):
+    """`ffn_gather`'s formula, reading every row: Σ_f act[n, f]·(x2[n]·K2[f])·V[f], float32."""
+    up = gemv_rows_ref(x2_NE, k2_FE)
+    return gemv_cols_ref(act_NF.astype(jnp.float32) * up, v_FD)
+
+
+def capacity_gather(x2_NE, idx_NC, act_NC, k2_FE, v_FD, dtype=jnp.float32):
+    """XLA gathers of the rows idx (a static capacity of C per token), then two einsums, computed in
+    `dtype` (the Spark FFN's decode off CPU, spark/ffn.py)."""
     gather = dict(mode="promise_in_bounds", indices_are_sorted=True)
     up = jnp.einsum("NE,NCE->NC", x2_NE.astype(dtype), k2_FE.at[idx_NC].get(**gather).astype(dtype),
                     preferred_element_type=dtype)
@@ -166,16 +173,20 @@ def gemv_cols(h_NF, w_FD, out_dtype=jnp.float32, default=None):
     return _dispatch(kernel, default, h_NF.shape[0], (h_NF, w_FD))
 
 
-def ffn_gather(x2_NE, idx_NC, act_NC, k2_FE, v_FD, out_dtype=jnp.float32, default=None):
-    """Σ_c act[n, c] · (x2[n] · k2[idx[n, c]]) · v[idx[n, c]] -> [N, D] in out_dtype. Slots with
-    act = 0 read nothing (capacity left empty); every idx must be in [0, F); k2 and v share a dtype."""
-    default = default or (lambda *a: ffn_gather_ref(*a).astype(out_dtype))
-    out = (x2_NE.shape[0], v_FD.shape[1])
+def ffn_gather(x2_NE, act_NF, k2_FE, v_FD, out_dtype=jnp.float32, default=None):
+    """Σ_f act[n, f] · (x2[n] · k2[f]) · v[f] -> (y [N, D] in out_dtype, dropped [N] int32): the
+    kernel reads the rows of K2 and V some token's act is nonzero for, each once, and drops nothing;
+    `default(x2, act, k2, v)` returns the same off CPU (None: `ffn_gather_ref`, every row). k2 and
+    v share a dtype."""
+    n = x2_NE.shape[0]
 
-    def kernel(x2, idx, act, k2, v):
-        return _ffi("spark_ffn_gather", out, x2.astype(jnp.float32), idx.astype(jnp.int32), act.astype(jnp.float32),
-                    k2, v).astype(out_dtype)
-    return _dispatch(kernel, default, x2_NE.shape[0], (x2_NE, idx_NC, act_NC, k2_FE, v_FD))
+    def reference(x2, act, k2, v):
+        return ffn_gather_ref(x2, act, k2, v).astype(out_dtype), jnp.zeros((n,), jnp.int32)
+
+    def kernel(x2, act, k2, v):
+        y = _ffi("spark_ffn_gather", (n, v_FD.shape[1]), x2.astype(jnp.float32), act.astype(jnp.float32), k2, v)
+        return y.astype(out_dtype), jnp.zeros((n,), jnp.int32)
+    return _dispatch(kernel, default or reference, n, (x2_NE, act_NF, k2_FE, v_FD))
 
 
 def attention(q_BTKGH, keys_BKSH, values, valid_BTS, z_BT, default, *, rank, scale, gate_scale=1.0, softcap=None,

@@ -4,8 +4,9 @@
 // spark/ffn.py; f32 or bf16 weights, f32 inputs and accumulation):
 //   spark_gemv_rows    y[N, F] = x[N, D] · W[F, D]ᵀ        (projections, predictor, vocabulary head)
 //   spark_gemv_cols    y[N, D] = h[N, F] · W[F, D]         (down projections)
-//   spark_ffn_gather   y[N, D] = Σ_c a[n, c] (x2[n] · K2[i[n, c]]) V[i[n, c]]
-//                                                         (the Spark FFN: only the selected rows)
+//   spark_ffn_gather   y[N, D] = Σ_{f: a[n, f] ≠ 0} a[n, f] (x2[n] · K2[f]) V[f]
+//                                                         (the Spark FFN: only the active rows)
+//   spark_attention    decode attention over a KV cache, dense or Spark (below)
 // Every weight row is read once per call, whatever N is (the gather reads the union of the
 // tokens' index sets). Work is split in a fixed number of chunks over rows, run by the caller and
 // XLA's intra-op thread pool; a chunk writes its own partial sum and the partials are added in
@@ -471,38 +472,23 @@ ffi::Error GemvCols(ffi::ThreadPool pool, int32_t isa, ffi::Buffer<ffi::F32> h, 
 
 // ---------------------------------------------------------------- spark_ffn_gather
 
-// The union of the tokens' selected neurons (ascending) and a dense [N, F] table of their
-// activations (0 where a token did not select the neuron). Entries with a = 0 (capacity slots
-// left empty) select nothing; an index out of [0, F) is an error.
-bool union_of(const int32_t* idx, const float* act, int64_t n_tok, int64_t cap, int64_t f,
-              std::vector<int32_t>& rows, std::vector<float>& table) {
-  table.assign(n_tok * f, 0.0f);
-  std::vector<uint8_t> mark(f, 0);
-  for (int64_t n = 0; n < n_tok; ++n)
-    for (int64_t c = 0; c < cap; ++c) {
-      float a = act[n * cap + c];
-      if (a == 0.0f) continue;
-      int32_t i = idx[n * cap + c];
-      if (i < 0 || i >= f) return false;
-      table[n * f + i] += a;  // a neuron listed twice counts twice, as the jnp einsum does
-      mark[i] = 1;
-    }
-  rows.clear();
-  for (int64_t i = 0; i < f; ++i)
-    if (mark[i]) rows.push_back(static_cast<int32_t>(i));
-  return true;
+// The union of the tokens' active neurons (act ≠ 0 for some token), ascending.
+std::vector<int32_t> active_rows(const float* act, int64_t n_tok, int64_t f) {
+  std::vector<int32_t> rows;
+  for (int64_t i = 0; i < f; ++i) {
+    bool any = false;
+    for (int64_t n = 0; n < n_tok; ++n) any |= act[n * f + i] != 0.0f;
+    if (any) rows.push_back(static_cast<int32_t>(i));
+  }
+  return rows;
 }
 
 template <typename W>
-ffi::Error ffn_gather(ffi::ThreadPool pool, int32_t isa, const float* x2, const int32_t* idx, const float* act,
-                      const W* k2, const W* v, float* y, int64_t n_tok, int64_t cap, int64_t f, int64_t e,
-                      int64_t d) {
+ffi::Error ffn_gather(ffi::ThreadPool pool, int32_t isa, const float* x2, const float* table, const W* k2, const W* v,
+                      float* y, int64_t n_tok, int64_t f, int64_t e, int64_t d) {
   if (auto err = check_tokens(n_tok); err.failure()) return err;
   bool avx = use_avx(isa);
-  std::vector<int32_t> rows;
-  std::vector<float> table;
-  if (!union_of(idx, act, n_tok, cap, f, rows, table))
-    return ffi::Error::InvalidArgument("ffn_gather: neuron index out of range");
+  std::vector<int32_t> rows = active_rows(table, n_tok, f);
   std::vector<float> xp;
   if (pair_layout<W>(avx)) x2 = (xp = to_pairs(x2, n_tok, e)).data();
   int64_t m = static_cast<int64_t>(rows.size()), size = n_tok * d;
@@ -538,16 +524,16 @@ ffi::Error ffn_gather(ffi::ThreadPool pool, int32_t isa, const float* x2, const 
   return ffi::Error::Success();
 }
 
-ffi::Error FfnGather(ffi::ThreadPool pool, int32_t isa, ffi::Buffer<ffi::F32> x2, ffi::Buffer<ffi::S32> idx,
-                     ffi::Buffer<ffi::F32> act, ffi::AnyBuffer k2, ffi::AnyBuffer v, ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x2.dimensions(), id = idx.dimensions(), ad = act.dimensions(), kd = k2.dimensions(), vd = v.dimensions();
-  if (xd.size() != 2 || id.size() != 2 || ad.size() != 2 || kd.size() != 2 || vd.size() != 2 || id[0] != xd[0] ||
-      ad[0] != xd[0] || ad[1] != id[1] || kd[1] != xd[1] || vd[0] != kd[0] || k2.element_type() != v.element_type())
-    return ffi::Error::InvalidArgument("ffn_gather: x2 [N, E], idx/act [N, C], K2 [F, E], V [F, D], one dtype");
+ffi::Error FfnGather(ffi::ThreadPool pool, int32_t isa, ffi::Buffer<ffi::F32> x2, ffi::Buffer<ffi::F32> act,
+                     ffi::AnyBuffer k2, ffi::AnyBuffer v, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x2.dimensions(), ad = act.dimensions(), kd = k2.dimensions(), vd = v.dimensions();
+  if (xd.size() != 2 || ad.size() != 2 || kd.size() != 2 || vd.size() != 2 || ad[0] != xd[0] || ad[1] != kd[0] ||
+      kd[1] != xd[1] || vd[0] != kd[0] || k2.element_type() != v.element_type())
+    return ffi::Error::InvalidArgument("ffn_gather: x2 [N, E], act [N, F], K2 [F, E], V [F, D], one dtype");
   return with_weights(k2, "ffn_gather", [&](auto* kp) {
     auto* vp = reinterpret_cast<decltype(kp)>(v.untyped_data());  // same dtype: checked above
-    return ffn_gather(pool, isa, x2.typed_data(), idx.typed_data(), act.typed_data(), kp, vp, y->typed_data(),
-                      xd[0], id[1], kd[0], kd[1], vd[1]);
+    return ffn_gather(pool, isa, x2.typed_data(), act.typed_data(), kp, vp, y->typed_data(), xd[0], kd[0], kd[1],
+                      vd[1]);
   });
 }
 
@@ -741,7 +727,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparkFfnGather, FfnGather,
                                   .Ctx<ffi::ThreadPool>()
                                   .Attr<int32_t>("isa")
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
