@@ -23,7 +23,8 @@ Reported per prompt length (medians over rounds):
   a 26-layer projection from the same measurements: (26/L·layers + head) per model, where the head
   (final norm + 256k-vocab logits) is timed on its own — labelled as a projection;
   the FFN-only speedup (all L FFNs, one token) and the attention-only speedup (all L attention
-  layers, one token, over the prompt's cache);
+  layers, one token, over the prompt's cache); the Spark FFN's predictor and row gather (the
+  kernel on a fixed row of 8% active neurons) each timed alone, with their GB/s (`ffn_parts`);
   the bandwidth fraction: bytes a token must read (weights incl. the logit head; for Spark only the
   predictor, the realised active rows and the selected keys; KV of the visible positions) divided
   by the memory bandwidth measured in the same rounds (jnp.sum over 1 GiB), over the measured time.
@@ -113,6 +114,37 @@ def ffn_stack(graphdef, params, x_B1D, sparse):
     return x
 
 
+def ffn_pred_stack(graphdef, params, x_B1D):
+    """The Spark FFN's predictor alone, every layer (its dense x[:r]·K1ᵀ)."""
+    model = nnx.merge(graphdef, params)
+    x = x_B1D
+    for layer in model.layers:
+        x = x + 1e-3 * jnp.mean(layer.ffn.predictor(x, layer.ffn.w_down.shape[0]))
+    return x
+
+
+def ffn_gather_stack(graphdef, params, x_B1D, act_1F):
+    """The Spark FFN's row gather alone (kernels.ffn_gather on a fixed activation row), every layer."""
+    model = nnx.merge(graphdef, params)
+    x = x_B1D
+    for layer in model.layers:
+        f = layer.ffn
+        out = kernels.ffn_gather(x[0, :, f.rank:], act_1F, f.w_up[...], f.w_down[...])[0]
+        x = x + 1e-3 * out[None]
+    return x
+
+
+def ffn_parts(variants, cfg, gd, p, xs):
+    """Adds the Spark FFN's predictor and gather stacks to `variants`; -> bytes each reads per layer."""
+    f = cfg.ffn_width(0)
+    act = (jax.random.uniform(jax.random.key(7), (1, f)) < cfg.spark.ffn_k_frac).astype(jnp.float32)
+    pred_j = jax.jit(ffn_pred_stack, static_argnames=("graphdef",))
+    gather_j = jax.jit(ffn_gather_stack, static_argnames=("graphdef",))
+    variants["ffn_pred/spark"] = (lambda x: pred_j(gd, p, x), [(x,) for x in xs], 10)
+    variants["ffn_gather/spark"] = (lambda x: gather_j(gd, p, x, act), [(x,) for x in xs], 10)
+    return {"predictor": f * cfg.ffn_rank, "gather": float(jnp.sum(act)) * (2 * cfg.d_model - cfg.ffn_rank)}
+
+
 def head(graphdef, params, x_B1D):
     return nnx.merge(graphdef, params).logits(x_B1D)
 
@@ -149,6 +181,8 @@ def run(args):
         sparse = name == "spark"
         if "ffn" in parts:
             variants[f"ffn/{name}"] = (lambda x, gd=gd, p=p, s=sparse: ffn_j(gd, p, x, s), [(x,) for x in xs], 10)
+        if "ffn_parts" in parts and sparse:
+            parts_bytes = ffn_parts(variants, cfgs[name], gd, p, xs)
 
     templates, stats = {}, {}
     for t in args.prompts:
@@ -174,7 +208,15 @@ def run(args):
                 pos = jnp.array([[t]], jnp.int32)
                 variants[f"attn/{name}/{t}"] = (attn, [(x, pos) for x in xs], 5)
     res = interleaved(variants, args.rounds)
-    return summarize(args, cfgs, split, res, stats)
+    out = summarize(args, cfgs, split, res, stats)
+    if "ffn_pred/spark" in res:  # the Spark FFN's two weight reads, each on its own
+        item, bw = jnp.dtype(cfgs["spark"].param_dtype).itemsize, out["bandwidth_GBps"]
+        out["spark_ffn_parts"] = {
+            k: {"ms": res[f"ffn_{v}/spark"]["median_s"] * 1e3,
+                "GBps": args.layers * parts_bytes[k] * item / res[f"ffn_{v}/spark"]["median_s"] / 1e9,
+                "of_bandwidth": args.layers * parts_bytes[k] * item / res[f"ffn_{v}/spark"]["median_s"] / 1e9 / bw}
+            for k, v in (("predictor", "pred"), ("gather", "gather"))}
+    return out
 
 
 def ffn_bytes(cfg, density: float | None) -> float:
@@ -258,6 +300,9 @@ def print_table(r):
         print(f"FFN only ({r['layers']} layers, one token): dense {r['ffn_ms']['dense']:.2f} ms, spark "
               f"{r['ffn_ms']['spark']:.2f} ms -> {r['ffn_speedup']:.2f}x (byte-ratio bound "
               f"{r['ffn_byte_ratio_bound']:.2f}x)")
+    if "spark_ffn_parts" in r:
+        print("Spark FFN parts: " + ", ".join(f"{k} {v['ms']:.2f} ms ({v['GBps']:.1f} GB/s, {v['of_bandwidth']:.0%})"
+                                              for k, v in r["spark_ffn_parts"].items()))
 
 
 def child_argv(args, model: str) -> list[str]:
@@ -316,7 +361,7 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--param_dtype", choices=["float32", "bfloat16"], help="default: --dtype")
     ap.add_argument("--models", default="dense,spark")
-    ap.add_argument("--parts", default="decode,head,ffn,attn", help="what to time besides the bandwidth")
+    ap.add_argument("--parts", default="decode,head,ffn,ffn_parts,attn", help="what to time besides the bandwidth")
     ap.add_argument("--alternate", type=int, default=0, help="pairs of one-model processes (f32 at 26 layers)")
     ap.add_argument("--result_line", action="store_true", help="print RESULT {json} (bench/peer_decode.py)")
     ap.add_argument("--seed", type=int, default=0)
