@@ -25,6 +25,7 @@ Reported per prompt length (medians over rounds):
   the FFN-only speedup (all L FFNs, one token) and the attention-only speedup (all L attention
   layers, one token, over the prompt's cache); the Spark FFN's predictor and row gather (the
   kernel on a fixed row of 8% active neurons) each timed alone, with their GB/s (`ffn_parts`);
+  every part net of a jitted call that only receives the model's parameters (`call_overhead_ms`);
   the bandwidth fraction: bytes a token must read (weights incl. the logit head; for Spark only the
   predictor, the realised active rows and the selected keys; KV of the visible positions) divided
   by the memory bandwidth measured in the same rounds (jnp.sum over 1 GiB), over the measured time.
@@ -207,16 +208,33 @@ def run(args):
                                 jax.tree.map(jnp.copy, state.rows.cache))
                 pos = jnp.array([[t]], jnp.int32)
                 variants[f"attn/{name}/{t}"] = (attn, [(x, pos) for x in xs], 5)
+    noop_j = jax.jit(lambda gd, p, x: x, static_argnums=0)
+    for name, (gd, p) in split.items():  # what passing a model's parameters to a jitted call costs
+        variants[f"call/{name}"] = (lambda x, gd=gd, p=p: noop_j(gd, p, x), [(x,) for x in xs], 10)
     res = interleaved(variants, args.rounds)
-    out = summarize(args, cfgs, split, res, stats)
-    if "ffn_pred/spark" in res:  # the Spark FFN's two weight reads, each on its own
+    med = net_medians(res, list(split))
+    out = summarize(args, cfgs, split, med, stats)
+    if "ffn_pred/spark" in med:  # the Spark FFN's two weight reads, each on its own
         item, bw = jnp.dtype(cfgs["spark"].param_dtype).itemsize, out["bandwidth_GBps"]
         out["spark_ffn_parts"] = {
-            k: {"ms": res[f"ffn_{v}/spark"]["median_s"] * 1e3,
-                "GBps": args.layers * parts_bytes[k] * item / res[f"ffn_{v}/spark"]["median_s"] / 1e9,
-                "of_bandwidth": args.layers * parts_bytes[k] * item / res[f"ffn_{v}/spark"]["median_s"] / 1e9 / bw}
+            k: {"ms": med[f"ffn_{v}/spark"] * 1e3,
+                "GBps": args.layers * parts_bytes[k] * item / med[f"ffn_{v}/spark"] / 1e9,
+                "of_bandwidth": args.layers * parts_bytes[k] * item / med[f"ffn_{v}/spark"] / 1e9 / bw}
             for k, v in (("predictor", "pred"), ("gather", "gather"))}
     return out
+
+
+def net_medians(res, names):
+    """Median seconds per variant; the part timings (head, ffn, attn, ffn_pred, ffn_gather: one
+    jitted call each, the model's parameters passed in) net of the same call doing nothing
+    (`call/<model>`: the dispatch of a few hundred parameter leaves, ~0.4 ms at 8 layers)."""
+    med = {k: v["median_s"] for k, v in res.items()}
+    for k in list(med):
+        part, _, rest = k.partition("/")
+        model = names[0] if k == "head" else rest.split("/")[0]
+        if part in ("head", "ffn", "attn", "ffn_pred", "ffn_gather") and f"call/{model}" in med:
+            med[k] -= med[f"call/{model}"]
+    return med
 
 
 def ffn_bytes(cfg, density: float | None) -> float:
@@ -229,8 +247,7 @@ def ffn_bytes(cfg, density: float | None) -> float:
     return 3 * f * d * item
 
 
-def summarize(args, cfgs, split, res, stats):
-    med = {k: v["median_s"] for k, v in res.items()}
+def summarize(args, cfgs, split, med, stats):
     bw = 4 * BANDWIDTH_FLOATS / med["bandwidth"]
     names = list(cfgs)
     out = {"layers": args.layers, "dtype": args.dtype, "param_dtype": args.param_dtype, "models": names,
@@ -242,6 +259,7 @@ def summarize(args, cfgs, split, res, stats):
            "ms_per_token": {}, "bytes_per_token": {}, "bound_ms_per_token": {},
            "bandwidth_fraction": {n: {} for n in names}, "spark_decode_stats": {}}
     both = len(names) == 2
+    out["call_overhead_ms"] = {n: med[f"call/{n}"] * 1e3 for n in names if f"call/{n}" in med}
     if "head" in med:
         out["head_ms"] = med["head"] * 1e3
     if "ffn/" + names[0] in med:
