@@ -17,8 +17,8 @@
 #include <Python.h>
 
 #include <algorithm>
-#include <cmath>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -349,6 +349,19 @@ inline const W* const* next_rows(const W* w, int64_t r0, int64_t end, int64_t d,
   return next;
 }
 
+// Gathered rows: base + idx[j]·stride for the group at j0 (up to kGroup, idx[j0 + r] < idx.size()),
+// and the next group's into `next` if it lies whole before `end` (else nullptr): a jump no hardware
+// prefetcher guesses.
+template <typename W>
+inline const W* const* gathered_rows(const W* base, const std::vector<int32_t>& idx, int64_t j0, int64_t end,
+                                     int64_t stride, const W** rows, const W** next) {
+  int64_t nr = std::min<int64_t>(kGroup, int64_t(idx.size()) - j0);
+  for (int64_t r = 0; r < nr; ++r) rows[r] = base + int64_t(idx[j0 + r]) * stride;
+  if (j0 + 2 * kGroup > end) return nullptr;
+  for (int64_t r = 0; r < kGroup; ++r) next[r] = base + int64_t(idx[j0 + kGroup + r]) * stride;
+  return next;
+}
+
 bool use_avx(int32_t isa) { return isa == 1 && cpu_has_avx512(); }
 
 // The AVX-512 bf16 path reads x and writes y in the pair layout (dots_pairs): n rows of d values,
@@ -496,27 +509,15 @@ ffi::Error ffn_gather(ffi::ThreadPool pool, int32_t isa, const float* x2, const 
   std::vector<float> part(chunks * size, 0.0f);
   parallel_chunks(pool, chunks, [&](int64_t c) {
     float up[kGroup * kMaxTokens], a[kGroup * kMaxTokens];
-    const W* kr[kGroup];
-    const W* vr[kGroup];
-    const W* kn[kGroup];
-    const W* vn[kGroup];
+    const W *kr[kGroup], *vr[kGroup], *kn[kGroup], *vn[kGroup];
     float* yp = part.data() + c * size;
     int64_t end = std::min(m, (c + 1) * per);
     for (int64_t j0 = c * per; j0 < end; j0 += kGroup) {
       int64_t nr = std::min(kGroup, end - j0);
-      for (int64_t r = 0; r < nr; ++r) {
-        kr[r] = k2 + int64_t(rows[j0 + r]) * e;
-        vr[r] = v + int64_t(rows[j0 + r]) * d;
-      }
-      bool ahead = j0 + 2 * kGroup <= end;  // the next group's rows: a jump no hardware prefetcher guesses
-      for (int64_t r = 0; ahead && r < kGroup; ++r) {
-        kn[r] = k2 + int64_t(rows[j0 + kGroup + r]) * e;
-        vn[r] = v + int64_t(rows[j0 + kGroup + r]) * d;
-      }
-      dots(avx, kr, ahead ? kn : nullptr, nr, x2, e, n_tok, e, up);
+      dots(avx, kr, gathered_rows(k2, rows, j0, end, e, kr, kn), nr, x2, e, n_tok, e, up);
       for (int64_t r = 0; r < nr; ++r)
         for (int64_t n = 0; n < n_tok; ++n) a[r * kMaxTokens + n] = table[n * f + rows[j0 + r]] * up[r * kMaxTokens + n];
-      axpys(avx, vr, ahead ? vn : nullptr, nr, a, yp, d, n_tok, d);
+      axpys(avx, vr, gathered_rows(v, rows, j0, end, d, vr, vn), nr, a, yp, d, n_tok, d);
     }
   });
   reduce_partials(part, chunks, size, y);
@@ -596,17 +597,6 @@ void attn_weights(const AttnDims& a, bool spark, float cap, const bool* val, con
   }
 }
 
-// Row pointers base + idx[j]·stride for one group of keys, and the next group's (nullptr past the end).
-template <typename W>
-inline const W* const* key_rows(const W* base, const std::vector<int32_t>& idx, int64_t j0, int64_t stride,
-                                const W** rows, const W** next) {
-  int64_t nr = std::min<int64_t>(kGroup, idx.size() - j0);
-  for (int64_t r = 0; r < nr; ++r) rows[r] = base + int64_t(idx[j0 + r]) * stride;
-  if (j0 + 2 * kGroup > int64_t(idx.size())) return nullptr;
-  for (int64_t r = 0; r < kGroup; ++r) next[r] = base + int64_t(idx[j0 + kGroup + r]) * stride;
-  return next;
-}
-
 template <typename W>
 void attend_one(bool avx, const AttnDims& a, int32_t mode, float cap, int64_t m, const float* q, const W* k,
                 const W* v, const bool* valid, const float* z, float* out, int32_t* kept) {
@@ -642,7 +632,7 @@ void attend_one(bool avx, const AttnDims& a, int32_t mode, float cap, int64_t m,
   const W* next[kGroup];
   for (size_t j0 = 0; j0 < idx.size(); j0 += kGroup) {
     int64_t nr = std::min<int64_t>(kGroup, idx.size() - j0);
-    dots(avx, rows, key_rows(km, idx, j0, a.h, rows, next), nr, q1.data(), a.r, a.n, a.r, dot);
+    dots(avx, rows, gathered_rows(km, idx, j0, idx.size(), a.h, rows, next), nr, q1.data(), a.r, a.n, a.r, dot);
     for (int64_t r = 0; r < nr; ++r)
       for (int64_t n = 0; n < a.n; ++n) sc[n * s_end + idx[j0 + r]] = dot[r * kMaxTokens + n];
   }
@@ -652,9 +642,7 @@ void attend_one(bool avx, const AttnDims& a, int32_t mode, float cap, int64_t m,
     for (int64_t h0 = 0; h0 < a.h; h0 += kGroup) {
       int64_t nr = std::min(kGroup, a.h - h0);
       for (int64_t r = 0; r < nr; ++r) rows[r] = vm + (h0 + r) * a.s;
-      bool ahead = h0 + 2 * kGroup <= a.h;
-      for (int64_t r = 0; ahead && r < kGroup; ++r) next[r] = vm + (h0 + kGroup + r) * a.s;
-      dots(avx, rows, ahead ? next : nullptr, nr, sc.data(), s_end, a.n, s_end, dot);
+      dots(avx, rows, next_rows(vm, h0, a.h, a.s, next), nr, sc.data(), s_end, a.n, s_end, dot);
       for (int64_t r = 0; r < nr; ++r)
         for (int64_t n = 0; n < a.n; ++n) y[n * a.h + h0 + r] = dot[r * kMaxTokens + n];
     }
@@ -670,8 +658,9 @@ void attend_one(bool avx, const AttnDims& a, int32_t mode, float cap, int64_t m,
   const W* vnext[kGroup];
   for (size_t j0 = 0; j0 < used.size(); j0 += kGroup) {
     int64_t nr = std::min<int64_t>(kGroup, used.size() - j0);
-    if (spark) dots(avx, rows, key_rows(km + a.r, used, j0, a.h, rows, next), nr, q2.data(), e, a.n, e, dot);
-    const W* const* vn = key_rows(vm, used, j0, a.h, vrows, vnext);
+    const int64_t end = used.size();
+    if (spark) dots(avx, rows, gathered_rows(km + a.r, used, j0, end, a.h, rows, next), nr, q2.data(), e, a.n, e, dot);
+    const W* const* vn = gathered_rows(vm, used, j0, end, a.h, vrows, vnext);
     for (int64_t r = 0; r < nr; ++r)
       for (int64_t n = 0; n < a.n; ++n) {
         float p = sc[n * s_end + used[j0 + r]];
