@@ -223,6 +223,7 @@ def check_speculative_flags(args):
             and not (args.decoder == "bild" and f in LITTLE_FLAGS)]
     if used and not args.speculative:
         raise ConfigError(f"{', '.join(used)} need --speculative")
+    from decode.goodput import GoodputConfig
     from decode.multidraft import MultiDraftConfig
     from decode.speculative import SpecConfig
 
@@ -245,6 +246,9 @@ def check_speculative_flags(args):
         raise ConfigError(f"--cost_repeats must be >= 1, got {args.cost_repeats}")
     if auto:
         args.gamma = 4 if args.gamma_max is None else args.gamma_max
+        if args.max_new_tokens < 2 * args.gamma + 4:  # goodput_costs.measure_costs: 2 rounds at γ_max, and the first
+            raise ConfigError(f"--gamma auto measures its round costs in a decode of --max_new_tokens: with γ_max "
+                              f"{args.gamma} that needs >= {2 * args.gamma + 4}, got {args.max_new_tokens}")
     elif args.gamma is not None and not re.fullmatch(r"-?\d+", args.gamma):
         raise ConfigError(f"--gamma must be an integer or auto, got {args.gamma!r}")
     args.gamma = 3 if args.gamma is None else int(args.gamma)
@@ -263,7 +267,9 @@ def check_speculative_flags(args):
         return MultiDraftConfig("rsd_s", beam=args.tree_beam, depth=args.tree_depth, verifier=args.verifier,
                                 adaptive_threshold=args.adaptive_threshold)
     args.draft_cache = args.draft_cache or "shared"
-    return SpecConfig(gamma=args.gamma, adaptive_threshold=args.adaptive_threshold, draft_cache=args.draft_cache)
+    goodput = GoodputConfig((1.0,) * (args.gamma + 1)) if auto else None  # the costs: measured in main
+    return SpecConfig(gamma=args.gamma, adaptive_threshold=args.adaptive_threshold, draft_cache=args.draft_cache,
+                      goodput=goodput)
 
 
 def main(argv=None):
@@ -310,16 +316,7 @@ def main(argv=None):
         fn = multidraft.generate
     elif args.speculative:
         kw.update(spec=dataclasses.replace(spec_cfg, draft_widths=draft_widths))
-        if args.goodput:  # the cost model of this batch size and prompt length, measured now
-            from decode import goodput, goodput_costs
-
-            costs = goodput_costs.measure_costs(train_lib.graphdef_of(cfg), params, jnp.asarray(arr), lengths,
-                                              gamma_max=args.gamma, draft_widths=draft_widths, sampler=sampler,
-                                              max_new_tokens=max(args.max_new_tokens, 4 * args.gamma + 6),  # ≥ 2 reps
-                                              widths=widths, sparse=not args.no_sparse,
-                                              repeats=args.cost_repeats or goodput_costs.REPEATS)
-            kw.update(spec=dataclasses.replace(kw["spec"], goodput=goodput.GoodputConfig(costs)))
-        fn = speculative.generate
+        fn = speculative.fixed_generate  # jitted (the goodput decoder: below)
     elif bild_cfg is not None:
         kw.update(bild=dataclasses.replace(bild_cfg, little_widths=draft_widths))
         fn = bild.generate
@@ -328,6 +325,17 @@ def main(argv=None):
     run_args = (params, jnp.asarray(arr), lengths, jax.random.key(args.seed))
     if scfg is not None:
         return run_search(args, scfg, cfg, tok, prompts, run_args, widths, step)
+    measure_s = None
+    if args.goodput:  # the cost model of this batch size and prompt length, measured now (this compiles)
+        from decode import goodput_costs
+
+        t0 = time.perf_counter()
+        costs = goodput_costs.measure_costs(train_lib.graphdef_of(cfg), *run_args[:3], **kw,
+                                            repeats=args.cost_repeats or goodput_costs.REPEATS)
+        measure_s = time.perf_counter() - t0
+        fn, run_args = speculative.goodput_generate, (*run_args, jnp.asarray(costs, jnp.float32),
+                                                      jnp.int32(args.max_new_tokens))
+        kw.update(spec=speculative.goodput_static(kw["spec"]))
     # compile first (the static graphdef is baked in), so the timing is the generation only
     t0 = time.perf_counter()
     compiled = fn.lower(train_lib.graphdef_of(cfg), *run_args, **kw).compile()
@@ -344,8 +352,8 @@ def main(argv=None):
         stats.update(rounds_per_row=stats["rounds"], rounds=int(sum(stats["rounds"])),
                      draft_widths=list(draft_widths), gamma=args.gamma)
         if args.goodput:
-            stats.update(gamma_chosen=[g for g in stats["gamma_chosen"] if g >= 0],
-                         goodput_costs=list(kw["spec"].goodput.costs))
+            stats.update(gamma_chosen=[g for g in stats["gamma_chosen"] if g >= 0], goodput_costs=list(costs),
+                         cost_measure_seconds=measure_s)
         if isinstance(spec_cfg, multidraft.MultiDraftConfig):
             stats.update(method=spec_cfg.method, verifier=spec_cfg.verifier, gamma=len(spec_cfg.levels) - 1,
                          accepted_per_round=sum(stats["accepted"]) / max(stats["rounds"], 1))

@@ -136,11 +136,13 @@ def goodput_sweep(args, cfg, graphdef, params, tok):
     out = {}
     for b in [int(x) for x in args.batches.split(",") if x]:
         arr, lengths = padded([encoded[i % len(encoded)] for i in range(b)], tok.pad_id)
-        costs = goodput_costs.measure_costs(graphdef, params, arr, lengths, gamma_max=GAMMA_MAX, draft_widths=dw,
-                                   sampler=sampler, max_new_tokens=args.new_tokens)
+        auto = spec.SpecConfig(dw, gamma=GAMMA_MAX, goodput=gp.GoodputConfig((1.0,) * (GAMMA_MAX + 1)))
+        t0 = time.perf_counter()
+        costs = goodput_costs.measure_costs(graphdef, params, arr, lengths, spec=auto, **common)
+        measure_s = time.perf_counter() - t0
         sc = {"γ=1": spec.SpecConfig(dw, gamma=1), "γ=3": spec.SpecConfig(dw, gamma=3),
               "adaptive h=0.5": spec.SpecConfig(dw, gamma=GAMMA_MAX, adaptive_threshold=0.5),
-              "goodput": spec.SpecConfig(dw, gamma=GAMMA_MAX, goodput=gp.GoodputConfig(costs))}
+              "goodput": goodput_costs.with_costs(auto, costs)}
         variants = {"plain": functools.partial(gen.generate, graphdef, **common)}
         variants |= {n: functools.partial(spec.generate, graphdef, spec=c, **common) for n, c in sc.items()}
         inputs = [(params, arr, lengths, jax.random.key(i)) for i in range(2)]
@@ -160,7 +162,8 @@ def goodput_sweep(args, cfg, graphdef, params, tok):
                   "gamma_histogram": np.bincount(chosen, minlength=GAMMA_MAX + 1).tolist(),
                   "mean_gamma": float(chosen.mean()),
                   "acceptance_estimate": float(np.mean([s["acceptance_estimate"] for s in st])),
-                  "compile_s": {n: t - timing[n]["median_s"] for n, t in first_s.items()}}
+                  "compile_s": {n: t - timing[n]["median_s"] for n, t in first_s.items()},
+                  "cost_measure_s": measure_s}  # goodput's compile is in it: its first call above reuses it
         print(f"B={b}: " + ", ".join(f"{n} {v:.2f}x" for n, v in out[b]["speedup"].items())
               + f"; goodput γ histogram {out[b]['gamma_histogram']}, round costs "
               + ", ".join(f"{c * 1e3:.1f}" for c in costs) + " ms", flush=True)

@@ -22,10 +22,11 @@ stopped it has faded. The prior is optimistic (α₀ = 1) by default: with α₀
 `runs/bench_lm` goodput chose γ = 0 from the first round and never saw that the F/8 draft is
 accepted ~90% of the time (fixed γ = 3 ran 1.21× plain, goodput 0.98×).
 
-    costs = goodput_costs.measure_costs(graphdef, params, prompts_BT, lengths_B, gamma_max=4, draft_widths=...,
-                                      sampler=...)
-    spec = SpecConfig(draft_widths=..., gamma=4, goodput=GoodputConfig(costs))
-    speculative.generate(..., spec=spec)          # stats["gamma_chosen"]: γ of every round (−1 past the end)
+    spec = SpecConfig(draft_widths=..., gamma=4, goodput=GoodputConfig((1.0,) * 5))
+    costs = goodput_costs.measure_costs(graphdef, params, prompts_BT, lengths_B, spec=spec, sampler=...,
+                                        max_new_tokens=N)
+    speculative.generate(..., spec=goodput_costs.with_costs(spec, costs))   # stats["gamma_chosen"]: γ of
+                                                                            # every round (−1 past the end)
 """
 
 from __future__ import annotations

@@ -1,69 +1,73 @@
 """The round costs goodput decides by (decode/goodput.py), measured on this machine for a model,
-batch size and prompt length through the goodput decoder of decode/speculative.py itself.
+batch size and prompt length through the goodput decoder itself (speculative.goodput_generate,
+whose cost vector is an argument: the measurement and the decode share one compile).
 
-    costs = measure_costs(graphdef, params, prompts_BT, lengths_B, gamma_max=4, draft_widths=...,
-                          sampler=..., max_new_tokens=N)
-    spec = SpecConfig(draft_widths=..., gamma=4, goodput=GoodputConfig(costs))
+    spec = SpecConfig(draft_widths=..., gamma=4, goodput=GoodputConfig((1.0,) * 5))   # costs: any
+    costs = measure_costs(graphdef, params, prompts_BT, lengths_B, spec=spec, sampler=..., max_new_tokens=N)
+    spec = with_costs(spec, costs)
+    speculative.generate(graphdef, params, prompts_BT, lengths_B, key, spec=spec, sampler=..., max_new_tokens=N)
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
-from decode import goodput as gp
-from decode.goodput import GoodputConfig
-from decode.speculative import SpecConfig, branches, models, spec_prefill, with_goodput_stats
+from decode.speculative import SpecConfig, goodput_generate, goodput_static
 from spark.errors import ConfigError
 
 REPEATS = 15  # timings of every γ per measurement (sample.py --cost_repeats)
 
 
-def measure_costs(graphdef, params, prompts_BT, prompt_lengths_B, *, gamma_max: int, draft_widths, sampler,
-                  max_new_tokens: int, widths=None, sparse: bool = True, repeats: int = REPEATS) -> tuple[float, ...]:
-    """Seconds per round of each γ = 0 … γ_max at this batch size and prompt length, timed through
-    the goodput decoder itself, with what it pays around a branch (the switch, the bookkeeping; a
-    branch timed on its own under-stated a γ ≥ 1 round by ~25% at B = 4 on runs/bench_lm): its
-    loop, after a prefill, run for `reps` and for 2·`reps` rounds with a cost vector that forces γ
-    (an argument: one compile serves every γ); the difference / reps is the round's cost (the
-    first rounds of a call cost more than the later ones — ~10 ms at B = 1 — so the prefill alone is
-    not the baseline). The cache and buffers are those of a decode of `max_new_tokens` (timed with
-    a cache twice as long, a γ = 3 round cost 4.25 plain rounds at B = 1, where the decode pays
-    ~3), so reps = (max_new_tokens − 2) // (2·(γ_max + 1)) rounds keep every row decoding.
-    This machine's speed drifts and only the ratios between the costs decide γ,
-    so each repeat times every γ back to back, and the result is the median γ = 0 cost times the
-    median over repeats of each γ's ratio to it: the cost model `goodput.GoodputConfig.costs` takes."""
-    cfg = GoodputConfig((1.0,) * (gamma_max + 1))
-    spec = SpecConfig(draft_widths=draft_widths, gamma=gamma_max, goodput=cfg)
-    reps = (max_new_tokens - 2) // (2 * (gamma_max + 1))
-    if reps < 1:
+def with_costs(spec: SpecConfig, costs) -> SpecConfig:
+    return dataclasses.replace(spec, goodput=dataclasses.replace(spec.goodput, costs=tuple(costs)))
+
+
+def measure_costs(graphdef, params, prompts_BT, prompt_lengths_B, *, spec: SpecConfig, sampler, max_new_tokens: int,
+                  eos_id: int = -1, pad_id: int = 0, widths=None, sparse: bool = True,
+                  repeats: int = REPEATS, budget_s: float = 60.0) -> tuple[float, ...]:
+    """Seconds per round of each γ = 0 … γ_max (spec.gamma) at this batch size and prompt length,
+    timed through the decoder that will use them — the same compiled function, called with a cost
+    vector that forces γ — so with what it pays around a branch (the switch, the bookkeeping; a
+    branch timed on its own under-stated a γ ≥ 1 round by ~25% at B = 4 on runs/bench_lm). A
+    round's cost is the difference of a whole decode of `max_new_tokens` and a call that stops
+    after one round, divided by the rounds between them: the prefill, the first round and the call
+    itself cancel, and the rounds are those of the real decode, at its positions (rounds 2-15
+    alone, at B = 1 on runs/bench_lm, put a plain round at 1.30 ms against 1.21 over the whole
+    decode — the early rounds cost more — and every γ ≥ 1 round at 7-10% fewer plain rounds than
+    the whole decodes paid; with the whole decodes the costs predict each forced γ's speed).
+    This machine's speed drifts and only the ratios between the costs decide γ, so each repeat
+    times every γ back to back, and the result is the median γ = 0 cost times the median over
+    repeats of each γ's ratio to it. Repeats stop early (after at least 3) once `budget_s` is spent:
+    a repeat at B = 64 takes ~20 s."""
+    if spec.goodput is None:
+        raise ConfigError("measure_costs needs a SpecConfig with goodput (its costs are not read)")
+    gamma_max = spec.gamma
+    if max_new_tokens < 2 * gamma_max + 4:
         raise ConfigError(f"measuring round costs needs max_new_tokens >= {2 * gamma_max + 4}, got {max_new_tokens}")
-
-    @jax.jit
-    def run(params, key, costs_G, n):
-        model, drafter, spec_r, widths_r = models(graphdef, params, spec, widths)
-        kw = dict(sampler=sampler, eos_id=-1, pad_id=0, widths=widths_r)
-        s = spec_prefill(model, prompts_BT, prompt_lengths_B, key, max_new_tokens=max_new_tokens, spec=spec_r,
-                         drafter=drafter, **kw)
-        more = lambda s: s.rounds < n  # noqa: E731
-        step = functools.partial(gp.goodput_round, branches(model, drafter, spec_r, sparse=sparse, **kw),
-                                 cfg=cfg, more=more, costs_G=costs_G)
-        # the whole state: nothing of the prefill is dropped from the baseline
-        return jax.lax.while_loop(more, step, with_goodput_stats(s, cfg, max_new_tokens))
-
+    kw = dict(max_new_tokens=max_new_tokens, sampler=sampler, eos_id=eos_id, pad_id=pad_id, spec=goodput_static(spec),
+              widths=widths, sparse=sparse)
     force = [jnp.where(jnp.arange(gamma_max + 1) == g, 1.0, 1e30).astype(jnp.float32) for g in range(gamma_max + 1)]
     key = jax.random.key(0)
 
-    def seconds(costs_G, n):
+    def seconds(costs_G, rounds):
         t0 = time.perf_counter()
-        jax.block_until_ready(run(params, key, costs_G, jnp.int32(n)))
-        return time.perf_counter() - t0
+        out = jax.block_until_ready(goodput_generate(graphdef, params, prompts_BT, prompt_lengths_B, key, costs_G,
+                                                     jnp.int32(rounds), **kw))
+        return time.perf_counter() - t0, int(out[2]["loop_rounds"])
 
     seconds(force[0], 1)  # compile
-    per_round = [[max(seconds(c, 2 * reps) - seconds(c, reps), 1e-9) / reps for c in force] for _ in range(repeats)]
-    plain = statistics.median(r[0] for r in per_round)
-    return tuple(plain * statistics.median(r[g] / r[0] for r in per_round) for g in range(gamma_max + 1))
+
+    def per_round(costs_G):
+        (t_all, ran), (t_1, _) = seconds(costs_G, max_new_tokens), seconds(costs_G, 1)
+        return max(t_all - t_1, 1e-9) / max(ran - 1, 1)
+
+    rounds, t0 = [], time.perf_counter()
+    while len(rounds) < repeats and not (len(rounds) >= 3 and time.perf_counter() - t0 > budget_s):
+        rounds.append([per_round(c) for c in force])
+    plain = statistics.median(r[0] for r in rounds)
+    return tuple(plain * statistics.median(r[g] / r[0] for r in rounds) for g in range(gamma_max + 1))

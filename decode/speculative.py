@@ -386,8 +386,9 @@ def with_goodput_stats(s: SpecState, cfg: GoodputConfig, max_rounds: int) -> Spe
                      | {"gamma_chosen": jnp.full((max_rounds,), -1, jnp.int32)})
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampler", "eos_id", "pad_id", "spec",
-                                             "widths", "sparse"))
+STATIC = ("graphdef", "max_new_tokens", "sampler", "eos_id", "pad_id", "spec", "widths", "sparse")
+
+
 def generate(graphdef, params, prompts_BT, prompt_lengths_B, key, *, max_new_tokens: int, sampler: SamplerConfig,
              eos_id: int, pad_id: int, spec: SpecConfig = SpecConfig(), widths=None, sparse: bool = True):
     """Speculative sampling from the target (`widths`, None = full) with a MatFormer draft (`spec`).
@@ -397,20 +398,54 @@ def generate(graphdef, params, prompts_BT, prompt_lengths_B, key, *, max_new_tok
 
     Returns (new_tokens [B, max_new_tokens] padded with pad_id after EOS, num_new [B], stats), like
     decode.generate.generate; stats from `summarize`, with `spec.goodput` also gamma_chosen [rounds
-    cap] (−1 past the last round) and each row's final acceptance_estimate."""
+    cap] (−1 past the last round) and each row's final acceptance_estimate. One jitted while_loop;
+    with `spec.goodput` that of `goodput_generate`, whose cost vector is an argument, so the costs
+    measured by goodput_costs.measure_costs and the decode that uses them share one compile."""
+    kw = dict(max_new_tokens=max_new_tokens, sampler=sampler, eos_id=eos_id, pad_id=pad_id, widths=widths,
+              sparse=sparse)
+    if spec.goodput is None:
+        return fixed_generate(graphdef, params, prompts_BT, prompt_lengths_B, key, spec=spec, **kw)
+    return goodput_generate(graphdef, params, prompts_BT, prompt_lengths_B, key,
+                            jnp.asarray(spec.goodput.costs, jnp.float32), jnp.int32(max_new_tokens),
+                            spec=goodput_static(spec), **kw)
+
+
+def goodput_static(spec: SpecConfig) -> SpecConfig:
+    """The goodput decoder's static settings: its costs, an argument of goodput_generate, replaced by ones."""
+    return dataclasses.replace(spec, goodput=dataclasses.replace(spec.goodput, costs=(1.0,) * (spec.gamma + 1)))
+
+
+@functools.partial(jax.jit, static_argnames=STATIC)
+def fixed_generate(graphdef, params, prompts_BT, prompt_lengths_B, key, *, max_new_tokens: int,
+                   sampler: SamplerConfig, eos_id: int, pad_id: int, spec: SpecConfig, widths, sparse: bool):
+    """`generate` with γ drafts per round (at most γ with spec.adaptive_threshold)."""
     model, drafter, spec, widths = models(graphdef, params, spec, widths)
     kw = dict(sampler=sampler, eos_id=eos_id, pad_id=pad_id, widths=widths)
     s = spec_prefill(model, prompts_BT, prompt_lengths_B, key, max_new_tokens=max_new_tokens, drafter=drafter,
                      spec=spec, **kw)
     cond = lambda s: (s.rounds < max_new_tokens) & ~jnp.all(s.done_B)  # noqa: E731
-    if spec.goodput is None:
-        step = functools.partial(spec_round, model, spec=spec, sparse=sparse, drafter=drafter, **kw)
-    else:
-        s = with_goodput_stats(s, spec.goodput, max_new_tokens)
-        step = functools.partial(gp.goodput_round, branches(model, drafter, spec, sparse=sparse, **kw),
-                                 cfg=spec.goodput, more=cond)
+    step = functools.partial(spec_round, model, spec=spec, sparse=sparse, drafter=drafter, **kw)
     s = jax.lax.while_loop(cond, step, s)
-    st = summarize(s)
-    if spec.goodput is not None:
-        st = {k: v for k, v in st.items() if not k.startswith("goodput_")} | {"acceptance_estimate": gp.estimate(st)}
-    return s.tokens_BN[:, :max_new_tokens], s.num_B, st
+    return s.tokens_BN[:, :max_new_tokens], s.num_B, summarize(s)
+
+
+@functools.partial(jax.jit, static_argnames=STATIC)
+def goodput_generate(graphdef, params, prompts_BT, prompt_lengths_B, key, costs_G, max_rounds, *,
+                     max_new_tokens: int, sampler: SamplerConfig, eos_id: int, pad_id: int, spec: SpecConfig, widths,
+                     sparse: bool):
+    """`generate` with γ chosen per round by goodput from `costs_G` [γ_max + 1] (spec.goodput.costs
+    are not read), stopping after `max_rounds` rounds (int32; at most max_new_tokens, which sizes
+    the cache and buffers): measure_costs forces γ with a cost vector and times a number of rounds.
+    stats also hold `loop_rounds`, the rounds run."""
+    model, drafter, spec, widths = models(graphdef, params, spec, widths)
+    kw = dict(sampler=sampler, eos_id=eos_id, pad_id=pad_id, widths=widths)
+    s = spec_prefill(model, prompts_BT, prompt_lengths_B, key, max_new_tokens=max_new_tokens, drafter=drafter,
+                     spec=spec, **kw)
+    s = with_goodput_stats(s, spec.goodput, max_new_tokens)
+    cond = lambda s: (s.rounds < jnp.minimum(max_rounds, max_new_tokens)) & ~jnp.all(s.done_B)  # noqa: E731
+    step = functools.partial(gp.goodput_round, branches(model, drafter, spec, sparse=sparse, **kw),
+                             cfg=spec.goodput, more=cond, costs_G=costs_G)
+    s = jax.lax.while_loop(cond, step, s)
+    st = {k: v for k, v in summarize(s).items() if not k.startswith("goodput_")}
+    return (s.tokens_BN[:, :max_new_tokens], s.num_B,
+            st | {"acceptance_estimate": gp.estimate(s.stats), "loop_rounds": s.rounds})

@@ -90,9 +90,11 @@ def test_bad_configs():
         spec.SpecConfig(gamma=1, draft_cache="separate", goodput=gp.GoodputConfig((1.0, 2.0)))
     with pytest.raises(ConfigError, match="positive"):
         gp.GoodputConfig((1.0, 0.0))
+    sc = spec.SpecConfig(gamma=3, goodput=gp.GoodputConfig((1.0,) * 4))
     with pytest.raises(ConfigError, match="max_new_tokens >= 10"):  # 2 rounds of γ_max + 1 tokens, and the first
-        goodput_costs.measure_costs(None, None, None, None, gamma_max=3, draft_widths=None, sampler=None,
-                                    max_new_tokens=9)
+        goodput_costs.measure_costs(None, None, None, None, spec=sc, sampler=None, max_new_tokens=9)
+    with pytest.raises(ConfigError, match="needs a SpecConfig with goodput"):
+        goodput_costs.measure_costs(None, None, None, None, spec=spec.SpecConfig(), sampler=None, max_new_tokens=20)
 
 
 VARYING = (1.0, 1.45, 1.8)  # near the break-even of γ = 0 / 1 / 2 at the toy's acceptance: γ moves
@@ -118,10 +120,12 @@ def test_sampled_law_unchanged_while_gamma_varies():
     graphdef, params = _toy()
     sc = spec.SpecConfig(draft_widths=TOY.granularity_widths(8), gamma=2,
                          goodput=gp.GoodputConfig(VARYING, prior=0.6))
-    run = jax.jit(functools.partial(spec.generate.__wrapped__, graphdef, max_new_tokens=LENGTH, sampler=TOY_SAMPLER,
-                                    eos_id=-1, pad_id=0, spec=sc))
+    run = jax.jit(functools.partial(spec.goodput_generate.__wrapped__, graphdef, max_new_tokens=LENGTH,
+                                    sampler=TOY_SAMPLER, eos_id=-1, pad_id=0, spec=spec.goodput_static(sc),
+                                    widths=None, sparse=True))
     out, num, st = run(params, jnp.asarray(np.tile(PROMPT, (TRIALS, 1)), jnp.int32),
-                       jnp.full((TRIALS,), len(PROMPT), jnp.int32), jax.random.key(0))
+                       jnp.full((TRIALS,), len(PROMPT), jnp.int32), jax.random.key(0), jnp.asarray(VARYING),
+                       jnp.int32(LENGTH))
     chosen = np.asarray(st["gamma_chosen"])
     assert len(set(chosen[chosen >= 0].tolist())) >= 2, chosen
     assert (np.asarray(num) == LENGTH).all()

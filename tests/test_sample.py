@@ -115,6 +115,8 @@ BAD = {
                         "--gamma_max and --cost_repeats go with --gamma auto"),
     "cost_repeats 0": (["--prompt", "a", "--speculative", "--gamma", "auto", "--cost_repeats", "0"],
                        "--cost_repeats must be >= 1, got 0"),
+    "gamma auto short": (["--prompt", "a", "--speculative", "--gamma", "auto", "--max_new_tokens", "11"],
+                         "with γ_max 4 that needs >= 12, got 11"),
     "gamma auto trees": (["--prompt", "a", "--speculative", "--gamma", "auto", "--drafts", "2"], "not with --drafts"),
     "bild flag alone": (["--prompt", "a", "--fallback", "0.5"], "--fallback need --decoder bild"),
     "bild gamma": (["--prompt", "a", "--decoder", "bild", "--gamma", "3"], "--gamma need --speculative"),
@@ -174,7 +176,7 @@ def test_goodput_json_greedy_equals_plain(workdir, sample_cli, capsys):
     st = out["stats"]
     assert out["text"] == plain["text"] and len(st["goodput_costs"]) == 2 and all(c > 0 for c in st["goodput_costs"])
     assert len(st["gamma_chosen"]) == st["rounds"] and set(st["gamma_chosen"]) <= {0, 1}
-    assert st["compile_seconds"] > 0
+    assert st["compile_seconds"] > 0 and st["cost_measure_seconds"] > 0
 
 
 def test_bild_json(workdir, sample_cli, capsys):

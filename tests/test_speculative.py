@@ -144,7 +144,8 @@ def _spec_continuations(seed=0, sampler=TOY_SAMPLER, eos_id=-1, **kw):
     -> the emitted outcomes (each row cut at its num_new) and the stats."""
     graphdef, params = _toy()
     run = jax.jit(functools.partial(
-        spec.generate.__wrapped__, graphdef, max_new_tokens=LENGTH, sampler=sampler, eos_id=eos_id, pad_id=0,
+        spec.fixed_generate.__wrapped__, graphdef, max_new_tokens=LENGTH, sampler=sampler, eos_id=eos_id, pad_id=0,
+        widths=None, sparse=True,
         spec=spec.SpecConfig(draft_widths=TOY.granularity_widths(8), gamma=GAMMA, **kw)))
     prompts = jnp.asarray(np.tile(PROMPT, (TRIALS, 1)), jnp.int32)
     out, num, st = run(params, prompts, jnp.full((TRIALS,), len(PROMPT), jnp.int32), jax.random.key(seed))
