@@ -20,7 +20,8 @@ Part 2, goodput (decode/goodput.py; sampled at --temperature, lossless), for eac
 (rows: the prompts cycled): plain decoding (γ = 0), fixed γ = 1 and 3, the adaptive-threshold stop
 (γ_max 3, h = 0.5) and γ chosen per round by goodput (γ_max 3, the round costs measured at that B,
 reported), interleaved. Reported: tokens/s per variant, goodput vs the best fixed γ, the γ it chose
-(histogram) and each decoder's compile time. Then the same choice with round costs timed at the
+(histogram), each decoder's compile time and the seconds of the cost measurement (goodput's compile
+is in them: the decode reuses it). Then the same choice with round costs timed at the
 Gemma-2-2B shapes per batch size (`--proj_layers` layers + the head, scaled; a projection: the
 acceptance is this model's).
 
