@@ -97,6 +97,48 @@ def test_bad_configs():
         goodput_costs.measure_costs(None, None, None, None, spec=spec.SpecConfig(), sampler=None, max_new_tokens=20)
 
 
+def test_measure_costs_arithmetic(monkeypatch):
+    """With a fake clock and decoder — a call costs 5 s, its first round 3 s more, every later round
+    c_γ, and a whole decode of γ runs R_γ rounds — the costs come out exactly c_γ: the one-round
+    call cancels the call and the first round, and the rounds between are R_γ − 1 (dividing by
+    R_γ, or not subtracting the one-round call, would not give c_γ)."""
+    cost, whole = [2.0, 3.5, 4.0], [19, 10, 7]
+    clock = [0.0]
+
+    def fake_decoder(graphdef, params, prompts, lengths, key, costs_G, max_rounds, **kw):
+        g = int(np.argmin(np.asarray(costs_G)))
+        r = min(int(max_rounds), whole[g])
+        clock[0] += 5.0 + 3.0 + r * cost[g]
+        return None, None, {"loop_rounds": jnp.int32(r)}
+
+    monkeypatch.setattr(goodput_costs, "goodput_generate", fake_decoder)
+    monkeypatch.setattr(goodput_costs.time, "perf_counter", lambda: clock[0])
+    sc = spec.SpecConfig(gamma=2, goodput=gp.GoodputConfig((1.0,) * 3))
+    got = goodput_costs.measure_costs(None, None, None, None, spec=sc, sampler=None, max_new_tokens=20, repeats=3)
+    np.testing.assert_allclose(got, cost, rtol=1e-9)
+
+
+def test_measurement_and_decode_share_one_compile():
+    """sample.py --gamma auto: measure_costs compiles the goodput decoder, and the decode with the
+    measured costs (any other cost vector too) reuses that executable."""
+    graphdef, params = nnx.split(Transformer(SMALL, nnx.Rngs(0)))
+    arr, lengths = _batch(PROMPTS)
+    sc = spec.SpecConfig(draft_widths=SMALL.granularity_widths(8), gamma=2, goodput=gp.GoodputConfig((1.0,) * 3))
+    kw = dict(max_new_tokens=10, sampler=GREEDY, eos_id=-1, pad_id=0)
+    before = spec.goodput_generate._cache_size()
+    costs = goodput_costs.measure_costs(graphdef, params, arr, lengths, spec=sc, repeats=1, **kw)
+    assert len(costs) == 3 and all(c > 0 for c in costs)
+    key = jax.random.key(0)
+    out, _, _ = spec.generate(graphdef, params, arr, lengths, key, spec=goodput_costs.with_costs(sc, costs), **kw)
+    spec.generate(graphdef, params, arr, lengths, key, spec=goodput_costs.with_costs(sc, (1, 9, 9)), **kw)
+    _, num, st = spec.goodput_generate(graphdef, params, arr, lengths, key, jnp.asarray(costs), jnp.int32(1),
+                                       spec=spec.goodput_static(sc), widths=None, sparse=True, **kw)
+    assert int(st["loop_rounds"]) == 1 and (np.asarray(num) <= 1 + 3).all()  # the round limit: one round of γ <= 2
+    assert spec.goodput_generate._cache_size() == before + 1
+    ref, _, _ = plain.generate(graphdef, params, arr, lengths, key, **kw)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+
+
 VARYING = (1.0, 1.45, 1.8)  # near the break-even of γ = 0 / 1 / 2 at the toy's acceptance: γ moves
 
 
