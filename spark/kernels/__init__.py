@@ -212,7 +212,7 @@ def attention(q_BTKGH, keys_BKSH, values, valid_BTS, z_BT, default, *, rank, sca
         m, n = b * kh, g * t
         shapes = (jax.ShapeDtypeStruct((m, n, h), jnp.float32), jax.ShapeDtypeStruct((m, n), jnp.int32))
         out, kept = jax.ffi.ffi_call("spark_attention", shapes, vmap_method="sequential")(
-            qm, k.reshape(b * kh, *k.shape[2:]), v.reshape(b * kh, *v.shape[2:]), valid, z.astype(jnp.float32),
+            qm, k, v, valid, z.astype(jnp.float32),  # k, v as cached, [B, K, ...]: a reshape cost a cache copy
             isa=np.int32(isa()), mode=np.int32(int(spark) | 2 * int(v_t)), rank=np.int32(rank),
             softcap=np.float32(softcap or 0.0))
         out = out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).astype(q.dtype)

@@ -17,6 +17,7 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -674,14 +675,22 @@ void attend_one(bool avx, const AttnDims& a, int32_t mode, float cap, int64_t m,
 ffi::Error Attention(ffi::ThreadPool pool, int32_t isa, int32_t mode, int32_t rank, float cap,
                      ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Buffer<ffi::PRED> valid,
                      ffi::Buffer<ffi::F32> z, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::S32> kept) {
-  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = valid.dimensions(), zd = z.dimensions();
+  auto qd = q.dimensions(), md = valid.dimensions(), zd = z.dimensions();
+  // k, v: [M, S, H] or the cache's own [B, K, S, H], read as [B·K, S, H] (a reshape in XLA made it
+  // compute the cache write twice, once for this call's operand: a copy of every cache buffer)
+  auto rows3 = [](auto d) {
+    return d.size() == 4 ? std::array<int64_t, 3>{d[0] * d[1], d[2], d[3]}
+                         : d.size() == 3 ? std::array<int64_t, 3>{d[0], d[1], d[2]} : std::array<int64_t, 3>{-1, -1, -1};
+  };
+  auto kd = rows3(k.dimensions()), vd = rows3(v.dimensions());
   bool v_t = mode & 2;
-  if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || md.size() != 3 || zd.size() != 2 || kd[0] != qd[0] ||
+  if (qd.size() != 3 || kd[0] < 0 || vd[0] < 0 || md.size() != 3 || zd.size() != 2 || kd[0] != qd[0] ||
       kd[2] != qd[2] || vd[0] != qd[0] || vd[v_t ? 2 : 1] != kd[1] || vd[v_t ? 1 : 2] != qd[2] || md[2] != kd[1] ||
       md[0] < 1 || qd[0] % md[0] != 0 || qd[1] % md[1] != 0 || zd[0] != md[0] || zd[1] != md[1] ||
       k.element_type() != v.element_type() || rank < 1 || rank > qd[2] || ((mode & 1) && v_t))
     return ffi::Error::InvalidArgument(
-        "attention: q [M, N, H], k [M, S, H], v [M, S, H] (or [M, H, S]), valid [B, T, S], z [B, T], one k/v dtype");
+        "attention: q [M, N, H], k [M, S, H], v [M, S, H] (or [M, H, S]; k, v also [B, K, ...] with M = B·K), "
+        "valid [B, T, S], z [B, T], one k/v dtype");
   if (auto e = check_tokens(qd[1]); e.failure()) return e;
   AttnDims a{qd[0], qd[1], kd[1], qd[2], rank, md[0], md[1]};
   bool avx = use_avx(isa);
