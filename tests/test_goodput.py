@@ -175,7 +175,7 @@ def test_sampled_law_unchanged_while_gamma_varies():
 
 
 def test_plain_stretch_equals_a_switch_per_round():
-    """γ = 0 runs plain rounds in an inner loop while the choice stays 0: the same decisions, draws
+    """Each γ runs its rounds in an inner loop while the choice stays: the same decisions, draws
     and tokens as choosing anew each round (the reference: the same decoder whose stretch is cut
     to one round). Sampled (T = 1), so a draw taken with another key would show."""
     graphdef, params = nnx.split(Transformer(SMALL, nnx.Rngs(0)))
@@ -201,6 +201,7 @@ def test_plain_stretch_equals_a_switch_per_round():
     chosen = np.asarray(st["gamma_chosen"])
     c = chosen.tolist()
     assert any(c[i:i + 3] == [0, 0, 2] for i in range(len(c))), c  # a stretch of two plain rounds ended
+    assert any(c[i:i + 2] == [2, 2] for i in range(len(c))), c  # and one of two γ = 2 rounds
     np.testing.assert_array_equal(chosen, np.asarray(ref_chosen))
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ref_out))
     np.testing.assert_array_equal(np.asarray(num), np.asarray(ref_num))
