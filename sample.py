@@ -224,6 +224,7 @@ def check_speculative_flags(args):
     if used and not args.speculative:
         raise ConfigError(f"{', '.join(used)} need --speculative")
     from decode.goodput import GoodputConfig
+    from decode.goodput_costs import min_new_tokens
     from decode.multidraft import MultiDraftConfig
     from decode.speculative import SpecConfig
 
@@ -246,9 +247,9 @@ def check_speculative_flags(args):
         raise ConfigError(f"--cost_repeats must be >= 1, got {args.cost_repeats}")
     if auto:
         args.gamma = 4 if args.gamma_max is None else args.gamma_max
-        if args.max_new_tokens < 2 * args.gamma + 4:  # goodput_costs.measure_costs: 2 rounds at γ_max, and the first
+        if args.max_new_tokens < min_new_tokens(args.gamma):
             raise ConfigError(f"--gamma auto measures its round costs in a decode of --max_new_tokens: with γ_max "
-                              f"{args.gamma} that needs >= {2 * args.gamma + 4}, got {args.max_new_tokens}")
+                              f"{args.gamma} that needs >= {min_new_tokens(args.gamma)}, got {args.max_new_tokens}")
     elif args.gamma is not None and not re.fullmatch(r"-?\d+", args.gamma):
         raise ConfigError(f"--gamma must be an integer or auto, got {args.gamma!r}")
     args.gamma = 3 if args.gamma is None else int(args.gamma)

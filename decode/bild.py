@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 
 from decode.sampling import SamplerConfig, processed_logprobs
-from decode.speculative import DRAFT_CACHES, SpecConfig, models, spec_prefill, spec_round, summarize
+from decode.spec_config import DRAFT_CACHES, SpecConfig
+from decode.speculative import models, running, spec_prefill, spec_round, summarize
 from spark.errors import ConfigError
 
 
@@ -120,7 +121,7 @@ def generate(graphdef, params, prompts_BT, prompt_lengths_B, key, thresholds=Non
     fallback, rollback = (bild.fallback, bild.rollback) if thresholds is None else (thresholds[0], thresholds[1])
     step = functools.partial(spec_round, model, sparse=sparse, drafter=little, judge=rollback_judge(rollback),
                              fallback=fallback, **kw)
-    cond = lambda s: (s.rounds < max_new_tokens) & ~jnp.all(s.done_B)  # noqa: E731
+    cond = running(max_new_tokens)
     s = jax.lax.while_loop(cond, step, s)
     st = summarize(s)
     little_share = jnp.sum(st["emitted_drafts"]) / jnp.maximum(jnp.sum(s.num_B - 1), 1)

@@ -17,10 +17,16 @@ import time
 import jax
 import jax.numpy as jnp
 
-from decode.speculative import SpecConfig, goodput_generate, goodput_static
+from decode.spec_config import SpecConfig
+from decode.speculative import goodput_generate, goodput_static
 from spark.errors import ConfigError
 
 REPEATS = 15  # timings of every γ per measurement (sample.py --cost_repeats)
+
+
+def min_new_tokens(gamma_max: int) -> int:
+    """The shortest decode measure_costs can time: 2 rounds of γ_max + 1 tokens, and the first token."""
+    return 2 * gamma_max + 4
 
 
 def with_costs(spec: SpecConfig, costs) -> SpecConfig:
@@ -47,8 +53,9 @@ def measure_costs(graphdef, params, prompts_BT, prompt_lengths_B, *, spec: SpecC
     if spec.goodput is None:
         raise ConfigError("measure_costs needs a SpecConfig with goodput (its costs are not read)")
     gamma_max = spec.gamma
-    if max_new_tokens < 2 * gamma_max + 4:
-        raise ConfigError(f"measuring round costs needs max_new_tokens >= {2 * gamma_max + 4}, got {max_new_tokens}")
+    if max_new_tokens < min_new_tokens(gamma_max):
+        raise ConfigError(f"measuring round costs needs max_new_tokens >= {min_new_tokens(gamma_max)}, "
+                          f"got {max_new_tokens}")
     kw = dict(max_new_tokens=max_new_tokens, sampler=sampler, eos_id=eos_id, pad_id=pad_id, spec=goodput_static(spec),
               widths=widths, sparse=sparse)
     force = [jnp.where(jnp.arange(gamma_max + 1) == g, 1.0, 1e30).astype(jnp.float32) for g in range(gamma_max + 1)]

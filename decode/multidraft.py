@@ -43,7 +43,8 @@ from flax import nnx
 
 from decode import verify
 from decode.sampling import SamplerConfig, processed_logprobs
-from decode.speculative import SpecConfig, SpecState, emit_window, spec_prefill, summarize
+from decode.spec_config import SpecConfig, SpecState
+from decode.speculative import emit_window, running, spec_prefill, summarize
 from spark.cache import Tree, commit
 from spark.errors import ConfigError
 from spark.matformer import cut_ffn
@@ -378,6 +379,6 @@ def generate(graphdef, params, prompts_BT, prompt_lengths_B, key, *, max_new_tok
     s = spec_prefill(model, prompts_BT, prompt_lengths_B, key, max_new_tokens=max_new_tokens, spec=spec,
                      sampler=sampler, eos_id=eos_id, pad_id=pad_id, widths=widths, drafter=drafter)
     kw = dict(md=md, sampler=sampler, eos_id=eos_id, pad_id=pad_id, widths=widths, sparse=sparse)
-    cond = lambda s: (s.rounds < max_new_tokens) & ~jnp.all(s.done_B)  # noqa: E731
+    cond = running(max_new_tokens)
     s = jax.lax.while_loop(cond, lambda s: md_round(model, drafter, s, **kw), s)
     return s.tokens_BN[:, :max_new_tokens], s.num_B, summarize(s) | {"tree_nodes": jnp.int32(md.nodes - 1)}

@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -48,70 +47,9 @@ from decode import goodput as gp
 from decode.goodput import GoodputConfig
 from decode.rollout import prefill_cache
 from decode.sampling import SamplerConfig, processed_logprobs, sample
-from spark.cache import KVCache
-from spark.errors import ConfigError
+from decode.spec_config import DRAFT_CACHES as DRAFT_CACHES  # re-exported: callers name spec.DRAFT_CACHES
+from decode.spec_config import SpecConfig, SpecState
 from spark.matformer import cut_ffn
-
-DRAFT_CACHES = ("shared", "separate")
-
-
-@flax.struct.dataclass
-class SpecState:
-    rounds: jax.Array  # int32 []: rounds run (the loop counter)
-    tokens_BN: jax.Array  # int32 [B, N + γ + 1]: emitted tokens (γ + 1 slack for the window write)
-    num_B: jax.Array  # int32 [B]: tokens emitted so far
-    pending_B: jax.Array  # int32 [B]: last emitted token, its K/V not yet cached
-    last_B: jax.Array  # int32 [B]: the token before it (the separate draft re-reads it)
-    done_B: jax.Array  # bool [B]
-    cache: KVCache  # the target's; cache.lengths = position of `pending`
-    draft_cache: KVCache | None  # separate mode only
-    key: jax.Array
-    stats: dict  # per row [B]: rounds, drafted, accepted
-
-
-@dataclasses.dataclass(frozen=True)
-class SpecConfig:
-    """The static settings that make a decode speculative (a jit static argument, like SamplerConfig).
-
-    draft_widths: the draft's per-layer FFN widths (None: the smallest MatFormer granularity);
-    gamma: drafts per round (the most, with an adaptive threshold); adaptive_threshold h: stop
-    drafting once 1 − Π top-prob > h (None: always γ); draft_cache: "shared" | "separate";
-    verify_sparse: the Spark sparse-gather path for the (γ+1)-token verify (None: as `sparse`);
-    goodput: choose γ ∈ 0..gamma per round from this cost model (decode/goodput.py)."""
-
-    draft_widths: tuple[int, ...] | None = None
-    gamma: int = 3
-    adaptive_threshold: float | None = None
-    draft_cache: str = "shared"
-    verify_sparse: bool | None = None
-    goodput: GoodputConfig | None = None
-
-    def __post_init__(self):
-        if self.gamma < 1:
-            raise ConfigError(f"gamma must be >= 1, got {self.gamma}")
-        if self.goodput is not None:
-            if self.gamma != self.goodput.gamma_max:
-                raise ConfigError(f"goodput: gamma ({self.gamma}) must be the cost model's γ_max "
-                                  f"({self.goodput.gamma_max})")
-            if self.adaptive_threshold is not None or self.draft_cache != "shared":
-                raise ConfigError("goodput-chosen γ works with a fixed γ per round and the shared draft cache")
-        if self.draft_cache not in DRAFT_CACHES:
-            raise ConfigError(f"draft_cache must be one of {DRAFT_CACHES}, got {self.draft_cache!r}")
-        h = self.adaptive_threshold
-        if h is not None and not 0.0 <= h <= 1.0:
-            raise ConfigError(f"adaptive_threshold must be in [0, 1], got {h}")
-        if self.draft_widths is not None:
-            object.__setattr__(self, "draft_widths", tuple(int(w) for w in self.draft_widths))
-
-    @property
-    def separate(self) -> bool:
-        return self.draft_cache == "separate"
-
-    def resolve(self, model_cfg) -> SpecConfig:
-        """Draft widths checked against the model (None -> its smallest granularity)."""
-        w = self.draft_widths or model_cfg.granularity_widths(max(model_cfg.matformer.divisors))
-        return dataclasses.replace(self, draft_widths=model_cfg.check_widths(w))
-
 
 # ---------------------------------------------------------------- accept / reject (pure, per block)
 
@@ -415,17 +353,30 @@ def goodput_static(spec: SpecConfig) -> SpecConfig:
     return dataclasses.replace(spec, goodput=dataclasses.replace(spec.goodput, costs=(1.0,) * (spec.gamma + 1)))
 
 
-@functools.partial(jax.jit, static_argnames=STATIC)
-def fixed_generate(graphdef, params, prompts_BT, prompt_lengths_B, key, *, max_new_tokens: int,
-                   sampler: SamplerConfig, eos_id: int, pad_id: int, spec: SpecConfig, widths, sparse: bool):
-    """`generate` with γ drafts per round (at most γ with spec.adaptive_threshold)."""
+def prefilled(graphdef, params, prompts_BT, prompt_lengths_B, key, *, max_new_tokens, sampler, eos_id, pad_id, spec,
+              widths):
+    """(target, draft, resolved spec, the round keywords, the state after the prefill) of a decode."""
     model, drafter, spec, widths = models(graphdef, params, spec, widths)
     kw = dict(sampler=sampler, eos_id=eos_id, pad_id=pad_id, widths=widths)
     s = spec_prefill(model, prompts_BT, prompt_lengths_B, key, max_new_tokens=max_new_tokens, drafter=drafter,
                      spec=spec, **kw)
-    cond = lambda s: (s.rounds < max_new_tokens) & ~jnp.all(s.done_B)  # noqa: E731
+    return model, drafter, spec, kw, s
+
+
+def running(max_rounds):
+    """The decode loop's condition: rounds left and a row still decoding."""
+    return lambda s: (s.rounds < max_rounds) & ~jnp.all(s.done_B)
+
+
+@functools.partial(jax.jit, static_argnames=STATIC)
+def fixed_generate(graphdef, params, prompts_BT, prompt_lengths_B, key, *, max_new_tokens: int,
+                   sampler: SamplerConfig, eos_id: int, pad_id: int, spec: SpecConfig, widths, sparse: bool):
+    """`generate` with γ drafts per round (at most γ with spec.adaptive_threshold)."""
+    model, drafter, spec, kw, s = prefilled(graphdef, params, prompts_BT, prompt_lengths_B, key, spec=spec,
+                                            max_new_tokens=max_new_tokens, sampler=sampler, eos_id=eos_id,
+                                            pad_id=pad_id, widths=widths)
     step = functools.partial(spec_round, model, spec=spec, sparse=sparse, drafter=drafter, **kw)
-    s = jax.lax.while_loop(cond, step, s)
+    s = jax.lax.while_loop(running(max_new_tokens), step, s)
     return s.tokens_BN[:, :max_new_tokens], s.num_B, summarize(s)
 
 
@@ -437,15 +388,13 @@ def goodput_generate(graphdef, params, prompts_BT, prompt_lengths_B, key, costs_
     are not read), stopping after `max_rounds` rounds (int32; at most max_new_tokens, which sizes
     the cache and buffers): measure_costs forces γ with a cost vector and times a number of rounds.
     stats also hold `loop_rounds`, the rounds run."""
-    model, drafter, spec, widths = models(graphdef, params, spec, widths)
-    kw = dict(sampler=sampler, eos_id=eos_id, pad_id=pad_id, widths=widths)
-    s = spec_prefill(model, prompts_BT, prompt_lengths_B, key, max_new_tokens=max_new_tokens, drafter=drafter,
-                     spec=spec, **kw)
-    s = with_goodput_stats(s, spec.goodput, max_new_tokens)
-    cond = lambda s: (s.rounds < jnp.minimum(max_rounds, max_new_tokens)) & ~jnp.all(s.done_B)  # noqa: E731
+    model, drafter, spec, kw, s = prefilled(graphdef, params, prompts_BT, prompt_lengths_B, key, spec=spec,
+                                            max_new_tokens=max_new_tokens, sampler=sampler, eos_id=eos_id,
+                                            pad_id=pad_id, widths=widths)
+    cond = running(jnp.minimum(max_rounds, max_new_tokens))
     step = functools.partial(gp.goodput_round, branches(model, drafter, spec, sparse=sparse, **kw),
                              cfg=spec.goodput, more=cond, costs_G=costs_G)
-    s = jax.lax.while_loop(cond, step, s)
+    s = jax.lax.while_loop(cond, step, with_goodput_stats(s, spec.goodput, max_new_tokens))
     st = {k: v for k, v in summarize(s).items() if not k.startswith("goodput_")}
     return (s.tokens_BN[:, :max_new_tokens], s.num_B,
             st | {"acceptance_estimate": gp.estimate(s.stats), "loop_rounds": s.rounds})

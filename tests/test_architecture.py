@@ -8,8 +8,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # decode/ modules in import order: a module may import only modules listed before it
-DECODE_ORDER = ["sampling", "verify", "goodput", "rollout", "generate", "speculative", "goodput_costs", "bild",
-                "multidraft", "search_lib", "foresight", "baselines", "search"]
+DECODE_ORDER = ["sampling", "verify", "goodput", "rollout", "generate", "spec_config", "speculative", "goodput_costs",
+                "bild", "multidraft", "search_lib", "foresight", "baselines", "search"]
 
 
 def imported_modules(path: pathlib.Path) -> set[str]:
