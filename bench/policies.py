@@ -32,6 +32,7 @@ JSON fields `bild` (rows per (α_FB, α_RB)), `goodput` (per B), `goodput_2b`; P
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -127,9 +128,14 @@ def fb_rb(name):
 GAMMA_MAX = 3
 
 
+def tokens_objective(sc):
+    return dataclasses.replace(sc, goodput=dataclasses.replace(sc.goodput, objective="tokens"))
+
+
 def goodput_sweep(args, cfg, graphdef, params, tok):
     """Per batch size: plain (γ = 0), fixed γ = 1 and 3, the adaptive-threshold stop (γ_max 3,
-    h = 0.5) and goodput (γ_max 3, round costs measured at that batch), interleaved."""
+    h = 0.5) and goodput (γ_max 3, round costs measured at that batch) by the batch's projected
+    finish time ("goodput") and by SmartSpec's summed tokens per second ("goodput tokens"), interleaved."""
     encoded = [list(tok.encode(p, bos=True)) for p in PROMPTS]
     dw = cfg.model.granularity_widths(8)
     sampler = SamplerConfig(args.temperature)
@@ -143,7 +149,8 @@ def goodput_sweep(args, cfg, graphdef, params, tok):
         measure_s = time.perf_counter() - t0
         sc = {"γ=1": spec.SpecConfig(dw, gamma=1), "γ=3": spec.SpecConfig(dw, gamma=3),
               "adaptive h=0.5": spec.SpecConfig(dw, gamma=GAMMA_MAX, adaptive_threshold=0.5),
-              "goodput": goodput_costs.with_costs(auto, costs)}
+              "goodput": goodput_costs.with_costs(auto, costs),
+              "goodput tokens": goodput_costs.with_costs(tokens_objective(auto), costs)}
         variants = {"plain": functools.partial(gen.generate, graphdef, **common)}
         variants |= {n: functools.partial(spec.generate, graphdef, spec=c, **common) for n, c in sc.items()}
         inputs = [(params, arr, lengths, jax.random.key(i)) for i in range(2)]
@@ -152,30 +159,36 @@ def goodput_sweep(args, cfg, graphdef, params, tok):
             t0 = time.perf_counter()
             jax.block_until_ready(f(*inputs[0]))
             first_s[name] = time.perf_counter() - t0
-        st = [jax.device_get(variants["goodput"](*x)[2]) for x in inputs]
-        chosen = np.concatenate([s["gamma_chosen"] for s in st])
-        chosen = chosen[chosen >= 0]
+        hist, est = {}, {}
+        for name in ("goodput", "goodput tokens"):
+            st = [jax.device_get(variants[name](*x)[2]) for x in inputs]
+            chosen = np.concatenate([s["gamma_chosen"] for s in st])
+            hist[name] = np.bincount(chosen[chosen >= 0], minlength=GAMMA_MAX + 1).tolist()
+            est[name] = float(np.mean([s["acceptance_estimate"] for s in st]))
         timing = interleaved({n: (f, inputs, len(inputs)) for n, f in variants.items()}, args.rounds)
         tps = {n: b * args.new_tokens / t["median_s"] for n, t in timing.items()}
+        best = max(tps[n] for n in ("plain", "γ=1", "γ=3"))
         out[b] = {"round_costs_s": list(costs), "tokens_per_s": tps,
                   "speedup": {n: v / tps["plain"] for n, v in tps.items()},
-                  "goodput_vs_best_fixed": tps["goodput"] / max(tps[n] for n in ("plain", "γ=1", "γ=3")),
-                  "gamma_histogram": np.bincount(chosen, minlength=GAMMA_MAX + 1).tolist(),
-                  "mean_gamma": float(chosen.mean()),
-                  "acceptance_estimate": float(np.mean([s["acceptance_estimate"] for s in st])),
+                  "goodput_vs_best_fixed": tps["goodput"] / best,
+                  "goodput_tokens_vs_best_fixed": tps["goodput tokens"] / best,
+                  "gamma_histogram": hist["goodput"], "gamma_histogram_tokens": hist["goodput tokens"],
+                  "mean_gamma": float(np.dot(hist["goodput"], range(GAMMA_MAX + 1)) / sum(hist["goodput"])),
+                  "acceptance_estimate": est["goodput"],
                   "compile_s": {n: t - timing[n]["median_s"] for n, t in first_s.items()},
                   "cost_measure_s": measure_s}  # goodput's compile is in it: its first call above reuses it
         print(f"B={b}: " + ", ".join(f"{n} {v:.2f}x" for n, v in out[b]["speedup"].items())
-              + f"; goodput γ histogram {out[b]['gamma_histogram']}, round costs "
+              + f"; goodput γ histogram {hist['goodput']} (tokens objective {hist['goodput tokens']}), round costs "
               + ", ".join(f"{c * 1e3:.1f}" for c in costs) + " ms", flush=True)
     return out
 
 
-def project_2b(batches, alpha, layers, rounds):
+def project_2b(batches, alpha, layers, rounds, new_tokens):
     """Goodput's choice with the round costs of the Gemma-2-2B shapes (dense target, F/8 draft;
     bench/speculative.py: forward_costs at each batch size, `layers` of 26 layers and the head,
     a 256-token cache) and the acceptance measured here: per batch size the round costs, the
-    expected tokens/s of each fixed γ (B · E(γ) / cost(γ)) and the γ goodput picks."""
+    projected tokens/s of each fixed γ (B · new_tokens / (cost(γ) · projected rounds to finish the
+    batch), decode/goodput.py) and the γ goodput picks."""
     from bench.speculative import draft_key, forward_costs
 
     out = {}
@@ -184,9 +197,11 @@ def project_2b(batches, alpha, layers, rounds):
                           batch=b, kinds=("dense",))["projected_26_layers_s"]
         costs = [c["dense target"]] + [g * c[draft_key("dense", 8)] + c[f"dense verify γ={g}"]
                                        for g in range(1, GAMMA_MAX + 1)]
-        e = np.asarray(gp.expected_tokens(jnp.full((1,), alpha), GAMMA_MAX))[0]
-        pick = int(gp.choose_gamma(jnp.full((b,), alpha), jnp.ones((b,), bool), jnp.asarray(costs, jnp.float32)))
-        out[b] = {"round_costs_s": costs, "tokens_per_s": {g: float(b * e[g] / costs[g]) for g in range(len(costs))},
+        a_B, live_B, left_B = jnp.full((b,), alpha), jnp.ones((b,), bool), jnp.full((b,), new_tokens)
+        rounds_G = np.asarray(gp.projected_rounds(a_B, left_B, live_B, GAMMA_MAX, new_tokens))
+        pick = int(gp.choose_gamma(a_B, live_B, left_B, jnp.asarray(costs, jnp.float32)))
+        out[b] = {"round_costs_s": costs,
+                  "tokens_per_s": {g: float(b * new_tokens / (costs[g] * rounds_G[g])) for g in range(len(costs))},
                   "goodput_gamma": pick}
         print(f"2B shapes, B={b}: round costs " + ", ".join(f"{x * 1e3:.0f}" for x in costs)
               + f" ms for γ = 0..{GAMMA_MAX}; goodput picks γ = {pick}", flush=True)
@@ -215,7 +230,8 @@ def plot(r, path):
     if panels == 2:
         ax = axes[0, 1]
         bs = sorted(r["goodput"], key=int)
-        for name in r["goodput"][bs[0]]["tokens_per_s"]:
+        names = [n for n in r["goodput"][bs[0]]["speedup"] if all(n in r["goodput"][b]["speedup"] for b in bs)]
+        for name in names:
             ax.plot([int(b) for b in bs], [r["goodput"][b]["speedup"][name] for b in bs], marker="o", label=name)
         ax.set(xscale="log", xlabel="batch size", ylabel="tokens/s ÷ plain", title="goodput-chosen γ vs fixed γ")
         ax.legend(fontsize=7)
@@ -274,7 +290,7 @@ def main(argv=None):
         r["goodput_temperature"] = args.temperature
         if args.proj_layers:
             alpha = float(np.mean([v["acceptance_estimate"] for v in g.values()]))
-            p2 = project_2b([int(b) for b in g], alpha, args.proj_layers, args.rounds)
+            p2 = project_2b([int(b) for b in g], alpha, args.proj_layers, args.rounds, args.new_tokens)
             r["goodput_2b"] = {**r.get("goodput_2b", {}), **{str(b): v for b, v in p2.items()}}
     write_json(args.json, r)
     if "bild" in r:

@@ -44,7 +44,7 @@ from flax import nnx
 from decode import verify
 from decode.sampling import SamplerConfig, processed_logprobs
 from decode.spec_config import SpecConfig, SpecState
-from decode.speculative import emit_window, running, spec_prefill, summarize
+from decode.speculative import emit_window, emitted_tail, running, spec_prefill, summarize
 from spark.cache import Tree, commit
 from spark.errors import ConfigError
 from spark.matformer import cut_ffn
@@ -361,7 +361,8 @@ def md_round(model, drafter, s: SpecState, *, md: MultiDraftConfig, sampler, eos
     stats = {"rounds": s.stats["rounds"] + live,
              "drafted": s.stats["drafted"] + jnp.where(live, jnp.sum(valid[:, 1:], 1), 0),
              "accepted": s.stats["accepted"] + jnp.where(live, n, 0)}
-    return s.replace(rounds=s.rounds + 1, tokens_BN=out, num_B=num, pending_B=jnp.where(live, t, s.pending_B),
+    pending = emitted_tail(window, count, s.pending_B)[0]
+    return s.replace(rounds=s.rounds + 1, tokens_BN=out, num_B=num, pending_B=jnp.where(live, pending, s.pending_B),
                      done_B=s.done_B | hit_eos | (num >= max_new), cache=cache, stats=stats)
 
 

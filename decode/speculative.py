@@ -105,6 +105,15 @@ def emit_window(drafts_BG, n_B, t_B, room_B, eos_id, pad_id):
     return jnp.where(j < count[:, None], w, pad_id), count.astype(jnp.int32), hit_eos
 
 
+def emitted_tail(window_BW, count_B, pending_B):
+    """(the last token of each row's window, the one before it — `pending_B` for a window of one):
+    the next pending token and its predecessor. They are t and d_n only when the window was not cut
+    (at an EOS, or at max_new_tokens: there the cache keeps `count` slots and the pending token is
+    the last one emitted)."""
+    at = lambda i: jnp.take_along_axis(window_BW, jnp.maximum(i, 0)[:, None], 1)[:, 0]  # noqa: E731
+    return at(count_B - 1), jnp.where(count_B >= 2, at(count_B - 2), pending_B)
+
+
 # ---------------------------------------------------------------- draft, verify, round
 
 def _confidence(logits_BV, logq_BV, sampler):
@@ -241,8 +250,7 @@ def spec_round(model, s: SpecState, *, spec: SpecConfig, sampler, eos_id, pad_id
     tokens = jax.vmap(lambda row, w, at: jax.lax.dynamic_update_slice(row, w, (at,)))(s.tokens_BN, window, s.num_B)
     num = s.num_B + count
     new_lengths = jnp.where(live, committed_lengths(lengths, count), lengths)
-    before_t = jnp.take_along_axis(drafts, jnp.maximum(n - 1, 0)[:, None], 1)[:, 0]
-    last = jnp.where(live, jnp.where(n > 0, before_t, s.pending_B), s.last_B)
+    pending, before = emitted_tail(window, count, s.pending_B)
     n_drafted = jnp.sum(drafted, 1)
     stats = s.stats | {"rounds": s.stats["rounds"] + live,  # other keys: the caller's (goodput, BiLD)
                        "drafted": s.stats["drafted"] + jnp.where(live, n_drafted, 0),
@@ -251,8 +259,8 @@ def spec_round(model, s: SpecState, *, spec: SpecConfig, sampler, eos_id, pad_id
         stats |= {"short_rounds": s.stats["short_rounds"] + (live & (n_drafted < gamma)),
                   "rejecting_rounds": s.stats["rejecting_rounds"] + (live & (n < n_drafted)),
                   "emitted_drafts": s.stats["emitted_drafts"] + jnp.minimum(n, count)}  # count: 0 unless live
-    return SpecState(rounds=s.rounds + 1, tokens_BN=tokens, num_B=num, pending_B=jnp.where(live, t, s.pending_B),
-                     last_B=last, done_B=s.done_B | hit_eos | (num >= max_new),
+    return SpecState(rounds=s.rounds + 1, tokens_BN=tokens, num_B=num, pending_B=jnp.where(live, pending, s.pending_B),
+                     last_B=jnp.where(live, before, s.last_B), done_B=s.done_B | hit_eos | (num >= max_new),
                      cache=cache.replace(lengths=new_lengths),
                      draft_cache=None if dcache is None else dcache.replace(lengths=new_lengths),
                      key=s.key, stats=stats)
@@ -393,7 +401,7 @@ def goodput_generate(graphdef, params, prompts_BT, prompt_lengths_B, key, costs_
                                             pad_id=pad_id, widths=widths)
     cond = running(jnp.minimum(max_rounds, max_new_tokens))
     step = functools.partial(gp.goodput_round, branches(model, drafter, spec, sparse=sparse, **kw),
-                             cfg=spec.goodput, more=cond, costs_G=costs_G)
+                             cfg=spec.goodput, more=cond, max_new_tokens=max_new_tokens, costs_G=costs_G)
     s = jax.lax.while_loop(cond, step, with_goodput_stats(s, spec.goodput, max_new_tokens))
     st = {k: v for k, v in summarize(s).items() if not k.startswith("goodput_")}
     return (s.tokens_BN[:, :max_new_tokens], s.num_B,

@@ -37,6 +37,11 @@ def test_emit_window_eos_and_room():
     assert np.asarray(w).tolist() == np.asarray(want).tolist()
     assert np.asarray(c).tolist() == np.asarray(count).tolist()
     assert np.asarray(h).tolist() == np.asarray(hit).tolist()
+    # the next pending token and its predecessor (pending before the round: 50 + row): the window's
+    # last two — t only when nothing cut the window (rows 1, 3, 4), a draft where the room cut it (5, 6)
+    pending, before = spec.emitted_tail(w, c, 50 + jnp.arange(len(rows)))
+    assert np.asarray(pending).tolist() == [E, 9, 5, E, E, 2, 2, E]
+    assert np.asarray(before).tolist() == [1, 1, 52, 3, 1, 1, 1, 57]
 
 
 SMALL = ModelConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, ffn_dim=64,
