@@ -47,8 +47,10 @@ def measure_costs(graphdef, params, prompts_BT, prompt_lengths_B, *, spec: SpecC
     decode — the early rounds cost more — and every γ ≥ 1 round at 7-10% fewer plain rounds than
     the whole decodes paid; with the whole decodes the costs predict each forced γ's speed).
     This machine's speed drifts and only the ratios between the costs decide γ, so each repeat
-    times every γ back to back, and the result is the median γ = 0 cost times the median over
-    repeats of each γ's ratio to it. Repeats stop early (after at least 3) once `budget_s` is spent:
+    times every γ back to back, each repeat with its own sampling key (one key's decode has its own
+    rounds and active rows: at B = 1 on runs/bench_lm key 0 put γ = 3 / γ = 2 at 1.27, keys 1-3 at
+    1.22-1.25), and the result is the median γ = 0 cost times the median over repeats of each γ's
+    ratio to it. Repeats stop early (after at least 3) once `budget_s` is spent:
     a repeat at B = 64 takes ~20 s."""
     if spec.goodput is None:
         raise ConfigError("measure_costs needs a SpecConfig with goodput (its costs are not read)")
@@ -59,9 +61,8 @@ def measure_costs(graphdef, params, prompts_BT, prompt_lengths_B, *, spec: SpecC
     kw = dict(max_new_tokens=max_new_tokens, sampler=sampler, eos_id=eos_id, pad_id=pad_id, spec=goodput_static(spec),
               widths=widths, sparse=sparse)
     force = [jnp.where(jnp.arange(gamma_max + 1) == g, 1.0, 1e30).astype(jnp.float32) for g in range(gamma_max + 1)]
-    key = jax.random.key(0)
 
-    def seconds(costs_G, rounds):
+    def seconds(costs_G, rounds, key=jax.random.key(0)):  # noqa: B008
         t0 = time.perf_counter()
         out = jax.block_until_ready(goodput_generate(graphdef, params, prompts_BT, prompt_lengths_B, key, costs_G,
                                                      jnp.int32(rounds), **kw))
@@ -69,12 +70,13 @@ def measure_costs(graphdef, params, prompts_BT, prompt_lengths_B, *, spec: SpecC
 
     seconds(force[0], 1)  # compile
 
-    def per_round(costs_G):
-        (t_all, ran), (t_1, _) = seconds(costs_G, max_new_tokens), seconds(costs_G, 1)
+    def per_round(costs_G, key):
+        (t_all, ran), (t_1, _) = seconds(costs_G, max_new_tokens, key), seconds(costs_G, 1, key)
         return max(t_all - t_1, 1e-9) / max(ran - 1, 1)
 
     rounds, t0 = [], time.perf_counter()
     while len(rounds) < repeats and not (len(rounds) >= 3 and time.perf_counter() - t0 > budget_s):
-        rounds.append([per_round(c) for c in force])
+        key = jax.random.key(len(rounds))  # each repeat its own draws, the same for every γ
+        rounds.append([per_round(c, key) for c in force])
     plain = statistics.median(r[0] for r in rounds)
     return tuple(plain * statistics.median(r[g] / r[0] for r in rounds) for g in range(gamma_max + 1))

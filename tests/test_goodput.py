@@ -222,11 +222,13 @@ def test_measure_costs_arithmetic(monkeypatch):
     """With a fake clock and decoder — a call costs 5 s, its first round 3 s more, every later round
     c_γ, and a whole decode of γ runs R_γ rounds — the costs come out exactly c_γ: the one-round
     call cancels the call and the first round, and the rounds between are R_γ − 1 (dividing by
-    R_γ, or not subtracting the one-round call, would not give c_γ)."""
+    R_γ, or not subtracting the one-round call, would not give c_γ). Each repeat decodes with its
+    own key, the same for every γ and for both calls of a γ."""
     cost, whole = [2.0, 3.5, 4.0], [19, 10, 7]
-    clock = [0.0]
+    clock, keys = [0.0], []
 
     def fake_decoder(graphdef, params, prompts, lengths, key, costs_G, max_rounds, **kw):
+        keys.append(int(jax.random.key_data(key).sum()))
         g = int(np.argmin(np.asarray(costs_G)))
         r = min(int(max_rounds), whole[g])
         clock[0] += 5.0 + 3.0 + r * cost[g]
@@ -237,6 +239,8 @@ def test_measure_costs_arithmetic(monkeypatch):
     sc = spec.SpecConfig(gamma=2, goodput=gp.GoodputConfig((1.0,) * 3))
     got = goodput_costs.measure_costs(None, None, None, None, spec=sc, sampler=None, max_new_tokens=20, repeats=3)
     np.testing.assert_allclose(got, cost, rtol=1e-9)
+    per_repeat = [set(keys[1 + 6 * i: 7 + 6 * i]) for i in range(3)]  # after the compile call: 3 γ × 2 calls
+    assert [len(k) for k in per_repeat] == [1, 1, 1] and len(set.union(*per_repeat)) == 3, keys
 
 
 def test_measurement_and_decode_share_one_compile():
