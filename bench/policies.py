@@ -199,7 +199,7 @@ def project_2b(batches, alpha, layers, rounds, new_tokens):
                                        for g in range(1, GAMMA_MAX + 1)]
         a_B, live_B, left_B = jnp.full((b,), alpha), jnp.ones((b,), bool), jnp.full((b,), new_tokens)
         rounds_G = np.asarray(gp.projected_rounds(a_B, left_B, live_B, GAMMA_MAX, new_tokens))
-        pick = int(gp.choose_gamma(a_B, live_B, left_B, jnp.asarray(costs, jnp.float32)))
+        pick = int(gp.choose_gamma(a_B, live_B, left_B, jnp.asarray(costs, jnp.float32), "finish", new_tokens))
         out[b] = {"round_costs_s": costs,
                   "tokens_per_s": {g: float(b * new_tokens / (costs[g] * rounds_G[g])) for g in range(len(costs))},
                   "goodput_gamma": pick}

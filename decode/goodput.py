@@ -141,18 +141,15 @@ def projected_rounds(alpha_B, remaining_B, live_B, gamma_max: int, max_remaining
     return jax.lax.cummin(jnp.max(jnp.where(live_B[:, None], rounds_BG, 0.0), axis=0))
 
 
-def choose_gamma(alpha_B, live_B, remaining_B, costs_G, objective: str = "finish", max_remaining: int | None = None):
+def choose_gamma(alpha_B, live_B, remaining_B, costs_G, objective: str, max_remaining: int):
     """The γ to run next; 0 when no row is live.
     "tokens" (SmartSpec): argmax Σ_live E_b(γ) / cost(γ), the smallest on ties.
     "finish": argmin cost(γ) · projected_rounds(γ) — the batch's projected time to finish with γ
-    (`remaining_B`: the tokens each row has left, at most `max_remaining`, default their maximum —
-    static, so pass it under jit) — the largest on ties."""
+    (`remaining_B`: the tokens each row has left, at most `max_remaining`, static) — the largest on ties."""
     gamma_max = costs_G.shape[0] - 1
     if objective == "tokens":
         total_G = jnp.sum(jnp.where(live_B[:, None], expected_tokens(alpha_B, gamma_max), 0.0), 0)
         return jnp.argmax(total_G / costs_G).astype(jnp.int32)
-    if max_remaining is None:
-        max_remaining = int(jnp.max(remaining_B))
     time_G = costs_G * projected_rounds(alpha_B, remaining_B, live_B, gamma_max, max_remaining)
     largest = gamma_max - jnp.argmin(time_G[::-1])
     return jnp.where(jnp.any(live_B), largest, 0).astype(jnp.int32)

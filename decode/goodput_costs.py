@@ -62,13 +62,13 @@ def measure_costs(graphdef, params, prompts_BT, prompt_lengths_B, *, spec: SpecC
               widths=widths, sparse=sparse)
     force = [jnp.where(jnp.arange(gamma_max + 1) == g, 1.0, 1e30).astype(jnp.float32) for g in range(gamma_max + 1)]
 
-    def seconds(costs_G, rounds, key=jax.random.key(0)):  # noqa: B008
+    def seconds(costs_G, rounds, key):
         t0 = time.perf_counter()
         out = jax.block_until_ready(goodput_generate(graphdef, params, prompts_BT, prompt_lengths_B, key, costs_G,
                                                      jnp.int32(rounds), **kw))
         return time.perf_counter() - t0, int(out[2]["loop_rounds"])
 
-    seconds(force[0], 1)  # compile
+    seconds(force[0], 1, jax.random.key(0))  # compile
 
     def per_round(costs_G, key):
         (t_all, ran), (t_1, _) = seconds(costs_G, max_new_tokens, key), seconds(costs_G, 1, key)

@@ -114,10 +114,10 @@ def test_limits_by_hand(alpha, objective):
     least r / (γ + 1) where γ = 0 needs exactly r). Rows with 1, 30 and 64 tokens left;
     0 when no row is live."""
     a, live, left = jnp.full((3,), alpha, jnp.float32), jnp.ones((3,), bool), jnp.asarray([1, 30, 64])
-    assert int(gp.choose_gamma(a, live, left, jnp.ones((6,)), objective)) == 5
+    assert int(gp.choose_gamma(a, live, left, jnp.ones((6,)), objective, 64)) == 5
     g = jnp.arange(6, dtype=jnp.float32)
-    assert int(gp.choose_gamma(a, live, left, (g + 1) * 1.0 + g * 0.01, objective)) == 0
-    assert int(gp.choose_gamma(a, ~live, left, jnp.ones((6,)), objective)) == 0  # no row live
+    assert int(gp.choose_gamma(a, live, left, (g + 1) * 1.0 + g * 0.01, objective, 64)) == 0
+    assert int(gp.choose_gamma(a, ~live, left, jnp.ones((6,)), objective, 64)) == 0  # no row live
 
 
 def test_projected_rounds_by_hand():
@@ -183,10 +183,10 @@ def test_finish_objective_on_a_static_batch_of_four():
     and forced γ = 3 ran 0.91× forced γ = 0 there; one row alone keeps speculating."""
     costs, a = jnp.asarray([1.93, 3.76, 5.44, 6.95]), jnp.full((4,), 0.94)
     live, left = jnp.ones((4,), bool), jnp.full((4,), 63)
-    assert int(gp.choose_gamma(a, live, left, costs, "tokens")) == 3
-    assert int(gp.choose_gamma(a, live, left, costs, "finish")) == 0
+    assert int(gp.choose_gamma(a, live, left, costs, "tokens", 63)) == 3
+    assert int(gp.choose_gamma(a, live, left, costs, "finish", 63)) == 0
     one = jnp.ones((1,), bool)
-    assert int(gp.choose_gamma(a[:1], one, left[:1], jnp.asarray([1.2, 2.1, 2.7, 3.5]), "finish")) >= 2
+    assert int(gp.choose_gamma(a[:1], one, left[:1], jnp.asarray([1.2, 2.1, 2.7, 3.5]), "finish", 63)) >= 2
 
 
 def test_moving_counts_by_hand():
