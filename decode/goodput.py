@@ -177,30 +177,44 @@ def update_counts(stats, n_B, gamma, live_B, cfg: GoodputConfig) -> dict:
                     "goodput_tested": jnp.where(live_B, tried, stats["goodput_tested"])}
 
 
-def goodput_round(branches, s, cfg: GoodputConfig, more, max_new_tokens: int, costs_G=None):
-    """Choose γ and run it (branches[γ]: the round with γ drafts), updating the estimates after
-    each round. Each γ runs its rounds in an inner loop for as long as the choice stays γ and
-    `more(s)` (the decode loop's own condition) holds: the decisions the loop would take round by
-    round — during γ = 0 the counts only move toward the prior — without a switch per round (a
-    switch per plain round cost ~8% of a plain step at B = 16 on runs/bench_lm; at B = 1 the goodput
-    decoder forced to γ = 2 ran 1.178× plain against 1.209× for fixed γ = 2 with a switch per round,
-    1.179× against 1.179× with its own loop). `costs_G`: a traced cost vector instead
-    of cfg.costs (measure_costs forces γ with it)."""
+def chooser(cfg: GoodputConfig, max_new_tokens: int, costs_G=None):
+    """s -> the γ to run next (`choose_gamma` from the state's per-row estimates and tokens left).
+    `costs_G`: a traced cost vector instead of cfg.costs (measure_costs forces γ with it)."""
     costs_G = jnp.asarray(cfg.costs, jnp.float32) if costs_G is None else costs_G
-    choose = lambda s: choose_gamma(estimate(s.stats), ~s.done_B, max_new_tokens - s.num_B,  # noqa: E731
-                                    costs_G, cfg.objective, max_new_tokens)
+    return lambda s: choose_gamma(estimate(s.stats), ~s.done_B, max_new_tokens - s.num_B, costs_G, cfg.objective,
+                                  max_new_tokens)
+
+
+def with_choice(s, choose):
+    """The state with its next γ (stats["goodput_next"]), chosen once per round and read by the switch
+    and the stretch's loop alike: a second evaluation of the choice, compiled apart, could round a
+    near-tie the other way and stop a stretch before its first round."""
+    return s.replace(stats=s.stats | {"goodput_next": choose(s)})
+
+
+def goodput_round(branches, s, cfg: GoodputConfig, more, choose, stretch: bool = True):
+    """Run the chosen γ (branches[γ]: the round with γ drafts; `s` from `with_choice`), updating the
+    estimates and choosing the next γ after each round. With `stretch`, γ runs its rounds in an
+    inner loop for as long as the choice stays γ and `more(s)` — the decode loop's own condition,
+    so the loop runs at least the round the switch chose — holds: the decisions a switch per round
+    (`stretch=False`) would take, without paying for it (a switch per plain round cost ~8% of a
+    plain step at B = 16 on runs/bench_lm; at B = 1 the goodput decoder forced to γ = 2 ran 1.178×
+    plain against 1.209× for fixed γ = 2 with a switch per round, 1.179× against 1.179× with its own
+    loop). During γ = 0 the counts only move toward the prior."""
 
     def counted(branch, gamma):
         def run(s):
             out = branch(s)
             stats = update_counts(out.stats, out.stats["accepted"] - s.stats["accepted"], gamma, ~s.done_B, cfg)
             chosen = stats["gamma_chosen"]
-            return out.replace(stats=stats | {"gamma_chosen": chosen.at[jnp.minimum(s.rounds, chosen.shape[0] - 1)]
-                                              .set(gamma)})
+            out = out.replace(stats=stats | {"gamma_chosen": chosen.at[jnp.minimum(s.rounds, chosen.shape[0] - 1)]
+                                             .set(gamma)})
+            return with_choice(out, choose)
         return run
 
-    def stretch(g):
+    def looped(g):  # no first round peeled off the loop: that doubled the code and cost ~1% at B = 1
         body = counted(branches[g], g)
-        return lambda s: jax.lax.while_loop(lambda s: more(s) & (choose(s) == g), body, body(s))
+        return lambda s: jax.lax.while_loop(lambda s: more(s) & (s.stats["goodput_next"] == g), body, s)
 
-    return jax.lax.switch(choose(s), [stretch(g) for g in range(len(branches))], s)
+    bodies = [looped(g) if stretch else counted(b, g) for g, b in enumerate(branches)]
+    return jax.lax.switch(s.stats["goodput_next"], bodies, s)

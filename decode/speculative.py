@@ -400,9 +400,10 @@ def goodput_generate(graphdef, params, prompts_BT, prompt_lengths_B, key, costs_
                                             max_new_tokens=max_new_tokens, sampler=sampler, eos_id=eos_id,
                                             pad_id=pad_id, widths=widths)
     cond = running(jnp.minimum(max_rounds, max_new_tokens))
+    choose = gp.chooser(spec.goodput, max_new_tokens, costs_G)
     step = functools.partial(gp.goodput_round, branches(model, drafter, spec, sparse=sparse, **kw),
-                             cfg=spec.goodput, more=cond, max_new_tokens=max_new_tokens, costs_G=costs_G)
-    s = jax.lax.while_loop(cond, step, with_goodput_stats(s, spec.goodput, max_new_tokens))
+                             cfg=spec.goodput, more=cond, choose=choose)
+    s = jax.lax.while_loop(cond, step, gp.with_choice(with_goodput_stats(s, spec.goodput, max_new_tokens), choose))
     st = {k: v for k, v in summarize(s).items() if not k.startswith("goodput_")}
     return (s.tokens_BN[:, :max_new_tokens], s.num_B,
             st | {"acceptance_estimate": gp.estimate(s.stats), "loop_rounds": s.rounds})

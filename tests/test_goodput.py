@@ -302,8 +302,8 @@ def test_sampled_law_unchanged_while_gamma_varies():
 
 def test_plain_stretch_equals_a_switch_per_round():
     """Each γ runs its rounds in an inner loop while the choice stays: the same decisions, draws
-    and tokens as choosing anew each round (the reference: the same decoder whose stretch is cut
-    to one round). Sampled (T = 1), so a draw taken with another key would show."""
+    and tokens as choosing anew each round (the reference: the same decoder with a switch per round,
+    `stretch=False`). Sampled (T = 1), so a draw taken with another key would show."""
     graphdef, params = nnx.split(Transformer(SMALL, nnx.Rngs(0)))
     arr, lengths = _batch(PROMPTS)
     cfg = gp.GoodputConfig((1.0, 1.7, 2.3), decay=0.5)  # the prior 1 ends stretches
@@ -317,9 +317,11 @@ def test_plain_stretch_equals_a_switch_per_round():
         model, drafter, s_cfg, widths = spec.models(graphdef, params, sc, None)
         kw = dict(sampler=sampler, eos_id=-1, pad_id=0, widths=widths)
         s = spec.spec_prefill(model, arr, lengths, key, max_new_tokens=n, spec=s_cfg, drafter=drafter, **kw)
+        choose = gp.chooser(cfg, n)
         step = functools.partial(gp.goodput_round, spec.branches(model, drafter, s_cfg, sparse=True, **kw), cfg=cfg,
-                                 more=lambda s: False, max_new_tokens=n)  # a stretch of one round
-        s = jax.lax.while_loop(lambda s: (s.rounds < n) & ~jnp.all(s.done_B), step, spec.with_goodput_stats(s, cfg, n))
+                                 more=None, choose=choose, stretch=False)  # a switch per round
+        s = jax.lax.while_loop(lambda s: (s.rounds < n) & ~jnp.all(s.done_B), step,
+                               gp.with_choice(spec.with_goodput_stats(s, cfg, n), choose))
         next_logits = model(s.pending_B[:, None], s.cache.lengths[:, None], cache=s.cache, widths=widths)[0][:, -1]
         return s.tokens_BN[:, :n], s.num_B, s.stats["gamma_chosen"], next_logits, s.cache.lengths
 
