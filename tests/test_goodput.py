@@ -189,6 +189,37 @@ def test_finish_objective_on_a_static_batch_of_four():
     assert int(gp.choose_gamma(a[:1], one, left[:1], jnp.asarray([1.2, 2.1, 2.7, 3.5]), "finish", 63)) >= 2
 
 
+def _expected_time(policy, alpha, costs, n):
+    """E seconds to emit n tokens at B = 1 when a round with γ = policy(r, T) drafts, r tokens left,
+    emits k + 1 tokens with the geometric law (T: the expected times of fewer tokens left)."""
+    t = np.zeros(n + 1)
+    for r in range(1, n + 1):
+        g = policy(r, t)
+        p = [alpha**k * (1 - alpha) for k in range(g)] + [alpha**g]
+        t[r] = costs[g] + sum(p[k] * t[max(r - k - 1, 0)] for k in range(g + 1))
+    return t[n]
+
+
+@pytest.mark.parametrize("alpha", [0.9, 0.95])
+def test_finish_choices_are_near_the_optimal_policy(alpha):
+    """At B = 1 the finish objective projects one γ for every remaining round, so near the end its
+    choice follows the lattice of round sizes (0, 1, 2, 1, 0, … for 1, 2, 3, … tokens left at
+    α = 0.93): the expected time of those choices is within 1% of the optimal policy's (a dynamic
+    program over the tokens left), and strictly better than the best fixed γ — with the round costs
+    measured at B = 1 on runs/bench_lm."""
+    costs, n = np.array([1.3, 2.3, 3.2, 4.1]), 64
+    left = jnp.arange(1, n + 1)
+    choose = jax.vmap(lambda r: gp.choose_gamma(jnp.full((1,), alpha), jnp.ones((1,), bool), r[None],
+                                                jnp.asarray(costs, jnp.float32), "finish", n))
+    picks = np.asarray(choose(left))
+    def step_cost(g, r, t):
+        return costs[g] + sum(alpha**k * (1 - alpha if k < g else 1) * t[max(r - k - 1, 0)] for k in range(g + 1))
+    optimal = _expected_time(lambda r, t: int(np.argmin([step_cost(g, r, t) for g in range(4)])), alpha, costs, n)
+    finish = _expected_time(lambda r, t: int(picks[r - 1]), alpha, costs, n)
+    fixed = min(_expected_time(lambda r, t, g=g: g, alpha, costs, n) for g in range(4))
+    assert optimal - 1e-9 <= finish <= optimal / 0.99 and finish < fixed, (optimal, finish, fixed)
+
+
 def test_moving_counts_by_hand():
     """prior 0.6 with weight 2 -> (1.2, 2). γ = 4, 2 accepted (the 3rd rejected), decay 0.8:
     (0.96 + 2, 1.6 + 3) = (2.96, 4.6). γ = 0: toward the prior, (0.8·2.96 + 0.2·1.2, 0.8·4.6 + 0.2·2)
