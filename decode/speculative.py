@@ -326,10 +326,11 @@ def branches(model, drafter, spec: SpecConfig, *, sparse, **kw) -> list:
                           **common) for g in range(1, spec.gamma + 1)]
 
 
-def with_goodput_stats(s: SpecState, cfg: GoodputConfig, max_rounds: int) -> SpecState:
-    """The goodput decoder's extra stats: the moving acceptance counts, the γ of every round."""
-    return s.replace(stats=s.stats | gp.init_counts(cfg, s.num_B.shape[0])
-                     | {"gamma_chosen": jnp.full((max_rounds,), -1, jnp.int32)})
+def with_goodput_stats(s: SpecState, cfg: GoodputConfig, max_rounds: int, choose) -> SpecState:
+    """The goodput decoder's extra stats: the moving acceptance counts, the γ of every round, and
+    the first round's γ (`choose`: gp.chooser)."""
+    return gp.with_choice(s.replace(stats=s.stats | gp.init_counts(cfg, s.num_B.shape[0])
+                                    | {"gamma_chosen": jnp.full((max_rounds,), -1, jnp.int32)}), choose)
 
 
 STATIC = ("graphdef", "max_new_tokens", "sampler", "eos_id", "pad_id", "spec", "widths", "sparse")
@@ -403,7 +404,7 @@ def goodput_generate(graphdef, params, prompts_BT, prompt_lengths_B, key, costs_
     choose = gp.chooser(spec.goodput, max_new_tokens, costs_G)
     step = functools.partial(gp.goodput_round, branches(model, drafter, spec, sparse=sparse, **kw),
                              cfg=spec.goodput, more=cond, choose=choose)
-    s = jax.lax.while_loop(cond, step, gp.with_choice(with_goodput_stats(s, spec.goodput, max_new_tokens), choose))
+    s = jax.lax.while_loop(cond, step, with_goodput_stats(s, spec.goodput, max_new_tokens, choose))
     st = {k: v for k, v in summarize(s).items() if not k.startswith("goodput_")}
     return (s.tokens_BN[:, :max_new_tokens], s.num_B,
             st | {"acceptance_estimate": gp.estimate(s.stats), "loop_rounds": s.rounds})

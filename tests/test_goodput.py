@@ -189,14 +189,18 @@ def test_finish_objective_on_a_static_batch_of_four():
     assert int(gp.choose_gamma(a[:1], one, left[:1], jnp.asarray([1.2, 2.1, 2.7, 3.5]), "finish", 63)) >= 2
 
 
+def _round_then(g, r, t, alpha, costs):
+    """E seconds of a round with γ = g drafts, r tokens left, plus t[tokens left after it]: the
+    round emits k + 1 tokens with the geometric law, α^k (1 − α) for k < γ, α^γ for k = γ."""
+    return costs[g] + sum(alpha**k * (1 - alpha if k < g else 1) * t[max(r - k - 1, 0)] for k in range(g + 1))
+
+
 def _expected_time(policy, alpha, costs, n):
-    """E seconds to emit n tokens at B = 1 when a round with γ = policy(r, T) drafts, r tokens left,
-    emits k + 1 tokens with the geometric law (T: the expected times of fewer tokens left)."""
+    """E seconds to emit n tokens at B = 1 when the round with r tokens left has γ = policy(r, t)
+    drafts (t: the expected times of fewer tokens left)."""
     t = np.zeros(n + 1)
     for r in range(1, n + 1):
-        g = policy(r, t)
-        p = [alpha**k * (1 - alpha) for k in range(g)] + [alpha**g]
-        t[r] = costs[g] + sum(p[k] * t[max(r - k - 1, 0)] for k in range(g + 1))
+        t[r] = _round_then(policy(r, t), r, t, alpha, costs)
     return t[n]
 
 
@@ -212,9 +216,10 @@ def test_finish_choices_are_near_the_optimal_policy(alpha):
     choose = jax.vmap(lambda r: gp.choose_gamma(jnp.full((1,), alpha), jnp.ones((1,), bool), r[None],
                                                 jnp.asarray(costs, jnp.float32), "finish", n))
     picks = np.asarray(choose(left))
-    def step_cost(g, r, t):
-        return costs[g] + sum(alpha**k * (1 - alpha if k < g else 1) * t[max(r - k - 1, 0)] for k in range(g + 1))
-    optimal = _expected_time(lambda r, t: int(np.argmin([step_cost(g, r, t) for g in range(4)])), alpha, costs, n)
+
+    def best_now(r, t):  # the optimal policy: the γ whose round plus the optimal rest is shortest
+        return int(np.argmin([_round_then(g, r, t, alpha, costs) for g in range(4)]))
+    optimal = _expected_time(best_now, alpha, costs, n)
     finish = _expected_time(lambda r, t: int(picks[r - 1]), alpha, costs, n)
     fixed = min(_expected_time(lambda r, t, g=g: g, alpha, costs, n) for g in range(4))
     assert optimal - 1e-9 <= finish <= optimal / 0.99 and finish < fixed, (optimal, finish, fixed)
@@ -352,7 +357,7 @@ def test_plain_stretch_equals_a_switch_per_round():
         step = functools.partial(gp.goodput_round, spec.branches(model, drafter, s_cfg, sparse=True, **kw), cfg=cfg,
                                  more=None, choose=choose, stretch=False)  # a switch per round
         s = jax.lax.while_loop(lambda s: (s.rounds < n) & ~jnp.all(s.done_B), step,
-                               gp.with_choice(spec.with_goodput_stats(s, cfg, n), choose))
+                               spec.with_goodput_stats(s, cfg, n, choose))
         next_logits = model(s.pending_B[:, None], s.cache.lengths[:, None], cache=s.cache, widths=widths)[0][:, -1]
         return s.tokens_BN[:, :n], s.num_B, s.stats["gamma_chosen"], next_logits, s.cache.lengths
 
