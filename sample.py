@@ -74,7 +74,8 @@ def parse_args(argv):
                          "goodput from costs measured at start (decode/goodput.py)")
     sp.add_argument("--gamma_max", type=int, default=None, help="--gamma auto: the largest γ (4)")
     sp.add_argument("--cost_repeats", type=int, default=None,
-                    help="--gamma auto: times each round cost is measured (15; fewer: a faster start, noisier costs)")
+                    help="--gamma auto: times each round cost is measured (40, at most ~60 s; fewer: a faster "
+                         "start, noisier costs)")
     sp.add_argument("--adaptive_threshold", type=float, default=None,
                     help="stop drafting once the estimated chance of a rejection exceeds this")
     sp.add_argument("--draft_cache", default=None, choices=["shared", "separate"], help="default shared")

@@ -168,17 +168,24 @@ def goodput_sweep(args, cfg, graphdef, params, tok):
         timing = interleaved({n: (f, inputs, len(inputs)) for n, f in variants.items()}, args.rounds)
         tps = {n: b * args.new_tokens / t["median_s"] for n, t in timing.items()}
         best = max(tps[n] for n in ("plain", "γ=1", "γ=3"))
+        best_name = max(("plain", "γ=1", "γ=3"), key=tps.get)
+        paired = {n: float(np.median(np.divide(timing[best_name]["samples_s"], timing[n]["samples_s"])))
+                  for n in ("goodput", "goodput tokens")}  # per-round ratios: robust to the machine's drift
         out[b] = {"round_costs_s": list(costs), "tokens_per_s": tps,
                   "speedup": {n: v / tps["plain"] for n, v in tps.items()},
                   "goodput_vs_best_fixed": tps["goodput"] / best,
                   "goodput_tokens_vs_best_fixed": tps["goodput tokens"] / best,
+                  "best_fixed": best_name, "goodput_vs_best_fixed_paired": paired["goodput"],
+                  "goodput_tokens_vs_best_fixed_paired": paired["goodput tokens"],
                   "gamma_histogram": hist["goodput"], "gamma_histogram_tokens": hist["goodput tokens"],
                   "mean_gamma": float(np.dot(hist["goodput"], range(GAMMA_MAX + 1)) / sum(hist["goodput"])),
                   "acceptance_estimate": est["goodput"],
                   "compile_s": {n: t - timing[n]["median_s"] for n, t in first_s.items()},
                   "cost_measure_s": measure_s}  # goodput's compile is in it: its first call above reuses it
         print(f"B={b}: " + ", ".join(f"{n} {v:.2f}x" for n, v in out[b]["speedup"].items())
-              + f"; goodput γ histogram {hist['goodput']} (tokens objective {hist['goodput tokens']}), round costs "
+              + f"; goodput / best fixed ({best_name}) {tps['goodput'] / best:.3f} (per-round pairs "
+              + f"{paired['goodput']:.3f}); goodput γ histogram {hist['goodput']} "
+              + f"(tokens objective {hist['goodput tokens']}), round costs "
               + ", ".join(f"{c * 1e3:.1f}" for c in costs) + " ms", flush=True)
     return out
 

@@ -11,6 +11,8 @@ whose cost vector is an argument: the measurement and the decode share one compi
 from __future__ import annotations
 
 import dataclasses
+import math
+import random
 import statistics
 import time
 
@@ -21,7 +23,7 @@ from decode.spec_config import SpecConfig
 from decode.speculative import goodput_generate, goodput_static
 from spark.errors import ConfigError
 
-REPEATS = 15  # timings of every γ per measurement (sample.py --cost_repeats)
+REPEATS = 40  # timings of every γ per measurement (sample.py --cost_repeats)
 
 
 def min_new_tokens(gamma_max: int) -> int:
@@ -49,9 +51,13 @@ def measure_costs(graphdef, params, prompts_BT, prompt_lengths_B, *, spec: SpecC
     This machine's speed drifts and only the ratios between the costs decide γ, so each repeat
     times every γ back to back, each repeat with its own sampling key (one key's decode has its own
     rounds and active rows: at B = 1 on runs/bench_lm key 0 put γ = 3 / γ = 2 at 1.27, keys 1-3 at
-    1.22-1.25), and the result is the median γ = 0 cost times the median over repeats of each γ's
-    ratio to it. Repeats stop early (after at least 3) once `budget_s` is spent:
-    a repeat at B = 64 takes ~20 s."""
+    1.22-1.25), and the result is the median γ = 0 cost times the central ratio (`central_ratio`)
+    over repeats of each γ's cost to it, the γ in a random order per repeat (no γ always timed
+    after another). One repeat's ratio scatters by ~4% (c1 / c3 at B = 1 on runs/bench_lm: sd 0.025
+    around 0.58), so 40 repeats (~15 s at B = 1) put it within ~1%; with 15, measurements in one
+    process were 3% apart, and one bench run's first measurement put c1 / c3 at 0.53 — enough to
+    turn γ = 3's real 5% lead over γ = 1 into a modelled tie. Repeats stop early
+    (after at least 3) once `budget_s` is spent: a repeat at B = 64 takes ~20 s."""
     if spec.goodput is None:
         raise ConfigError("measure_costs needs a SpecConfig with goodput (its costs are not read)")
     gamma_max = spec.gamma
@@ -77,6 +83,19 @@ def measure_costs(graphdef, params, prompts_BT, prompt_lengths_B, *, spec: SpecC
     rounds, t0 = [], time.perf_counter()
     while len(rounds) < repeats and not (len(rounds) >= 3 and time.perf_counter() - t0 > budget_s):
         key = jax.random.key(len(rounds))  # each repeat its own draws, the same for every γ
-        rounds.append([per_round(c, key) for c in force])
+        order = random.Random(len(rounds)).sample(range(gamma_max + 1), gamma_max + 1)
+        timed = {g: per_round(force[g], key) for g in order}
+        rounds.append([timed[g] for g in range(gamma_max + 1)])
     plain = statistics.median(r[0] for r in rounds)
-    return tuple(plain * statistics.median(r[g] / r[0] for r in rounds) for g in range(gamma_max + 1))
+    return tuple(plain * central_ratio([r[g] / r[0] for r in rounds]) for g in range(gamma_max + 1))
+
+
+def central_ratio(ratios) -> float:
+    """The geometric mean of the middle half of the ratios (all of them below 4): robust to a repeat
+    caught in a slow phase like a median, and centred when the ratios cluster in lumps — a drift
+    within a repeat puts each γ's ratio at one of a few levels, one per order of the γ, and a
+    median then picks one level, not their centre."""
+    logs = sorted(math.log(x) for x in ratios)
+    cut = len(logs) // 4
+    middle = logs[cut:len(logs) - cut]
+    return math.exp(sum(middle) / len(middle))
