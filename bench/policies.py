@@ -167,8 +167,8 @@ def goodput_sweep(args, cfg, graphdef, params, tok):
             est[name] = float(np.mean([s["acceptance_estimate"] for s in st]))
         timing = interleaved({n: (f, inputs, len(inputs)) for n, f in variants.items()}, args.rounds)
         tps = {n: b * args.new_tokens / t["median_s"] for n, t in timing.items()}
-        best = max(tps[n] for n in ("plain", "γ=1", "γ=3"))
         best_name = max(("plain", "γ=1", "γ=3"), key=tps.get)
+        best = tps[best_name]
         paired = {n: float(np.median(np.divide(timing[best_name]["samples_s"], timing[n]["samples_s"])))
                   for n in ("goodput", "goodput tokens")}  # per-round ratios: robust to the machine's drift
         out[b] = {"round_costs_s": list(costs), "tokens_per_s": tps,

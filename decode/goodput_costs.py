@@ -91,7 +91,7 @@ def measure_costs(graphdef, params, prompts_BT, prompt_lengths_B, *, spec: SpecC
 
 
 def central_ratio(ratios) -> float:
-    """The geometric mean of the middle half of the ratios (all of them below 4): robust to a repeat
+    """The geometric mean of the middle half of the ratios (of all, when fewer than 4): robust to a repeat
     caught in a slow phase like a median, and centred when the ratios cluster in lumps — a drift
     within a repeat puts each γ's ratio at one of a few levels, one per order of the γ, and a
     median then picks one level, not their centre."""
