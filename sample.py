@@ -22,11 +22,11 @@ Spark models decode with the sparse-gather path unless --no_sparse. --json print
 text (list), prompts, tokens_per_s, stats (per row: new_tokens, ffn_overflow, attn_overflow;
 per layer: ffn_density, keys_per_query; checkpoint_step, widths, seconds). With --speculative the
 stats are acceptance_rate, tokens_per_round, rounds (and per row: rounds_per_row, drafted,
-accepted), draft_widths, gamma (--gamma auto: gamma_chosen per round, goodput_costs in seconds,
-acceptance_estimate per row); compile_seconds in every mode; multi-draft adds method, verifier,
-tree_nodes (draft tokens per target forward) and accepted_per_round. With --decoder bild: per row
-rounds, little_tokens, drafted, fallbacks, rollbacks; little_share, tokens_per_round, little_widths
-and the thresholds.
+accepted), draft_widths, gamma (--gamma auto: gamma_chosen per round, goodput_costs and
+goodput_switch_cost in seconds, acceptance_estimate per row); compile_seconds in every mode;
+multi-draft adds method, verifier, tree_nodes (draft tokens per target forward) and
+accepted_per_round. With --decoder bild: per row rounds, little_tokens, drafted, fallbacks,
+rollbacks; little_share, tokens_per_round, little_widths and the thresholds.
 With a search --decoder (mfs, phi, beam, best_of_n, self_consistency) the text is the answer the
 --answer_rule picks (best_of_n: quality, self_consistency: vote) and stats hold the search
 accounting (gen_tokens, forward_tokens, prefill_tokens, steps, stop_step, reverted) and every
@@ -332,11 +332,11 @@ def main(argv=None):
         from decode import goodput_costs
 
         t0 = time.perf_counter()
-        costs = goodput_costs.measure_costs(train_lib.graphdef_of(cfg), *run_args[:3], **kw,
-                                            repeats=args.cost_repeats or goodput_costs.REPEATS)
+        costs, switch = goodput_costs.measure_costs(train_lib.graphdef_of(cfg), *run_args[:3], **kw,
+                                                    repeats=args.cost_repeats or goodput_costs.REPEATS)
         measure_s = time.perf_counter() - t0
         fn, run_args = speculative.goodput_generate, (*run_args, jnp.asarray(costs, jnp.float32),
-                                                      jnp.int32(args.max_new_tokens))
+                                                      jnp.int32(args.max_new_tokens), jnp.float32(switch))
         kw.update(spec=speculative.goodput_static(kw["spec"]))
     # compile first (the static graphdef is baked in), so the timing is the generation only
     t0 = time.perf_counter()
@@ -355,7 +355,7 @@ def main(argv=None):
                      draft_widths=list(draft_widths), gamma=args.gamma)
         if args.goodput:
             stats.update(gamma_chosen=[g for g in stats["gamma_chosen"] if g >= 0], goodput_costs=list(costs),
-                         cost_measure_seconds=measure_s)
+                         goodput_switch_cost=switch, cost_measure_seconds=measure_s)
         if isinstance(spec_cfg, multidraft.MultiDraftConfig):
             stats.update(method=spec_cfg.method, verifier=spec_cfg.verifier, gamma=len(spec_cfg.levels) - 1,
                          accepted_per_round=sum(stats["accepted"]) / max(stats["rounds"], 1))
@@ -375,7 +375,8 @@ def main(argv=None):
                   f"tokens/round, {stats['rounds']} rounds]", file=sys.stderr)
             if args.goodput:
                 print(f"[goodput: γ per round {stats['gamma_chosen']}, round costs "
-                      f"{[round(c * 1e3, 2) for c in stats['goodput_costs']]} ms for γ = 0..{args.gamma}]",
+                      f"{[round(c * 1e3, 2) for c in stats['goodput_costs']]} ms for γ = 0..{args.gamma}, a change of "
+                      f"γ and back {stats['goodput_switch_cost'] * 1e3:.2f} ms]",
                       file=sys.stderr)
         if bild_cfg is not None:
             print(f"[bild: {stats['little_share']:.2f} of the tokens from the little model, "

@@ -145,15 +145,15 @@ def goodput_sweep(args, cfg, graphdef, params, tok):
         arr, lengths = padded([encoded[i % len(encoded)] for i in range(b)], tok.pad_id)
         auto = spec.SpecConfig(dw, gamma=GAMMA_MAX, goodput=gp.GoodputConfig((1.0,) * (GAMMA_MAX + 1)))
         t0 = time.perf_counter()
-        costs = goodput_costs.measure_costs(graphdef, params, arr, lengths, spec=auto, **common)
+        costs, switch = goodput_costs.measure_costs(graphdef, params, arr, lengths, spec=auto, **common)
         measure_s = time.perf_counter() - t0
         sc = {"γ=1": spec.SpecConfig(dw, gamma=1), "γ=3": spec.SpecConfig(dw, gamma=3),
               "adaptive h=0.5": spec.SpecConfig(dw, gamma=GAMMA_MAX, adaptive_threshold=0.5),
-              "goodput": goodput_costs.with_costs(auto, costs),
-              "goodput tokens": goodput_costs.with_costs(tokens_objective(auto), costs)}
+              "goodput": goodput_costs.with_costs(auto, costs, switch),
+              "goodput tokens": goodput_costs.with_costs(tokens_objective(auto), costs, switch)}
         variants = {"plain": functools.partial(gen.generate, graphdef, **common)}
         variants |= {n: functools.partial(spec.generate, graphdef, spec=c, **common) for n, c in sc.items()}
-        inputs = [(params, arr, lengths, jax.random.key(i)) for i in range(2)]
+        inputs = [(params, arr, lengths, jax.random.key(i)) for i in range(max(2, -(-args.paths // b)))]
         first_s = {}
         for name, f in variants.items():  # the first call compiles
             t0 = time.perf_counter()
@@ -171,7 +171,7 @@ def goodput_sweep(args, cfg, graphdef, params, tok):
         best = tps[best_name]
         paired = {n: float(np.median(np.divide(timing[best_name]["samples_s"], timing[n]["samples_s"])))
                   for n in ("goodput", "goodput tokens")}  # per-round ratios: robust to the machine's drift
-        out[b] = {"round_costs_s": list(costs), "tokens_per_s": tps,
+        out[b] = {"round_costs_s": list(costs), "switch_cost_s": switch, "keys": len(inputs), "tokens_per_s": tps,
                   "speedup": {n: v / tps["plain"] for n, v in tps.items()},
                   "goodput_vs_best_fixed": tps["goodput"] / best,
                   "goodput_tokens_vs_best_fixed": tps["goodput tokens"] / best,
@@ -186,7 +186,8 @@ def goodput_sweep(args, cfg, graphdef, params, tok):
               + f"; goodput / best fixed ({best_name}) {tps['goodput'] / best:.3f} (per-round pairs "
               + f"{paired['goodput']:.3f}); goodput γ histogram {hist['goodput']} "
               + f"(tokens objective {hist['goodput tokens']}), round costs "
-              + ", ".join(f"{c * 1e3:.1f}" for c in costs) + " ms", flush=True)
+              + ", ".join(f"{c * 1e3:.1f}" for c in costs) + f" ms, a change of γ and back {switch * 1e3:.2f} ms, "
+              + f"{len(inputs)} keys", flush=True)
     return out
 
 
@@ -260,6 +261,9 @@ def main(argv=None):
     ap.add_argument("--batches", default="1,4,16,64", help="goodput sweep ('' to skip)")
     ap.add_argument("--proj_layers", type=int, default=2, help="goodput at 2B shapes: layers timed (0: skip)")
     ap.add_argument("--temperature", type=float, default=0.8, help="the goodput sweep's sampler")
+    ap.add_argument("--paths", type=int, default=16,
+                    help="goodput: rows decoded per variant and timing round (keys: max(2, paths / B)); the "
+                         "decoders' sampled paths differ, and at B = 1 one key's luck moved a ratio by ~5%%")
     ap.add_argument("--json", help="default bench/results/policies[_TASK].json")
     ap.add_argument("--png", help="default bench/results/policies[_TASK].png")
     ap.add_argument("--parts", default="bild,goodput",

@@ -26,6 +26,17 @@ small γ really costs less; each γ runs its rounds in an inner loop for as long
 keeps a γ at that fixed γ's (a switch per round cost ~8% of a plain step at B = 16). The costs are
 timed through this decoder itself (`goodput_costs.measure_costs`), with what it pays around a branch.
 
+A change of γ costs more than its rounds (leaving one branch's loop, entering another's: ~0.08 ms
+per change at B = 1 on runs/bench_lm, where a plain round costs 1.2 ms, from a regression of 132
+timed decodes on their rounds per γ and changes), and near the break-even of two γ — at B = 1 the
+projected times of γ = 1, 2, 3 are within 1% of each other for α ≈ 0.9 — the estimate's noise turns
+γ back and forth. So the choice charges `switch_cost`, the seconds of a change and back (measured
+by measure_costs), to every γ but the one just run: the finish objective once, the tokens objective
+spread over the estimate's memory, 1 / (1 − decay) rounds. A change and back, because a change made
+on noise is undone. Replaying the cost model on the decoder's own choices (runs/bench_lm, B = 1, 24
+keys × 5 prompts) the charge moved goodput from 0.988-0.999 to 0.989-1.006 of fixed γ = 3 (the
+best fixed γ there); charging twice as much was worse.
+
 The acceptance is estimated per row, not over the batch: rows differ (prompt, content, how far
 they are), E is convex in α so an averaged α misjudges the summed E, and a row that finished
 stops counting. The estimate is a ratio of exponential moving counts, acc / tried, where a round
@@ -71,6 +82,7 @@ class GoodputConfig:
     decay: float = 0.95
     prior: float = 1.0  # optimistic: speculate first, then let the evidence decide (a pessimistic
     prior_weight: float = 2.0  # prior never speculates, so it never learns that speculation pays)
+    switch_cost: float = 0.0  # seconds a change of γ and back costs beyond their rounds (measure_costs)
 
     def __post_init__(self):
         object.__setattr__(self, "costs", tuple(float(c) for c in self.costs))
@@ -80,6 +92,8 @@ class GoodputConfig:
             raise ConfigError(f"goodput objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if not 0.0 <= self.decay < 1.0:
             raise ConfigError(f"goodput decay must be in [0, 1), got {self.decay}")
+        if not self.switch_cost >= 0.0:
+            raise ConfigError(f"goodput switch_cost must be >= 0 seconds, got {self.switch_cost}")
         if not 0.0 <= self.prior <= 1.0 or not self.prior_weight > 0:
             raise ConfigError(f"goodput prior must be in [0, 1] with a positive weight, got {self.prior}, "
                               f"{self.prior_weight}")
@@ -146,16 +160,24 @@ def projected_rounds(alpha_B, remaining_B, live_B, gamma_max: int, max_remaining
     return jax.lax.cummin(jnp.max(jnp.where(live_B[:, None], rounds_BG, 0.0), axis=0))
 
 
-def choose_gamma(alpha_B, live_B, remaining_B, costs_G, objective: str, max_remaining: int):
+def choose_gamma(alpha_B, live_B, remaining_B, costs_G, objective: str, max_remaining: int, switch_s=0.0,
+                 current=-1, memory: float = 1.0):
     """The γ to run next; 0 when no row is live.
-    "tokens" (SmartSpec): argmax Σ_live E_b(γ) / cost(γ), the smallest on ties.
-    "finish": argmin cost(γ) · projected_rounds(γ) — the batch's projected time to finish with γ
-    (`remaining_B`: the tokens each row has left, at most `max_remaining`, static) — the largest on ties."""
+    "tokens" (SmartSpec): argmin (cost(γ) + switch) / Σ_live E_b(γ) — the seconds per token, i.e. the
+    argmax of SmartSpec's goodput when switch = 0 — the smallest on ties.
+    "finish": argmin cost(γ) · projected_rounds(γ) + switch — the batch's projected time to finish
+    with γ (`remaining_B`: the tokens each row has left, at most `max_remaining`, static) — the
+    largest on ties.
+    switch: `switch_s` for a γ other than `current` (the γ just run; −1: none yet), else 0 — the
+    finish objective pays it once, the tokens objective over `memory` rounds. A negative `switch_s`
+    (with a cost vector that leaves two γ) forces γ to alternate: measure_costs times a switch so."""
     gamma_max = costs_G.shape[0] - 1
+    change_G = jnp.where((jnp.arange(gamma_max + 1) != current) & (current >= 0), switch_s, 0.0)
     if objective == "tokens":
         total_G = jnp.sum(jnp.where(live_B[:, None], expected_tokens(alpha_B, gamma_max), 0.0), 0)
-        return jnp.argmax(total_G / costs_G).astype(jnp.int32)
-    time_G = costs_G * projected_rounds(alpha_B, remaining_B, live_B, gamma_max, max_remaining)
+        per_token_G = jnp.where(total_G > 0, (costs_G + change_G / memory) / total_G, jnp.inf)
+        return jnp.argmin(per_token_G).astype(jnp.int32)
+    time_G = costs_G * projected_rounds(alpha_B, remaining_B, live_B, gamma_max, max_remaining) + change_G
     largest = gamma_max - jnp.argmin(time_G[::-1])
     return jnp.where(jnp.any(live_B), largest, 0).astype(jnp.int32)
 
@@ -182,12 +204,14 @@ def update_counts(stats, n_B, gamma, live_B, cfg: GoodputConfig) -> dict:
                     "goodput_tested": jnp.where(live_B, tried, stats["goodput_tested"])}
 
 
-def chooser(cfg: GoodputConfig, max_new_tokens: int, costs_G=None):
-    """s -> the γ to run next (`choose_gamma` from the state's per-row estimates and tokens left).
-    `costs_G`: a traced cost vector instead of cfg.costs (measure_costs forces γ with it)."""
+def chooser(cfg: GoodputConfig, max_new_tokens: int, costs_G=None, switch_s=None):
+    """s -> the γ to run next (`choose_gamma` from the state's per-row estimates, tokens left and the
+    γ just run). `costs_G`, `switch_s`: traced values instead of cfg.costs and cfg.switch_cost
+    (measure_costs forces γ with them)."""
     costs_G = jnp.asarray(cfg.costs, jnp.float32) if costs_G is None else costs_G
+    switch_s = jnp.float32(cfg.switch_cost) if switch_s is None else switch_s
     return lambda s: choose_gamma(estimate(s.stats), ~s.done_B, max_new_tokens - s.num_B, costs_G, cfg.objective,
-                                  max_new_tokens)
+                                  max_new_tokens, switch_s, s.stats.get("goodput_next", -1), 1 / (1 - cfg.decay))
 
 
 def with_choice(s, choose):

@@ -3,8 +3,8 @@ batch size and prompt length through the goodput decoder itself (speculative.goo
 whose cost vector is an argument: the measurement and the decode share one compile).
 
     spec = SpecConfig(draft_widths=..., gamma=4, goodput=GoodputConfig((1.0,) * 5))   # costs: any
-    costs = measure_costs(graphdef, params, prompts_BT, lengths_B, spec=spec, sampler=..., max_new_tokens=N)
-    spec = with_costs(spec, costs)
+    measured = measure_costs(graphdef, params, prompts_BT, lengths_B, spec=spec, sampler=..., max_new_tokens=N)
+    spec = with_costs(spec, *measured)   # measured.costs [γ_max + 1], measured.switch
     speculative.generate(graphdef, params, prompts_BT, lengths_B, key, spec=spec, sampler=..., max_new_tokens=N)
 """
 
@@ -15,6 +15,7 @@ import math
 import random
 import statistics
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,33 +32,45 @@ def min_new_tokens(gamma_max: int) -> int:
     return 2 * gamma_max + 4
 
 
-def with_costs(spec: SpecConfig, costs) -> SpecConfig:
-    return dataclasses.replace(spec, goodput=dataclasses.replace(spec.goodput, costs=tuple(costs)))
+class RoundCosts(NamedTuple):
+    costs: tuple[float, ...]  # seconds per round of γ = 0 … γ_max
+    switch: float  # seconds a change of γ and back adds to the rounds (GoodputConfig.switch_cost)
+
+
+def with_costs(spec: SpecConfig, costs, switch_cost: float = 0.0) -> SpecConfig:
+    return dataclasses.replace(spec, goodput=dataclasses.replace(spec.goodput, costs=tuple(costs),
+                                                                 switch_cost=float(switch_cost)))
 
 
 def measure_costs(graphdef, params, prompts_BT, prompt_lengths_B, *, spec: SpecConfig, sampler, max_new_tokens: int,
                   eos_id: int = -1, pad_id: int = 0, widths=None, sparse: bool = True,
-                  repeats: int = REPEATS, budget_s: float = 60.0) -> tuple[float, ...]:
+                  repeats: int = REPEATS, budget_s: float = 60.0) -> RoundCosts:
     """Seconds per round of each γ = 0 … γ_max (spec.gamma) at this batch size and prompt length,
-    timed through the decoder that will use them — the same compiled function, called with a cost
-    vector that forces γ — so with what it pays around a branch (the switch, the bookkeeping; a
-    branch timed on its own under-stated a γ ≥ 1 round by ~25% at B = 4 on runs/bench_lm). A
-    round's cost is the difference of a whole decode of `max_new_tokens` and a call that stops
-    after one round, divided by the rounds between them: the prefill, the first round and the call
-    itself cancel, and the rounds are those of the real decode, at its positions (rounds 2-15
-    alone, at B = 1 on runs/bench_lm, put a plain round at 1.30 ms against 1.21 over the whole
-    decode — the early rounds cost more — and every γ ≥ 1 round at 7-10% fewer plain rounds than
-    the whole decodes paid; with the whole decodes the costs predict each forced γ's speed).
+    and the seconds a change of γ and back costs, timed through the decoder that will use them —
+    the same compiled function, called with a cost vector that forces γ — so with what it pays
+    around a branch (the switch, the bookkeeping; a branch timed on its own under-stated a γ ≥ 1
+    round by ~25% at B = 4 on runs/bench_lm). A round's cost is the difference of a whole decode of
+    `max_new_tokens` and a call that stops after one round, divided by the rounds between them: the
+    prefill, the first round and the call itself cancel, and the rounds are those of the real
+    decode, at its positions (rounds 2-15 alone, at B = 1 on runs/bench_lm, put a plain round at
+    1.30 ms against 1.21 over the whole decode — the early rounds cost more — and every γ ≥ 1 round
+    at 7-10% fewer plain rounds than the whole decodes paid; with the whole decodes the costs predict
+    each forced γ's speed).
+    The switch: γ forced to alternate between 0 and γ_max (their costs 1, the others' huge, and a
+    negative switch cost: each round then changes γ); every round after the first is a change, so
+    a round costs (c_0 + c_γmax) / 2 plus half a change and back (at B = 1 on runs/bench_lm ~0.1-0.2 ms
+    per change, where a plain round costs 1.2 ms: leaving a branch's loop and entering another's).
     This machine's speed drifts and only the ratios between the costs decide γ, so each repeat
-    times every γ back to back, each repeat with its own sampling key (one key's decode has its own
-    rounds and active rows: at B = 1 on runs/bench_lm key 0 put γ = 3 / γ = 2 at 1.27, keys 1-3 at
-    1.22-1.25), and the result is the median γ = 0 cost times the central ratio (`central_ratio`)
-    over repeats of each γ's cost to it, the γ in a random order per repeat (no γ always timed
-    after another). One repeat's ratio scatters by ~4% (c1 / c3 at B = 1 on runs/bench_lm: sd 0.025
-    around 0.58), so 40 repeats (~15 s at B = 1) put it within ~1%; with 15, measurements in one
-    process were 3% apart, and one bench run's first measurement put c1 / c3 at 0.53 — enough to
-    turn γ = 3's real 5% lead over γ = 1 into a modelled tie. Repeats stop early
-    (after at least 3) once `budget_s` is spent: a repeat at B = 64 takes ~20 s."""
+    times every γ and the alternation back to back, each repeat with its own sampling key (one
+    key's decode has its own rounds and active rows: at B = 1 on runs/bench_lm key 0 put γ = 3 /
+    γ = 2 at 1.27, keys 1-3 at 1.22-1.25), and the result is the median γ = 0 cost times the
+    central ratio (`central_ratio`) over repeats of each γ's cost to it (the switch: times the median
+    of its ratios, which may be negative), in a random order per repeat (no call always timed after
+    another). One repeat's ratio scatters by ~4% (c1 / c3 at B = 1 on runs/bench_lm: sd 0.025 around
+    0.58), so 40 repeats (~20 s at B = 1) put it within ~1%; with 15, measurements in one process
+    were 3% apart, and one bench run's first measurement put c1 / c3 at 0.53 — enough to turn
+    γ = 3's real 5% lead over γ = 1 into a modelled tie. Repeats stop early (after at least 3) once
+    `budget_s` is spent: a repeat at B = 64 takes ~25 s."""
     if spec.goodput is None:
         raise ConfigError("measure_costs needs a SpecConfig with goodput (its costs are not read)")
     gamma_max = spec.gamma
@@ -66,28 +79,37 @@ def measure_costs(graphdef, params, prompts_BT, prompt_lengths_B, *, spec: SpecC
                           f"got {max_new_tokens}")
     kw = dict(max_new_tokens=max_new_tokens, sampler=sampler, eos_id=eos_id, pad_id=pad_id, spec=goodput_static(spec),
               widths=widths, sparse=sparse)
-    force = [jnp.where(jnp.arange(gamma_max + 1) == g, 1.0, 1e30).astype(jnp.float32) for g in range(gamma_max + 1)]
+    only = [jnp.where(jnp.isin(jnp.arange(gamma_max + 1), jnp.asarray(gs)), 1.0, 1e30).astype(jnp.float32)
+            for gs in [[g] for g in range(gamma_max + 1)] + [[0, gamma_max]]]
+    forcing = [(c, jnp.float32(0.0)) for c in only[:-1]] + [(only[-1], jnp.float32(-1e6))]  # the last: alternate
+    alternate = gamma_max + 1
 
-    def seconds(costs_G, rounds, key):
+    def seconds(force, rounds, key):
+        costs_G, switch_s = force
         t0 = time.perf_counter()
         out = jax.block_until_ready(goodput_generate(graphdef, params, prompts_BT, prompt_lengths_B, key, costs_G,
-                                                     jnp.int32(rounds), **kw))
+                                                     jnp.int32(rounds), switch_s, **kw))
         return time.perf_counter() - t0, int(out[2]["loop_rounds"])
 
-    seconds(force[0], 1, jax.random.key(0))  # compile
+    seconds(forcing[0], 1, jax.random.key(0))  # compile
 
-    def per_round(costs_G, key):
-        (t_all, ran), (t_1, _) = seconds(costs_G, max_new_tokens, key), seconds(costs_G, 1, key)
-        return max(t_all - t_1, 1e-9) / max(ran - 1, 1)
+    def per_round(force, key):
+        (t_all, ran), (t_1, _) = seconds(force, max_new_tokens, key), seconds(force, 1, key)
+        return max(t_all - t_1, 1e-9) / max(ran - 1, 1), ran
 
-    rounds, t0 = [], time.perf_counter()
+    rounds, changes, t0 = [], [], time.perf_counter()
     while len(rounds) < repeats and not (len(rounds) >= 3 and time.perf_counter() - t0 > budget_s):
         key = jax.random.key(len(rounds))  # each repeat its own draws, the same for every γ
-        order = random.Random(len(rounds)).sample(range(gamma_max + 1), gamma_max + 1)
-        timed = {g: per_round(force[g], key) for g in order}
-        rounds.append([timed[g] for g in range(gamma_max + 1)])
+        order = random.Random(len(rounds)).sample(range(alternate + 1), alternate + 1)
+        timed = {g: per_round(forcing[g], key) for g in order}
+        c = [timed[g][0] for g in range(gamma_max + 1)]
+        rounds.append(c)
+        after = timed[alternate][1] - 1  # rounds after the first (γ_max): γ = 0, γ_max, 0, …
+        mixed = ((after + 1) // 2 * c[0] + after // 2 * c[gamma_max]) / max(after, 1)
+        changes.append(2 * (timed[alternate][0] - mixed) / c[0])  # a change and back, over c_0
     plain = statistics.median(r[0] for r in rounds)
-    return tuple(plain * central_ratio([r[g] / r[0] for r in rounds]) for g in range(gamma_max + 1))
+    costs = tuple(plain * central_ratio([r[g] / r[0] for r in rounds]) for g in range(gamma_max + 1))
+    return RoundCosts(costs, max(plain * statistics.median(changes), 0.0))
 
 
 def central_ratio(ratios) -> float:

@@ -354,12 +354,15 @@ def generate(graphdef, params, prompts_BT, prompt_lengths_B, key, *, max_new_tok
         return fixed_generate(graphdef, params, prompts_BT, prompt_lengths_B, key, spec=spec, **kw)
     return goodput_generate(graphdef, params, prompts_BT, prompt_lengths_B, key,
                             jnp.asarray(spec.goodput.costs, jnp.float32), jnp.int32(max_new_tokens),
+                            jnp.float32(spec.goodput.switch_cost),
                             spec=goodput_static(spec), **kw)
 
 
 def goodput_static(spec: SpecConfig) -> SpecConfig:
-    """The goodput decoder's static settings: its costs, an argument of goodput_generate, replaced by ones."""
-    return dataclasses.replace(spec, goodput=dataclasses.replace(spec.goodput, costs=(1.0,) * (spec.gamma + 1)))
+    """The goodput decoder's static settings: its costs and switch cost, arguments of goodput_generate,
+    replaced by ones and zero."""
+    return dataclasses.replace(spec, goodput=dataclasses.replace(spec.goodput, costs=(1.0,) * (spec.gamma + 1),
+                                                                 switch_cost=0.0))
 
 
 def prefilled(graphdef, params, prompts_BT, prompt_lengths_B, key, *, max_new_tokens, sampler, eos_id, pad_id, spec,
@@ -390,18 +393,19 @@ def fixed_generate(graphdef, params, prompts_BT, prompt_lengths_B, key, *, max_n
 
 
 @functools.partial(jax.jit, static_argnames=STATIC)
-def goodput_generate(graphdef, params, prompts_BT, prompt_lengths_B, key, costs_G, max_rounds, *,
+def goodput_generate(graphdef, params, prompts_BT, prompt_lengths_B, key, costs_G, max_rounds, switch_s, *,
                      max_new_tokens: int, sampler: SamplerConfig, eos_id: int, pad_id: int, spec: SpecConfig, widths,
                      sparse: bool):
-    """`generate` with γ chosen per round by goodput from `costs_G` [γ_max + 1] (spec.goodput.costs
-    are not read), stopping after `max_rounds` rounds (int32; at most max_new_tokens, which sizes
-    the cache and buffers): measure_costs forces γ with a cost vector and times a number of rounds.
+    """`generate` with γ chosen per round by goodput from `costs_G` [γ_max + 1] and `switch_s` (float32;
+    spec.goodput.costs and .switch_cost are not read), stopping after `max_rounds` rounds (int32; at
+    most max_new_tokens, which sizes the cache and buffers): measure_costs forces γ with a cost vector
+    (and a negative switch cost) and times a number of rounds.
     stats also hold `loop_rounds`, the rounds run."""
     model, drafter, spec, kw, s = prefilled(graphdef, params, prompts_BT, prompt_lengths_B, key, spec=spec,
                                             max_new_tokens=max_new_tokens, sampler=sampler, eos_id=eos_id,
                                             pad_id=pad_id, widths=widths)
     cond = running(jnp.minimum(max_rounds, max_new_tokens))
-    choose = gp.chooser(spec.goodput, max_new_tokens, costs_G)
+    choose = gp.chooser(spec.goodput, max_new_tokens, costs_G, switch_s)
     step = functools.partial(gp.goodput_round, branches(model, drafter, spec, sparse=sparse, **kw),
                              cfg=spec.goodput, more=cond, choose=choose)
     s = jax.lax.while_loop(cond, step, with_goodput_stats(s, spec.goodput, max_new_tokens, choose))

@@ -37,14 +37,20 @@ from spark.errors import ConfigError
 from spark.model import Transformer
 
 
-def reference_choice(alpha, live, costs):
-    """argmax_γ Σ_live (1 − α^{γ+1}) / (1 − α) / cost(γ) (α = 1: γ + 1), float64, first on ties."""
+def change(g, current, switch):
+    return switch if current >= 0 and g != current else 0.0
+
+
+def reference_choice(alpha, live, costs, switch=0.0, current=-1, memory=1.0):
+    """argmax_γ Σ_live (1 − α^{γ+1}) / (1 − α) / (cost(γ) + switch / memory if γ ≠ current) (α = 1: γ + 1),
+    float64, first on ties."""
     best, arg = -1.0, 0
     for g, c in enumerate(costs):
         e = [(g + 1.0) if a == 1.0 else (1.0 - a ** (g + 1)) / (1.0 - a) for a, ok in zip(alpha, live, strict=True)
              if ok]
-        if sum(e) / c > best + 1e-9:
-            best, arg = sum(e) / c, g
+        rate = sum(e) / (c + change(g, current, switch) / memory)
+        if rate > best * (1 + 1e-6):
+            best, arg = rate, g
     return arg
 
 
@@ -73,36 +79,64 @@ def reference_rounds(alpha, remaining, live, gmax):
     return out
 
 
-def reference_finish_choice(alpha, remaining, live, costs):
-    """argmin_γ cost(γ) · projected rounds, the largest on ties (within 1e-9 relative); 0 if none is live."""
+def reference_finish_times(alpha, remaining, live, costs, switch=0.0, current=-1):
+    rounds = reference_rounds(alpha, remaining, live, len(costs) - 1)
+    return [c * r + change(g, current, switch) for g, (c, r) in enumerate(zip(costs, rounds, strict=True))]
+
+
+def reference_finish_choice(alpha, remaining, live, costs, switch=0.0, current=-1):
+    """argmin_γ cost(γ) · projected rounds (+ switch if γ ≠ current), the largest on ties (within
+    1e-9 relative); 0 if none is live."""
     if not any(live):
         return 0
-    t = [c * r for c, r in zip(costs, reference_rounds(alpha, remaining, live, len(costs) - 1), strict=True)]
+    t = reference_finish_times(alpha, remaining, live, costs, switch, current)
     return max(g for g, x in enumerate(t) if x <= min(t) * (1 + 1e-9))
 
 
 @pytest.mark.parametrize("objective", ["tokens", "finish"])
 def test_choice_equals_numpy_reference(objective):
+    """Random estimates, rows, costs; half the draws with a switch cost and a γ just run."""
     rng = np.random.default_rng(0)
-    checked, choose = 0, jax.jit(gp.choose_gamma, static_argnames=("objective", "max_remaining"))
-    for _ in range(300):  # three shapes: one compile each
+    checked, choose = 0, jax.jit(gp.choose_gamma, static_argnames=("objective", "max_remaining", "memory"))
+    for i in range(300):  # three shapes: one compile each
         b, gmax = 5, rng.choice([1, 3, 6])
         alpha = rng.choice([0.0, 1.0, *rng.uniform(0, 1, 4)], size=b)
         live = rng.uniform(size=b) < 0.8
         left = rng.integers(1, 200, size=b)
         costs = np.cumsum(rng.uniform(0.05, 1.0, gmax + 1))  # a round with more drafts costs more
+        switch, current = (rng.uniform(0, 2.0), int(rng.integers(-1, gmax + 1))) if i % 2 else (0.0, -1)
         got = int(choose(jnp.asarray(alpha, jnp.float32), jnp.asarray(live), jnp.asarray(left),
-                         jnp.asarray(costs, jnp.float32), objective=objective, max_remaining=200))
+                         jnp.asarray(costs, jnp.float32), objective=objective, max_remaining=200,
+                         switch_s=jnp.float32(switch), current=jnp.int32(current), memory=4.0))
         if objective == "tokens":
-            want = reference_choice(alpha, live, costs)
+            want = reference_choice(alpha, live, costs, switch, current, 4.0)
         else:
-            t = sorted(c * r for c, r in zip(costs, reference_rounds(alpha, left, live, gmax), strict=True))
+            t = sorted(reference_finish_times(alpha, left, live, costs, switch, current))
             if any(live) and t[1] < t[0] * (1 + 1e-4):  # float32 cannot tell these apart
                 continue
-            want = reference_finish_choice(alpha, left, live, costs)
+            want = reference_finish_choice(alpha, left, live, costs, switch, current)
         checked += 1
-        assert got == want, (alpha, live, left, costs)
+        assert got == want, (alpha, live, left, costs, switch, current)
     assert checked > 250
+
+
+def test_switch_cost_by_hand():
+    """B = 1, α = 0.9, 20 tokens left, round costs 1.29, 2.156, 3.023, 3.808 (runs/bench_lm, B = 1, ms).
+    Finish: the rounds at γ = 0…3 are 20, 10.745, 7.726, 6.165 (the recursion R(r) = 1 + Σ_k p_k R(r − k)),
+    so the times are 25.8, 23.167, 23.356, 23.477: γ = 1. After a γ = 3 round a change costing 0.5
+    makes them 26.3, 23.667, 23.856, 23.477: γ = 3 stays; a change of 0.2 does not (23.367 < 23.477);
+    with no γ run yet nothing is charged. Tokens (per token 1.29, 1.135, 1.116, 1.107 with E = 1,
+    1.9, 2.71, 3.439: γ = 3) after a γ = 1 round, over a memory of 20 rounds: a change of 2.0 adds
+    0.1 to every other round, (3.808 + 0.1) / 3.439 = 1.136 > 1.135: γ = 1 stays; 1.5 adds 0.075:
+    1.129 < 1.135, γ = 3."""
+    costs = jnp.asarray([1.29, 2.156, 3.023, 3.808])
+    a, live, left = jnp.asarray([0.9]), jnp.asarray([True]), jnp.asarray([20])
+
+    def pick(objective, switch, current):
+        return int(gp.choose_gamma(a, live, left, costs, objective, 64, jnp.float32(switch), jnp.int32(current), 20.0))
+    assert pick("finish", 0.0, 3) == 1 and pick("finish", 0.5, 3) == 3 and pick("finish", 0.2, 3) == 1
+    assert pick("finish", 0.5, -1) == 1
+    assert pick("tokens", 0.0, 1) == 3 and pick("tokens", 2.0, 1) == 1 and pick("tokens", 1.5, 1) == 3
 
 
 @pytest.mark.parametrize("objective", ["tokens", "finish"])
@@ -254,47 +288,62 @@ def test_bad_configs():
         goodput_costs.measure_costs(None, None, None, None, spec=spec.SpecConfig(), sampler=None, max_new_tokens=20)
 
 
+def fake_rounds(costs_G, switch_s, max_rounds, whole, cost, change):
+    """(rounds, seconds of them) of a fake goodput decode: forced γ (one finite cost) runs whole[γ]
+    rounds of cost[γ]; alternation (two finite costs, a negative switch) starts at the larger γ and
+    pays half a change and back after each round."""
+    finite = np.flatnonzero(np.asarray(costs_G) < 1e29)
+    if float(switch_s) >= 0:
+        r = min(int(max_rounds), whole[finite[0]])
+        return r, r * cost[finite[0]]
+    r = min(int(max_rounds), whole[finite[-1]])
+    seq = [finite[-1] if i % 2 == 0 else finite[0] for i in range(r)]
+    return r, sum(cost[g] for g in seq) + (r - 1) * change / 2
+
+
 def test_measure_costs_arithmetic(monkeypatch):
     """With a fake clock and decoder — a call costs 5 s, its first round 3 s more, every later round
-    c_γ, and a whole decode of γ runs R_γ rounds — the costs come out exactly c_γ: the one-round
-    call cancels the call and the first round, and the rounds between are R_γ − 1 (dividing by
-    R_γ, or not subtracting the one-round call, would not give c_γ). Each repeat decodes with its
-    own key, the same for every γ and for both calls of a γ."""
+    c_γ, and a whole decode of γ runs R_γ rounds; forced to alternate between γ = 0 and 2 it runs
+    R_2 rounds (2, 0, 2, …) and each change of γ costs 0.35 s more — the costs come out exactly c_γ
+    and the change and back 0.7 s: the one-round call cancels the call and the first round, and the
+    rounds between are R_γ − 1 (dividing by R_γ, or not subtracting the one-round call, would not
+    give c_γ; counting the alternation's rounds as half γ = 0, half γ = 2 would be off by c_2 − c_0
+    over 6 rounds). Each repeat decodes with its own key, the same for every call of it."""
     cost, whole = [2.0, 3.5, 4.0], [19, 10, 7]
     clock, keys = [0.0], []
 
-    def fake_decoder(graphdef, params, prompts, lengths, key, costs_G, max_rounds, **kw):
+    def fake_decoder(graphdef, params, prompts, lengths, key, costs_G, max_rounds, switch_s, **kw):
         keys.append(int(jax.random.key_data(key).sum()))
-        g = int(np.argmin(np.asarray(costs_G)))
-        r = min(int(max_rounds), whole[g])
-        clock[0] += 5.0 + 3.0 + r * cost[g]
+        r, t = fake_rounds(costs_G, switch_s, max_rounds, whole, cost, 0.7)
+        clock[0] += 5.0 + 3.0 + t
         return None, None, {"loop_rounds": jnp.int32(r)}
 
     monkeypatch.setattr(goodput_costs, "goodput_generate", fake_decoder)
     monkeypatch.setattr(goodput_costs.time, "perf_counter", lambda: clock[0])
     sc = spec.SpecConfig(gamma=2, goodput=gp.GoodputConfig((1.0,) * 3))
     got = goodput_costs.measure_costs(None, None, None, None, spec=sc, sampler=None, max_new_tokens=20, repeats=3)
-    np.testing.assert_allclose(got, cost, rtol=1e-9)
-    per_repeat = [set(keys[1 + 6 * i: 7 + 6 * i]) for i in range(3)]  # after the compile call: 3 γ × 2 calls
+    np.testing.assert_allclose(got.costs, cost, rtol=1e-9)
+    np.testing.assert_allclose(got.switch, 0.7, rtol=1e-9)
+    per_repeat = [set(keys[1 + 8 * i: 9 + 8 * i]) for i in range(3)]  # after the compile call: 4 forcings × 2 calls
     assert [len(k) for k in per_repeat] == [1, 1, 1] and len(set.union(*per_repeat)) == 3, keys
 
 
 def test_measure_costs_order_is_random_per_repeat(monkeypatch):
-    """A machine that slows within a repeat (the γ timed second 10% slower, the third 20%, reset per
-    repeat, and 3% noise on every call) biases every γ timed late in a fixed order: with γ = 0, 1, 2
-    always in that order the costs of γ = 1, 2 relative to γ = 0 come out 10% and 20% too high.
-    measure_costs draws the order per repeat, so the drift lands on every γ alike, and averages the
-    middle half of the log ratios (`central_ratio`): the ratios then sit at a few levels, one per
-    order, and a median picks one level (off by 8-9% here) where the central mean stays within 5%."""
+    """A machine that slows within a repeat (the call timed second 10% slower, the third 20%, the
+    fourth 30%, reset per repeat, and 3% noise on every call) biases everything timed late in a
+    fixed order: with γ = 0, 1, 2 always in that order the costs of γ = 1, 2 relative to γ = 0 come
+    out 10% and 20% too high. measure_costs draws the order per repeat, so the drift lands on every
+    γ alike, and averages the middle half of the log ratios (`central_ratio`): the ratios then sit
+    at a few levels, one per order, and a median picks one level where the central mean stays
+    within 5%."""
     cost, whole = [2.0, 3.5, 4.0], [19, 10, 7]
     clock, calls, noise = [0.0], [0], np.random.default_rng(1)
 
-    def drifting_decoder(graphdef, params, prompts, lengths, key, costs_G, max_rounds, **kw):
-        g = int(np.argmin(np.asarray(costs_G)))
-        r = min(int(max_rounds), whole[g])
-        slow = 1.0 + 0.1 * (((calls[0] - 1) % 6) // 2) if calls[0] else 1.0  # 3 γ × 2 calls a repeat
+    def drifting_decoder(graphdef, params, prompts, lengths, key, costs_G, max_rounds, switch_s, **kw):
+        r, t = fake_rounds(costs_G, switch_s, max_rounds, whole, cost, 0.7)
+        slow = 1.0 + 0.1 * (((calls[0] - 1) % 8) // 2) if calls[0] else 1.0  # 4 forcings × 2 calls a repeat
         calls[0] += 1
-        clock[0] += slow * noise.lognormal(0.0, 0.03) * (5.0 + r * cost[g])
+        clock[0] += slow * noise.lognormal(0.0, 0.03) * (5.0 + t)
         return None, None, {"loop_rounds": jnp.int32(r)}
 
     monkeypatch.setattr(goodput_costs, "goodput_generate", drifting_decoder)
@@ -302,7 +351,7 @@ def test_measure_costs_order_is_random_per_repeat(monkeypatch):
     sc = spec.SpecConfig(gamma=2, goodput=gp.GoodputConfig((1.0,) * 3))
     got = goodput_costs.measure_costs(None, None, None, None, spec=sc, sampler=None, max_new_tokens=20, repeats=40,
                                       budget_s=1e9)
-    np.testing.assert_allclose(np.asarray(got) / got[0], np.asarray(cost) / cost[0], rtol=0.05)
+    np.testing.assert_allclose(np.asarray(got.costs) / got.costs[0], np.asarray(cost) / cost[0], rtol=0.05)
 
 
 def test_measurement_and_decode_share_one_compile():
@@ -313,14 +362,22 @@ def test_measurement_and_decode_share_one_compile():
     sc = spec.SpecConfig(draft_widths=SMALL.granularity_widths(8), gamma=2, goodput=gp.GoodputConfig((1.0,) * 3))
     kw = dict(max_new_tokens=10, sampler=GREEDY, eos_id=-1, pad_id=0)
     before = spec.goodput_generate._cache_size()
-    costs = goodput_costs.measure_costs(graphdef, params, arr, lengths, spec=sc, repeats=1, **kw)
-    assert len(costs) == 3 and all(c > 0 for c in costs)
+    costs, switch = goodput_costs.measure_costs(graphdef, params, arr, lengths, spec=sc, repeats=1, **kw)
+    assert len(costs) == 3 and all(c > 0 for c in costs) and switch >= 0
     key = jax.random.key(0)
-    out, _, _ = spec.generate(graphdef, params, arr, lengths, key, spec=goodput_costs.with_costs(sc, costs), **kw)
+    out, _, _ = spec.generate(graphdef, params, arr, lengths, key, spec=goodput_costs.with_costs(sc, costs, switch),
+                              **kw)
     spec.generate(graphdef, params, arr, lengths, key, spec=goodput_costs.with_costs(sc, (1, 9, 9)), **kw)
     _, num, st = spec.goodput_generate(graphdef, params, arr, lengths, key, jnp.asarray(costs), jnp.int32(1),
-                                       spec=spec.goodput_static(sc), widths=None, sparse=True, **kw)
+                                       jnp.float32(switch), spec=spec.goodput_static(sc), widths=None, sparse=True,
+                                       **kw)
     assert int(st["loop_rounds"]) == 1 and (np.asarray(num) <= 1 + 3).all()  # the round limit: one round of γ <= 2
+    both = jnp.asarray([1.0, 1e30, 1.0])  # γ = 0 and 2 left: a negative switch cost alternates them (the
+    for switch_s, want in ((-1e6, [2, 0, 2, 0, 2]), (0.0, [2])):  # measurement of a change), 0 does not
+        _, _, st = spec.goodput_generate(graphdef, params, arr, lengths, key, both, jnp.int32(5), jnp.float32(switch_s),
+                                         spec=spec.goodput_static(sc), widths=None, sparse=True, **kw)
+        chosen = np.asarray(st["gamma_chosen"])
+        assert (chosen[chosen >= 0].tolist() if switch_s else sorted(set(chosen[chosen >= 0]))) == want, chosen
     assert spec.goodput_generate._cache_size() == before + 1
     ref, _, _ = plain.generate(graphdef, params, arr, lengths, key, **kw)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
@@ -355,7 +412,7 @@ def test_sampled_law_unchanged_while_gamma_varies():
                                     widths=None, sparse=True))
     out, num, st = run(params, jnp.asarray(np.tile(PROMPT, (TRIALS, 1)), jnp.int32),
                        jnp.full((TRIALS,), len(PROMPT), jnp.int32), jax.random.key(0), jnp.asarray(VARYING),
-                       jnp.int32(LENGTH))
+                       jnp.int32(LENGTH), jnp.float32(0.0))
     chosen = np.asarray(st["gamma_chosen"])
     assert len(set(chosen[chosen >= 0].tolist())) >= 2, chosen
     assert (np.asarray(num) == LENGTH).all()
