@@ -58,7 +58,7 @@ def measure_costs(graphdef, params, prompts_BT, prompt_lengths_B, *, spec: SpecC
     each forced γ's speed).
     The switch: γ forced to alternate between 0 and γ_max (their costs 1, the others' huge, and a
     negative switch cost: each round then changes γ); every round after the first is a change, so
-    a round costs (c_0 + c_γmax) / 2 plus half a change and back (at B = 1 on runs/bench_lm ~0.1-0.2 ms
+    a round costs (c_0 + c_γmax) / 2 plus half a change and back (at B = 1 on runs/bench_lm 0.06-0.12 ms
     per change, where a plain round costs 1.2 ms: leaving a branch's loop and entering another's).
     This machine's speed drifts and only the ratios between the costs decide γ, so each repeat
     times every γ and the alternation back to back, each repeat with its own sampling key (one
@@ -67,10 +67,10 @@ def measure_costs(graphdef, params, prompts_BT, prompt_lengths_B, *, spec: SpecC
     central ratio (`central_ratio`) over repeats of each γ's cost to it (the switch: times the median
     of its ratios, which may be negative), in a random order per repeat (no call always timed after
     another). One repeat's ratio scatters by ~4% (c1 / c3 at B = 1 on runs/bench_lm: sd 0.025 around
-    0.58), so 40 repeats (~20 s at B = 1) put it within ~1%; with 15, measurements in one process
+    0.58), so 40 repeats (38 s at B = 1 with the compile) put it within ~1%; with 15, measurements in one process
     were 3% apart, and one bench run's first measurement put c1 / c3 at 0.53 — enough to turn
     γ = 3's real 5% lead over γ = 1 into a modelled tie. Repeats stop early (after at least 3) once
-    `budget_s` is spent: a repeat at B = 64 takes ~25 s."""
+    `budget_s` is spent: a repeat at B = 64 took ~20 s without the alternation."""
     if spec.goodput is None:
         raise ConfigError("measure_costs needs a SpecConfig with goodput (its costs are not read)")
     gamma_max = spec.gamma
