@@ -290,13 +290,13 @@ def test_bad_configs():
 
 def fake_rounds(costs_G, switch_s, max_rounds, whole, cost, change):
     """(rounds, seconds of them) of a fake goodput decode: forced γ (one finite cost) runs whole[γ]
-    rounds of cost[γ]; alternation (two finite costs, a negative switch) starts at the larger γ and
-    pays half a change and back after each round."""
+    rounds of cost[γ]; alternation (two finite costs, a negative switch) starts at the larger γ, runs
+    8 rounds and pays half a change and back after each but the first."""
     finite = np.flatnonzero(np.asarray(costs_G) < 1e29)
     if float(switch_s) >= 0:
         r = min(int(max_rounds), whole[finite[0]])
         return r, r * cost[finite[0]]
-    r = min(int(max_rounds), whole[finite[-1]])
+    r = min(int(max_rounds), 8)  # 7 rounds after the first: four of γ = 0, three of the other
     seq = [finite[-1] if i % 2 == 0 else finite[0] for i in range(r)]
     return r, sum(cost[g] for g in seq) + (r - 1) * change / 2
 
@@ -304,11 +304,12 @@ def fake_rounds(costs_G, switch_s, max_rounds, whole, cost, change):
 def test_measure_costs_arithmetic(monkeypatch):
     """With a fake clock and decoder — a call costs 5 s, its first round 3 s more, every later round
     c_γ, and a whole decode of γ runs R_γ rounds; forced to alternate between γ = 0 and 2 it runs
-    R_2 rounds (2, 0, 2, …) and each change of γ costs 0.35 s more — the costs come out exactly c_γ
+    8 rounds (2, 0, 2, …) and each change of γ costs 0.35 s more — the costs come out exactly c_γ
     and the change and back 0.7 s: the one-round call cancels the call and the first round, and the
     rounds between are R_γ − 1 (dividing by R_γ, or not subtracting the one-round call, would not
-    give c_γ; counting the alternation's rounds as half γ = 0, half γ = 2 would be off by c_2 − c_0
-    over 6 rounds). Each repeat decodes with its own key, the same for every call of it."""
+    give c_γ; counting the alternation's 7 timed rounds as half γ = 0, half γ = 2 would put the change
+    and back 2 (c_2 − c_0) / 14 = 0.29 s too low). Each repeat decodes with its own key, the same
+    for every call of it."""
     cost, whole = [2.0, 3.5, 4.0], [19, 10, 7]
     clock, keys = [0.0], []
 
