@@ -79,9 +79,12 @@ def measure_costs(graphdef, params, prompts_BT, prompt_lengths_B, *, spec: SpecC
                           f"got {max_new_tokens}")
     kw = dict(max_new_tokens=max_new_tokens, sampler=sampler, eos_id=eos_id, pad_id=pad_id, spec=goodput_static(spec),
               widths=widths, sparse=sparse)
-    only = [jnp.where(jnp.isin(jnp.arange(gamma_max + 1), jnp.asarray(gs)), 1.0, 1e30).astype(jnp.float32)
-            for gs in [[g] for g in range(gamma_max + 1)] + [[0, gamma_max]]]
-    forcing = [(c, jnp.float32(0.0)) for c in only[:-1]] + [(only[-1], jnp.float32(-1e6))]  # the last: alternate
+
+    def only(gs, switch_s=0.0):  # (cost vector, switch cost) under which the decoder runs only the γ in gs
+        return (jnp.where(jnp.isin(jnp.arange(gamma_max + 1), jnp.asarray(gs)), 1.0, 1e30).astype(jnp.float32),
+                jnp.float32(switch_s))
+
+    forcing = [only([g]) for g in range(gamma_max + 1)] + [only([0, gamma_max], -1e6)]  # the last: alternate
     alternate = gamma_max + 1
 
     def seconds(force, rounds, key):
