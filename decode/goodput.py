@@ -20,11 +20,13 @@ for the whole batch, the one that emits the batch's tokens fastest. Two objectiv
 
 α_b is the row's estimated per-position acceptance and cost(γ) the measured seconds of a round
 with γ drafts at this batch size (γ = 0: a plain one-token target step, no draft, sampled straight
-from the target's logits). The round runs as `lax.switch` over γ_max + 1 compiled round bodies, so a
-small γ really costs less; each γ runs its rounds in an inner loop for as long as the choice stays
-(`goodput_round`), so a batch that stopped speculating decodes at plain decoding's speed and one that
-keeps a γ at that fixed γ's (a switch per round cost ~8% of a plain step at B = 16). The costs are
-timed through this decoder itself (`goodput_costs.measure_costs`), with what it pays around a branch.
+from the target's logits). γ_max + 1 round bodies are compiled, so a small γ really costs less:
+each γ runs its rounds in its own loop for as long as the choice stays (`goodput_round`; the loops
+follow each other, rather than sit in a `lax.switch` over the bodies, whose branches copied the
+whole cache on each change of γ), so a batch that stopped speculating decodes at plain decoding's
+speed and one that keeps a γ at that fixed γ's (a switch per round cost ~8% of a plain step at
+B = 16). The costs are timed through this decoder itself (`goodput_costs.measure_costs`), with what
+it pays around a change.
 
 A change of γ costs more than its rounds (leaving one branch's loop, entering another's: ~0.08 ms
 per change at B = 1 on runs/bench_lm, where a plain round costs 1.2 ms, from a regression of 132
@@ -223,13 +225,17 @@ def with_choice(s, choose):
 
 def goodput_round(branches, s, cfg: GoodputConfig, more, choose, stretch: bool = True):
     """Run the chosen γ (branches[γ]: the round with γ drafts; `s` from `with_choice`), updating the
-    estimates and choosing the next γ after each round. With `stretch`, γ runs its rounds in an
-    inner loop for as long as the choice stays γ and `more(s)` — the decode loop's own condition,
-    so the loop runs at least the round the switch chose — holds: the decisions a switch per round
-    (`stretch=False`) would take, without paying for it (a switch per plain round cost ~8% of a
-    plain step at B = 16 on runs/bench_lm; at B = 1 the goodput decoder forced to γ = 2 ran 1.178×
-    plain against 1.209× for fixed γ = 2 with a switch per round, 1.179× against 1.179× with its own
-    loop). During γ = 0 the counts only move toward the prior."""
+    estimates and choosing the next γ after each round. With `stretch`, every γ in turn runs its
+    rounds in its own loop for as long as the choice is γ and `more(s)` — the decode loop's own
+    condition — holds, so the loop of the chosen γ runs at least one round and the others none: the
+    decisions a switch per round (`stretch=False`, `lax.switch` over the branches) would take,
+    without paying for it (a switch per plain round cost ~8% of a plain step at B = 16 on
+    runs/bench_lm; at B = 1 the goodput decoder forced to γ = 2 ran 1.178× plain against 1.209× for
+    fixed γ = 2 with a switch per round, 1.179× against 1.179× with its own loop). The loops follow
+    each other in one computation rather than sit in the branches of a `lax.switch`: XLA:CPU copied
+    the whole state, every layer's K and V included, into and out of a conditional's branch on each
+    change of γ (two copies of the cache a change; none in sequence: tests/test_goodput_costs.py
+    counts them). During γ = 0 the counts only move toward the prior."""
 
     def counted(branch, gamma):
         def run(s):
@@ -241,9 +247,8 @@ def goodput_round(branches, s, cfg: GoodputConfig, more, choose, stretch: bool =
             return with_choice(out, choose)
         return run
 
-    def looped(g):  # no first round peeled off the loop: that doubled the code and cost ~1% at B = 1
-        body = counted(branches[g], g)
-        return lambda s: jax.lax.while_loop(lambda s: more(s) & (s.stats["goodput_next"] == g), body, s)
-
-    bodies = [looped(g) if stretch else counted(b, g) for g, b in enumerate(branches)]
-    return jax.lax.switch(s.stats["goodput_next"], bodies, s)
+    if not stretch:
+        return jax.lax.switch(s.stats["goodput_next"], [counted(b, g) for g, b in enumerate(branches)], s)
+    for g, branch in enumerate(branches):  # no first round peeled off a loop: that doubled the code, ~1% at B = 1
+        s = jax.lax.while_loop(lambda s, g=g: more(s) & (s.stats["goodput_next"] == g), counted(branch, g), s)
+    return s

@@ -319,7 +319,7 @@ def models(graphdef, params, spec: SpecConfig, widths):
 
 def branches(model, drafter, spec: SpecConfig, *, sparse, **kw) -> list:
     """The round bodies for γ = 0 (a plain target step), 1, …, spec.gamma, sharing one state layout
-    (slack γ_max + 1): the goodput switch's branches."""
+    (slack γ_max + 1): the goodput decoder's per-γ loops (gp.goodput_round)."""
     common = dict(sparse=sparse, slack=spec.gamma + 1, **kw)
     return [functools.partial(plain_round, model, **common)] + [
         functools.partial(spec_round, model, spec=dataclasses.replace(spec, gamma=g, goodput=None), drafter=drafter,
