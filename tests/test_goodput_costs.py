@@ -116,8 +116,8 @@ def test_measurement_and_decode_share_one_compile():
 def test_goodput_loop_does_not_copy_the_cache():
     """A change of γ leaves one γ's loop and enters another's without copying the KV cache: the
     optimized program holds no copy of a whole cache buffer. The loops in the branches of a
-    `lax.switch` held two per change (into the conditional and into the branch's loop), which at
-    B = 4 with 400-token prompts on runs/bench_lm's shapes made a decode alternating γ ~4% slower."""
+    `lax.switch` held two per change (into the conditional and into the branch's loop): at B = 4 with
+    400-token prompts on runs/bench_lm's shapes a decode alternating γ ran 1-4% slower (README)."""
     cfg = dataclasses.replace(SMALL, num_layers=1)
     graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)))
     arr, lengths = _batch(PROMPTS)
