@@ -28,7 +28,7 @@ speed and one that keeps a γ at that fixed γ's (a switch per round cost ~8% of
 B = 16). The costs are timed through this decoder itself (`goodput_costs.measure_costs`), with what
 it pays around a change.
 
-A change of γ costs more than its rounds (leaving one branch's loop, entering another's: ~0.08 ms
+A change of γ costs more than its rounds (leaving one γ's loop, entering another's: ~0.08 ms
 per change at B = 1 on runs/bench_lm, where a plain round costs 1.2 ms, from a regression of 132
 timed decodes on their rounds per γ and changes), and near the break-even of two γ — at B = 1 the
 projected times of γ = 1, 2, 3 are within 1% of each other for α ≈ 0.9 — the estimate's noise turns

@@ -59,7 +59,7 @@ def measure_costs(graphdef, params, prompts_BT, prompt_lengths_B, *, spec: SpecC
     The switch: γ forced to alternate between 0 and γ_max (their costs 1, the others' huge, and a
     negative switch cost: each round then changes γ); every round after the first is a change, so
     a round costs (c_0 + c_γmax) / 2 plus half a change and back (at B = 1 on runs/bench_lm 0.06-0.12 ms
-    per change, where a plain round costs 1.2 ms: leaving a branch's loop and entering another's).
+    per change, where a plain round costs 1.2 ms: leaving one γ's loop and entering another's).
     This machine's speed drifts and only the ratios between the costs decide γ, so each repeat
     times every γ and the alternation back to back, each repeat with its own sampling key (one
     key's decode has its own rounds and active rows: at B = 1 on runs/bench_lm key 0 put γ = 3 /
