@@ -4,8 +4,8 @@ Everything else is in pyproject.toml. The extension is `optional`: if it does no
 compiler, no jaxlib headers), setuptools prints one warning and the install goes on; spark.kernels
 then runs its jnp references. The XLA FFI headers come from the jaxlib that pyproject.toml's
 [build-system] pins (jaxlib/include, what jax.ffi.include_dir() returns), not from this repository.
-AVX-512 code is compiled per function (target attributes) and chosen at run time, so the build does
-not depend on the building machine's CPU (no -march=native).
+The AVX-512 and AVX2 paths are compiled under target pragmas (simd_rows.inc, once per ISA) and
+chosen at run time, so the build does not depend on the building machine's CPU (no -march=native).
 """
 
 import importlib.util
@@ -23,5 +23,6 @@ def jaxlib_include() -> list[str]:
 
 
 setup(ext_modules=[Extension(
-    "spark.kernels._cpu", ["spark/kernels/cpu_kernels.cc"], include_dirs=jaxlib_include(), language="c++",
+    "spark.kernels._cpu", ["spark/kernels/cpu_kernels.cc"], depends=["spark/kernels/simd_rows.inc"],
+    include_dirs=jaxlib_include(), language="c++",
     extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-Wno-sign-compare"], optional=True)])

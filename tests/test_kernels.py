@@ -24,7 +24,6 @@ from spark.model import Transformer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILT = kernels.enabled()
 needs_kernels = pytest.mark.skipif(not BUILT, reason=f"spark.kernels: {kernels.status()}")
-ISAS = {"portable": "1", "avx512": "0"}  # SPARK_CPU_KERNELS_PORTABLE
 
 
 def test_extension_builds_where_a_compiler_exists():
@@ -32,12 +31,13 @@ def test_extension_builds_where_a_compiler_exists():
         assert BUILT, kernels.status()
 
 
-@pytest.fixture(params=list(ISAS))
+@pytest.fixture(params=list(kernels.ISAS))
 def isa(request, monkeypatch):
-    if request.param == "avx512" and BUILT and not kernels._load().has_avx512():
-        pytest.skip("this CPU has no AVX-512")
-    monkeypatch.setenv("SPARK_CPU_KERNELS_PORTABLE", ISAS[request.param])
-    assert kernels.isa() == (request.param == "avx512")
+    """Each ISA path the CPU has (SPARK_CPU_KERNELS_ISA), the others skipped."""
+    if BUILT and kernels.ISAS[request.param] > kernels.ISAS[kernels.cpu_isa()]:
+        pytest.skip(f"this CPU has no {request.param}")
+    monkeypatch.setenv("SPARK_CPU_KERNELS_ISA", request.param)
+    assert kernels.isa() == kernels.ISAS[request.param]
     return request.param
 
 

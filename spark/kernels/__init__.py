@@ -11,13 +11,15 @@
 w may be float32 or bfloat16 (accumulation is float32 either way; inputs are cast to float32,
 outputs are float32). On CPU, for decode-sized blocks (N ≤ MAX_TOKENS), the compiled kernel runs:
 it reads every weight row once (the gather reads the union of the tokens' rows), on XLA's
-intra-op thread pool, with an AVX-512 path where the CPU has it. Elsewhere — GPU/TPU
+intra-op thread pool, with AVX-512 and AVX2 + FMA paths chosen by the CPU. Elsewhere — GPU/TPU
 (`lax.platform_dependent` picks per backend, so ahead-of-time TPU lowering never sees the CPU
 target), larger blocks, the extension not built, or SPARK_CPU_KERNELS=0 — the jnp reference runs.
 
 Environment, read when a function is traced:
   SPARK_CPU_KERNELS=0            the jnp path everywhere
-  SPARK_CPU_KERNELS_PORTABLE=1   the portable C++ path even on an AVX-512 CPU (the tests run both)
+  SPARK_CPU_KERNELS_ISA=portable|avx2|avx512
+                                 the most capable path to use (default: the best this CPU has;
+                                 the tests run every path the CPU has)
 
 The extension is built by `pip install -e .` (setup.py, an optional extension: a failed compile
 leaves a working install and this module falls back to jnp; `status()` says which).
@@ -58,18 +60,30 @@ def enabled() -> bool:
     return os.environ.get("SPARK_CPU_KERNELS", "1") != "0" and _load() is not None
 
 
-def isa() -> int:
-    """1: the AVX-512 path (when the CPU has it; the kernel checks again), 0: portable C++."""
+ISAS = {"portable": 0, "avx2": 1, "avx512": 2}  # cpu_kernels.cc Isa: a larger one is preferred
+
+
+def cpu_isa() -> str:
+    """The best path this CPU runs: "avx512" (avx512f/bw/vl), "avx2" (AVX2 + FMA) or "portable"."""
     m = _load()
-    portable = os.environ.get("SPARK_CPU_KERNELS_PORTABLE", "0") == "1"
-    return int(m is not None and not portable and m.has_avx512())
+    level = m.cpu_isa() if m is not None else 0
+    return next(name for name, v in ISAS.items() if v == level)
+
+
+def isa() -> int:
+    """The path the kernels run (ISAS): SPARK_CPU_KERNELS_ISA (portable, avx2, avx512; default: the
+    best this CPU has), lowered to one this CPU has; the kernel checks the CPU again."""
+    want = os.environ.get("SPARK_CPU_KERNELS_ISA", "") or cpu_isa()
+    if want not in ISAS:
+        raise ValueError(f"SPARK_CPU_KERNELS_ISA must be one of {sorted(ISAS)}, got {want!r}")
+    return min(ISAS[want], ISAS[cpu_isa()])
 
 
 def status() -> str:
     _load()
     if _STATE["module"] is None:
         return f"jnp fallback: {_STATE['reason']}"
-    path = ("AVX-512" if isa() else "portable") + (" (off: SPARK_CPU_KERNELS=0)" if not enabled() else "")
+    path = {0: "portable", 1: "AVX2", 2: "AVX-512"}[isa()] + (" (off: SPARK_CPU_KERNELS=0)" if not enabled() else "")
     return f"CPU kernels built, {path} path"
 
 

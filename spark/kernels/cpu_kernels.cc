@@ -12,7 +12,8 @@
 // XLA's intra-op thread pool; a chunk writes its own partial sum and the partials are added in
 // chunk order, so results do not depend on which thread ran what.
 //
-// `isa` (an attribute): 1 = AVX-512 (needs avx512f/bw/vl at run time, checked), 0 = portable C++.
+// `isa` (an attribute): the most capable path to run — 2 AVX-512 (avx512f/bw/vl), 1 AVX2 + FMA,
+// 0 portable C++; the best one at or below it that this CPU has runs (checked at run time).
 
 #include <Python.h>
 
@@ -88,8 +89,7 @@ Chunks plan_chunks(int64_t rows, int64_t min_rows);
 
 // ---------------------------------------------------------------- row-group primitives
 //
-// A group is R rows (R = 4, or 1 for a remainder) read together — R concurrent streams keep more
-// memory requests in flight than one — against up to 4 tokens at a time (NT accumulators per row).
+// A group of nr rows against n_tok tokens (simd_rows.inc has the SIMD paths):
 //   dots:  out[r * kMaxTokens + n] = rows[r] · x[n]                 (x rows xs apart)
 //   axpys: y[n] += Σ_r a[r * kMaxTokens + n] · rows[r]             (y rows ys apart)
 
@@ -125,180 +125,89 @@ inline void axpys_portable(const W* const* rows, int64_t nr, const float* a, flo
   }
 }
 
+// ---------------------------------------------------------------- the SIMD paths
+//
+// simd_rows.inc, compiled once per ISA in its own namespace under a target pragma (so the build
+// needs no -march and the CPU is checked at run time): AVX-512 (avx512f/bw/vl, 16 lanes) and
+// AVX2 + FMA (8 lanes; x86-64 CPUs without AVX-512, e.g. AMD EPYC before Zen 4).
+
+enum Isa : int32_t { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };  // ordered: a larger one is preferred
+constexpr int64_t kGroup = 4;
+
 #ifdef SPARK_X86
-#define SPARK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
-
-// 16 weights as f32 (bf16: the high half of an f32); Tail: masked to m (the row's last < 16).
-template <bool Tail>
-SPARK_AVX512 inline __m512 load16(const float* p, __mmask16 m) {
-  return Tail ? _mm512_maskz_loadu_ps(m, p) : _mm512_loadu_ps(p);
-}
-template <bool Tail>
-SPARK_AVX512 inline __m512 load16(const uint16_t* p, __mmask16 m) {
-  __m256i h = Tail ? _mm256_maskz_loadu_epi16(m, p) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-SPARK_AVX512 inline __mmask16 lanes(int64_t left) {
-  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-}
-
-// Software prefetch of the next group's rows, column by column as this group is read, to L2
-// (hint T2): measured on the development machine, a bf16 GEMV thread streams 18-19 GB/s with it
-// and 12-13 GB/s without (the hardware prefetchers keep too few lines in flight when the
-// per-line work grows); a jump between gathered rows is covered the same way.
-template <typename W, int R>
-SPARK_AVX512 inline void prefetch_next(const W* const* next, int64_t i) {
-  if (next)
-    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(next[r] + i), _MM_HINT_T2);
-}
-
-template <typename W, int R, int NT, bool Tail>
-SPARK_AVX512 inline void dots_step(const W* const* rows, const float* x, int64_t xs, int64_t i, __mmask16 m,
-                                   __m512 (&acc)[R][NT]) {
-  __m512 w[R];
-  for (int r = 0; r < R; ++r) w[r] = load16<Tail>(rows[r] + i, m);
-  for (int n = 0; n < NT; ++n) {
-    __m512 xv = load16<Tail>(x + n * xs + i, m);
-    for (int r = 0; r < R; ++r) acc[r][n] = _mm512_fmadd_ps(w[r], xv, acc[r][n]);
-  }
-}
-
-// bf16 in pairs: one 64-byte load is 32 weights; as 16 32-bit words, a word's high half is the odd
-// weight (the word with its low half cleared is that f32) and its low half the even one (shifted
-// up 16). No shuffle: x is read in the pair layout (pair_layout: per 32 values, the 16 even then the
-// 16 odd), and axpys write y in it. Measured on the development machine (AMD EPYC, 2 threads, a
-// chain of 16 [9216, 2304] bf16 GEMVs, interleaved): rows 20.4 -> 26.5 GB/s and cols 19.8 -> 26.0
-// against 28.4 for jnp.sum (f32 rows: 26-29), where 16-wide steps widening bf16 with a shuffle
-// (vpmovzxwd) read 72%; in L3 the shuffle path ran at 58 GB/s, so not its arithmetic alone.
-SPARK_AVX512 inline void split_pairs(__m512i raw, __m512& even, __m512& odd) {
-  even = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
-  odd = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(int32_t(0xFFFF0000u))));
-}
-
-// The prefetch is written out in dots_pairs / axpys_pairs: calling prefetch_next there measured
-// 16-19 GB/s against 24-26 (bf16 rows and cols, 3 interleaved process pairs).
-template <int R, int NT>
-SPARK_AVX512 inline void dots_pairs(const uint16_t* const* rows, const uint16_t* const* next, const float* x,
-                                    int64_t xs, int64_t i, __m512 (&acc)[R][NT]) {
-  if (next)
-    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(next[r] + i), _MM_HINT_T2);
-  __m512 e[R], o[R];
-  for (int r = 0; r < R; ++r) split_pairs(_mm512_loadu_si512(rows[r] + i), e[r], o[r]);
-  for (int n = 0; n < NT; ++n) {
-    __m512 xe = _mm512_loadu_ps(x + n * xs + i), xo = _mm512_loadu_ps(x + n * xs + i + 16);
-    for (int r = 0; r < R; ++r) acc[r][n] = _mm512_fmadd_ps(o[r], xo, _mm512_fmadd_ps(e[r], xe, acc[r][n]));
-  }
-}
-
-template <typename W, int R, int NT>
-SPARK_AVX512 inline void dots_group(const W* const* rows, const W* const* next, const float* x, int64_t xs, int64_t d,
-                                    float* out) {
-  __m512 acc[R][NT];
-  for (int r = 0; r < R; ++r)
-    for (int n = 0; n < NT; ++n) acc[r][n] = _mm512_setzero_ps();
-  int64_t i = 0;
-  if constexpr (std::is_same_v<W, uint16_t>)
-    for (; i + 32 <= d; i += 32) dots_pairs<R, NT>(rows, next, x, xs, i, acc);
-  for (; i + 16 <= d; i += 16) {
-    prefetch_next<W, R>(next, i);
-    dots_step<W, R, NT, false>(rows, x, xs, i, 0, acc);
-  }
-  if (i < d) dots_step<W, R, NT, true>(rows, x, xs, i, lanes(d - i), acc);
-  for (int r = 0; r < R; ++r)
-    for (int n = 0; n < NT; ++n) out[r * kMaxTokens + n] = _mm512_reduce_add_ps(acc[r][n]);
-}
-
-template <typename W, int R, int NT, bool Tail>
-SPARK_AVX512 inline void axpys_step(const W* const* rows, const __m512 (&c)[R][NT], float* y, int64_t ys, int64_t i,
-                                    __mmask16 m) {
-  __m512 w[R];
-  for (int r = 0; r < R; ++r) w[r] = load16<Tail>(rows[r] + i, m);
-  for (int n = 0; n < NT; ++n) {
-    float* yp = y + n * ys + i;
-    __m512 acc = load16<Tail>(yp, m);
-    for (int r = 0; r < R; ++r) acc = _mm512_fmadd_ps(c[r][n], w[r], acc);
-    if (Tail) _mm512_mask_storeu_ps(yp, m, acc);
-    else _mm512_storeu_ps(yp, acc);
-  }
-}
-
-template <int R, int NT>
-SPARK_AVX512 inline void axpys_pairs(const uint16_t* const* rows, const uint16_t* const* next, const __m512 (&c)[R][NT],
-                                     float* y, int64_t ys, int64_t i) {
-  if (next)
-    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(next[r] + i), _MM_HINT_T2);
-  __m512 e[R], o[R];
-  for (int r = 0; r < R; ++r) split_pairs(_mm512_loadu_si512(rows[r] + i), e[r], o[r]);
-  for (int n = 0; n < NT; ++n) {
-    float* yp = y + n * ys + i;
-    __m512 ye = _mm512_loadu_ps(yp), yo = _mm512_loadu_ps(yp + 16);
-    for (int r = 0; r < R; ++r) {
-      ye = _mm512_fmadd_ps(c[r][n], e[r], ye);
-      yo = _mm512_fmadd_ps(c[r][n], o[r], yo);
-    }
-    _mm512_storeu_ps(yp, ye);
-    _mm512_storeu_ps(yp + 16, yo);
-  }
-}
-
-template <typename W, int R, int NT>
-SPARK_AVX512 inline void axpys_group(const W* const* rows, const W* const* next, const float* a, float* y, int64_t ys,
-                                     int64_t d) {
-  __m512 c[R][NT];
-  for (int r = 0; r < R; ++r)
-    for (int n = 0; n < NT; ++n) c[r][n] = _mm512_set1_ps(a[r * kMaxTokens + n]);
-  int64_t i = 0;
-  if constexpr (std::is_same_v<W, uint16_t>)
-    for (; i + 32 <= d; i += 32) axpys_pairs<R, NT>(rows, next, c, y, ys, i);
-  for (; i + 16 <= d; i += 16) {
-    prefetch_next<W, R>(next, i);
-    axpys_step<W, R, NT, false>(rows, c, y, ys, i, 0);
-  }
-  if (i < d) axpys_step<W, R, NT, true>(rows, c, y, ys, i, lanes(d - i));
-}
-
-// Token blocks of 4 (the group's rows are re-read per block, from cache; prefetched on the first).
-template <typename W, int R>
-SPARK_AVX512 void dots_avx512(const W* const* rows, const W* const* next, const float* x, int64_t xs, int64_t n_tok,
-                              int64_t d, float* out) {
-  for (int64_t n0 = 0; n0 < n_tok; n0 += 4) {
-    const float* xp = x + n0 * xs;
-    float* op = out + n0;
-    const W* const* nx = n0 ? nullptr : next;
-    switch (std::min<int64_t>(4, n_tok - n0)) {
-      case 1: dots_group<W, R, 1>(rows, nx, xp, xs, d, op); break;
-      case 2: dots_group<W, R, 2>(rows, nx, xp, xs, d, op); break;
-      case 3: dots_group<W, R, 3>(rows, nx, xp, xs, d, op); break;
-      default: dots_group<W, R, 4>(rows, nx, xp, xs, d, op);
-    }
-  }
-}
-
-template <typename W, int R>
-SPARK_AVX512 void axpys_avx512(const W* const* rows, const W* const* next, const float* a, float* y, int64_t ys,
-                               int64_t n_tok, int64_t d) {
-  for (int64_t n0 = 0; n0 < n_tok; n0 += 4) {
-    const float* ap = a + n0;
-    float* yp = y + n0 * ys;
-    const W* const* nx = n0 ? nullptr : next;
-    switch (std::min<int64_t>(4, n_tok - n0)) {
-      case 1: axpys_group<W, R, 1>(rows, nx, ap, yp, ys, d); break;
-      case 2: axpys_group<W, R, 2>(rows, nx, ap, yp, ys, d); break;
-      case 3: axpys_group<W, R, 3>(rows, nx, ap, yp, ys, d); break;
-      default: axpys_group<W, R, 4>(rows, nx, ap, yp, ys, d);
-    }
-  }
-}
-
-bool cpu_has_avx512() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl");
-}
+// Everything between the two is compiled for target t (function templates included).
+#define SPARK_PRAGMA(x) _Pragma(#x)
+#if defined(__clang__)
+#define SPARK_TARGET_BEGIN(t) SPARK_PRAGMA(clang attribute push(__attribute__((target(t))), apply_to = function))
+#define SPARK_TARGET_END SPARK_PRAGMA(clang attribute pop)
 #else
-bool cpu_has_avx512() { return false; }
+#define SPARK_TARGET_BEGIN(t) SPARK_PRAGMA(GCC push_options) SPARK_PRAGMA(GCC target(t))
+#define SPARK_TARGET_END SPARK_PRAGMA(GCC pop_options)
 #endif
 
-constexpr int64_t kGroup = 4;
+namespace avx512 {
+SPARK_TARGET_BEGIN("avx512f,avx512bw,avx512vl")
+struct S {
+  using V = __m512;
+  static constexpr int64_t L = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float a) { return _mm512_set1_ps(a); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load(const uint16_t* p) {
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(V v) { return _mm512_reduce_add_ps(v); }
+  static void split(const uint16_t* p, V& even, V& odd) {
+    __m512i raw = _mm512_loadu_si512(p);
+    even = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+    odd = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(int32_t(0xFFFF0000u))));
+  }
+};
+#include "simd_rows.inc"
+SPARK_TARGET_END
+}  // namespace avx512
+
+namespace avx2 {
+SPARK_TARGET_BEGIN("avx2,fma")
+struct S {
+  using V = __m256;
+  static constexpr int64_t L = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float a) { return _mm256_set1_ps(a); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load(const uint16_t* p) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+  static void split(const uint16_t* p, V& even, V& odd) {
+    __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+    odd = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(int32_t(0xFFFF0000u))));
+  }
+};
+#include "simd_rows.inc"
+SPARK_TARGET_END
+}  // namespace avx2
+
+int32_t cpu_isa() {
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+    return kAvx512;
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? kAvx2 : kPortable;
+}
+#else
+int32_t cpu_isa() { return kPortable; }
+#endif
+
 
 Chunks plan_chunks(int64_t rows, int64_t min_rows) {
   int64_t count = std::max<int64_t>(1, std::min<int64_t>(16, rows / min_rows));
@@ -314,30 +223,24 @@ ffi::Error with_weights(const ffi::AnyBuffer& w, const char* what, Fn&& fn) {
   return ffi::Error::InvalidArgument(std::string(what) + ": weights must be f32 or bf16");
 }
 
-// One group of nr ≤ kGroup rows, dispatched on the ISA; `next`: the next group's kGroup rows to
-// prefetch (nullptr: none; the AVX-512 path only).
+// One group of nr ≤ kGroup rows, on the ISA `isa` (run_isa: one this CPU has); `next`: the next
+// group's kGroup rows to prefetch (nullptr: none; the SIMD paths only).
 template <typename W>
-inline void dots(bool avx, const W* const* rows, const W* const* next, int64_t nr, const float* x, int64_t xs,
+inline void dots(int32_t isa, const W* const* rows, const W* const* next, int64_t nr, const float* x, int64_t xs,
                  int64_t n_tok, int64_t d, float* out) {
 #ifdef SPARK_X86
-  if (avx) {
-    if (nr == kGroup) return dots_avx512<W, kGroup>(rows, next, x, xs, n_tok, d, out);
-    for (int64_t r = 0; r < nr; ++r) dots_avx512<W, 1>(rows + r, nullptr, x, xs, n_tok, d, out + r * kMaxTokens);
-    return;
-  }
+  if (isa == kAvx512) return avx512::dots_rows(rows, next, nr, x, xs, n_tok, d, out);
+  if (isa == kAvx2) return avx2::dots_rows(rows, next, nr, x, xs, n_tok, d, out);
 #endif
   dots_portable(rows, nr, x, xs, n_tok, d, out);
 }
 
 template <typename W>
-inline void axpys(bool avx, const W* const* rows, const W* const* next, int64_t nr, const float* a, float* y,
+inline void axpys(int32_t isa, const W* const* rows, const W* const* next, int64_t nr, const float* a, float* y,
                   int64_t ys, int64_t n_tok, int64_t d) {
 #ifdef SPARK_X86
-  if (avx) {
-    if (nr == kGroup) return axpys_avx512<W, kGroup>(rows, next, a, y, ys, n_tok, d);
-    for (int64_t r = 0; r < nr; ++r) axpys_avx512<W, 1>(rows + r, nullptr, a + r * kMaxTokens, y, ys, n_tok, d);
-    return;
-  }
+  if (isa == kAvx512) return avx512::axpys_rows(rows, next, nr, a, y, ys, n_tok, d);
+  if (isa == kAvx2) return avx2::axpys_rows(rows, next, nr, a, y, ys, n_tok, d);
 #endif
   axpys_portable(rows, nr, a, y, ys, n_tok, d);
 }
@@ -363,34 +266,39 @@ inline const W* const* gathered_rows(const W* base, const std::vector<int32_t>& 
   return next;
 }
 
-bool use_avx(int32_t isa) { return isa == 1 && cpu_has_avx512(); }
+// The ISA to run: the requested one (the `isa` attribute, an Isa) or the best below it this CPU has.
+int32_t run_isa(int32_t requested) { return std::clamp(std::min(requested, cpu_isa()), 0, int32_t(kAvx512)); }
 
-// The AVX-512 bf16 path reads x and writes y in the pair layout (dots_pairs): n rows of d values,
-// per whole 32 values the 16 at even offsets then the 16 at odd ones, a last < 32 as they are.
+// The SIMD paths read bf16 weights in pairs (simd_rows.inc dots_pairs), x in the pair layout of
+// half h = their lane count L, and write y in it: n rows of d values, per whole 2·h values the h at
+// even offsets then the h at odd ones, a last < 2·h as they are. 0: no pair layout (f32, portable).
 template <typename W>
-bool pair_layout(bool avx) { return avx && std::is_same_v<W, uint16_t>; }
+int64_t pair_half(int32_t isa) {
+  if (!std::is_same_v<W, uint16_t>) return 0;
+  return isa == kAvx512 ? 16 : isa == kAvx2 ? 8 : 0;
+}
 
-std::vector<float> to_pairs(const float* x, int64_t n, int64_t d) {
+std::vector<float> to_pairs(const float* x, int64_t n, int64_t d, int64_t h) {
   std::vector<float> out(x, x + n * d);
   for (int64_t t = 0; t < n; ++t)
-    for (int64_t i = 0; i + 32 <= d; i += 32)
-      for (int k = 0; k < 16; ++k) {
+    for (int64_t i = 0; i + 2 * h <= d; i += 2 * h)
+      for (int64_t k = 0; k < h; ++k) {
         out[t * d + i + k] = x[t * d + i + 2 * k];
-        out[t * d + i + 16 + k] = x[t * d + i + 2 * k + 1];
+        out[t * d + i + h + k] = x[t * d + i + 2 * k + 1];
       }
   return out;
 }
 
-void from_pairs(float* y, int64_t n, int64_t d) {
+void from_pairs(float* y, int64_t n, int64_t d, int64_t h) {
   float tmp[32];
   for (int64_t t = 0; t < n; ++t)
-    for (int64_t i = 0; i + 32 <= d; i += 32) {
+    for (int64_t i = 0; i + 2 * h <= d; i += 2 * h) {
       float* p = y + t * d + i;
-      for (int k = 0; k < 16; ++k) {
+      for (int64_t k = 0; k < h; ++k) {
         tmp[2 * k] = p[k];
-        tmp[2 * k + 1] = p[16 + k];
+        tmp[2 * k + 1] = p[h + k];
       }
-      std::memcpy(p, tmp, sizeof tmp);
+      std::memcpy(p, tmp, 2 * h * sizeof(float));
     }
 }
 
@@ -415,9 +323,9 @@ template <typename W>
 ffi::Error gemv_rows(ffi::ThreadPool pool, int32_t isa, const float* x, const W* w, float* y, int64_t n_tok,
                      int64_t f, int64_t d) {
   if (auto e = check_tokens(n_tok); e.failure()) return e;
-  bool avx = use_avx(isa);
+  isa = run_isa(isa);
   std::vector<float> xp;
-  if (pair_layout<W>(avx)) x = (xp = to_pairs(x, n_tok, d)).data();
+  if (int64_t h = pair_half<W>(isa)) x = (xp = to_pairs(x, n_tok, d, h)).data();
   auto [chunks, per] = plan_chunks(f, 64);
   parallel_chunks(pool, chunks, [&](int64_t c) {
     float out[kGroup * kMaxTokens];
@@ -427,7 +335,7 @@ ffi::Error gemv_rows(ffi::ThreadPool pool, int32_t isa, const float* x, const W*
     for (int64_t r0 = c * per; r0 < end; r0 += kGroup) {
       int64_t nr = std::min(kGroup, f - r0);
       for (int64_t r = 0; r < nr; ++r) rows[r] = w + (r0 + r) * d;
-      dots(avx, rows, next_rows(w, r0, end, d, next), nr, x, d, n_tok, d, out);
+      dots(isa, rows, next_rows(w, r0, end, d, next), nr, x, d, n_tok, d, out);
       for (int64_t r = 0; r < nr; ++r)
         for (int64_t n = 0; n < n_tok; ++n) y[n * f + r0 + r] = out[r * kMaxTokens + n];
     }
@@ -450,7 +358,7 @@ template <typename W>
 ffi::Error gemv_cols(ffi::ThreadPool pool, int32_t isa, const float* h, const W* w, float* y, int64_t n_tok,
                      int64_t f, int64_t d) {
   if (auto e = check_tokens(n_tok); e.failure()) return e;
-  bool avx = use_avx(isa);
+  isa = run_isa(isa);
   auto [chunks, per] = plan_chunks(f, 64);
   int64_t size = n_tok * d;
   std::vector<float> part(chunks * size, 0.0f);
@@ -467,11 +375,11 @@ ffi::Error gemv_cols(ffi::ThreadPool pool, int32_t isa, const float* h, const W*
         rows[r] = w + (r0 + r) * d;
         for (int64_t n = 0; n < n_tok; ++n) any |= (a[r * kMaxTokens + n] = h[n * f + r0 + r]) != 0.0f;
       }
-      if (any) axpys(avx, rows, next_rows(w, r0, end, d, next), nr, a, yp, d, n_tok, d);  // zeros: read nothing
+      if (any) axpys(isa, rows, next_rows(w, r0, end, d, next), nr, a, yp, d, n_tok, d);  // zeros: read nothing
     }
   });
   reduce_partials(part, chunks, size, y);
-  if (pair_layout<W>(avx)) from_pairs(y, n_tok, d);
+  if (int64_t h = pair_half<W>(isa)) from_pairs(y, n_tok, d, h);
   return ffi::Error::Success();
 }
 
@@ -501,10 +409,10 @@ template <typename W>
 ffi::Error ffn_gather(ffi::ThreadPool pool, int32_t isa, const float* x2, const float* table, const W* k2, const W* v,
                       float* y, int64_t n_tok, int64_t f, int64_t e, int64_t d) {
   if (auto err = check_tokens(n_tok); err.failure()) return err;
-  bool avx = use_avx(isa);
+  isa = run_isa(isa);
   std::vector<int32_t> rows = active_rows(table, n_tok, f);
   std::vector<float> xp;
-  if (pair_layout<W>(avx)) x2 = (xp = to_pairs(x2, n_tok, e)).data();
+  if (int64_t h = pair_half<W>(isa)) x2 = (xp = to_pairs(x2, n_tok, e, h)).data();
   int64_t m = static_cast<int64_t>(rows.size()), size = n_tok * d;
   auto [chunks, per] = plan_chunks(m, 32);  // m = 0 (every slot empty): one empty chunk, zeros out
   std::vector<float> part(chunks * size, 0.0f);
@@ -515,14 +423,14 @@ ffi::Error ffn_gather(ffi::ThreadPool pool, int32_t isa, const float* x2, const 
     int64_t end = std::min(m, (c + 1) * per);
     for (int64_t j0 = c * per; j0 < end; j0 += kGroup) {
       int64_t nr = std::min(kGroup, end - j0);
-      dots(avx, kr, gathered_rows(k2, rows, j0, end, e, kr, kn), nr, x2, e, n_tok, e, up);
+      dots(isa, kr, gathered_rows(k2, rows, j0, end, e, kr, kn), nr, x2, e, n_tok, e, up);
       for (int64_t r = 0; r < nr; ++r)
         for (int64_t n = 0; n < n_tok; ++n) a[r * kMaxTokens + n] = table[n * f + rows[j0 + r]] * up[r * kMaxTokens + n];
-      axpys(avx, vr, gathered_rows(v, rows, j0, end, d, vr, vn), nr, a, yp, d, n_tok, d);
+      axpys(isa, vr, gathered_rows(v, rows, j0, end, d, vr, vn), nr, a, yp, d, n_tok, d);
     }
   });
   reduce_partials(part, chunks, size, y);
-  if (pair_layout<W>(avx)) from_pairs(y, n_tok, d);
+  if (int64_t h = pair_half<W>(isa)) from_pairs(y, n_tok, d, h);
   return ffi::Error::Success();
 }
 
@@ -599,7 +507,7 @@ void attn_weights(const AttnDims& a, bool spark, float cap, const bool* val, con
 }
 
 template <typename W>
-void attend_one(bool avx, const AttnDims& a, int32_t mode, float cap, int64_t m, const float* q, const W* k,
+void attend_one(int32_t isa, const AttnDims& a, int32_t mode, float cap, int64_t m, const float* q, const W* k,
                 const W* v, const bool* valid, const float* z, float* out, int32_t* kept) {
   const bool spark = mode & 1, v_t = mode & 2;
   const int64_t kh = a.m / a.b, bi = m / kh, e = a.h - a.r;
@@ -620,30 +528,30 @@ void attend_one(bool avx, const AttnDims& a, int32_t mode, float cap, int64_t m,
   const int64_t s_end = idx.back() + 1;
   const W* km = k + m * a.s * a.h;
   const W* vm = v + m * a.s * a.h;
-  const bool pairs = pair_layout<W>(avx);
+  const int64_t ph = pair_half<W>(isa);
   std::vector<float> q1(a.n * a.r), q2(a.n * e);
   for (int64_t n = 0; n < a.n; ++n) {
     std::memcpy(&q1[n * a.r], q + (m * a.n + n) * a.h, a.r * sizeof(float));
     std::memcpy(q2.data() + n * e, q + (m * a.n + n) * a.h + a.r, e * sizeof(float));
   }
-  if (pairs) q1 = to_pairs(q1.data(), a.n, a.r), q2 = to_pairs(q2.data(), a.n, e);
+  if (ph) q1 = to_pairs(q1.data(), a.n, a.r, ph), q2 = to_pairs(q2.data(), a.n, e, ph);
   std::vector<float> sc(a.n * s_end, 0.0f);
   float dot[kGroup * kMaxTokens], coef[kGroup * kMaxTokens];
   const W* rows[kGroup];
   const W* next[kGroup];
   for (size_t j0 = 0; j0 < idx.size(); j0 += kGroup) {
     int64_t nr = std::min<int64_t>(kGroup, idx.size() - j0);
-    dots(avx, rows, gathered_rows(km, idx, j0, idx.size(), a.h, rows, next), nr, q1.data(), a.r, a.n, a.r, dot);
+    dots(isa, rows, gathered_rows(km, idx, j0, idx.size(), a.h, rows, next), nr, q1.data(), a.r, a.n, a.r, dot);
     for (int64_t r = 0; r < nr; ++r)
       for (int64_t n = 0; n < a.n; ++n) sc[n * s_end + idx[j0 + r]] = dot[r * kMaxTokens + n];
   }
   attn_weights(a, spark, cap, val, zb, sc, s_end, kept + m * a.n);
   if (v_t) {  // y[n, h] = Σ_s p[n, s] v[h, s]: H rows of s_end values
-    if (pairs) sc = to_pairs(sc.data(), a.n, s_end);
+    if (ph) sc = to_pairs(sc.data(), a.n, s_end, ph);
     for (int64_t h0 = 0; h0 < a.h; h0 += kGroup) {
       int64_t nr = std::min(kGroup, a.h - h0);
       for (int64_t r = 0; r < nr; ++r) rows[r] = vm + (h0 + r) * a.s;
-      dots(avx, rows, next_rows(vm, h0, a.h, a.s, next), nr, sc.data(), s_end, a.n, s_end, dot);
+      dots(isa, rows, next_rows(vm, h0, a.h, a.s, next), nr, sc.data(), s_end, a.n, s_end, dot);
       for (int64_t r = 0; r < nr; ++r)
         for (int64_t n = 0; n < a.n; ++n) y[n * a.h + h0 + r] = dot[r * kMaxTokens + n];
     }
@@ -660,16 +568,16 @@ void attend_one(bool avx, const AttnDims& a, int32_t mode, float cap, int64_t m,
   for (size_t j0 = 0; j0 < used.size(); j0 += kGroup) {
     int64_t nr = std::min<int64_t>(kGroup, used.size() - j0);
     const int64_t end = used.size();
-    if (spark) dots(avx, rows, gathered_rows(km + a.r, used, j0, end, a.h, rows, next), nr, q2.data(), e, a.n, e, dot);
+    if (spark) dots(isa, rows, gathered_rows(km + a.r, used, j0, end, a.h, rows, next), nr, q2.data(), e, a.n, e, dot);
     const W* const* vn = gathered_rows(vm, used, j0, end, a.h, vrows, vnext);
     for (int64_t r = 0; r < nr; ++r)
       for (int64_t n = 0; n < a.n; ++n) {
         float p = sc[n * s_end + used[j0 + r]];
         coef[r * kMaxTokens + n] = spark && p != 0.0f ? p * softplus1(dot[r * kMaxTokens + n]) : p;
       }
-    axpys(avx, vrows, vn, nr, coef, y, a.h, a.n, a.h);
+    axpys(isa, vrows, vn, nr, coef, y, a.h, a.n, a.h);
   }
-  if (pairs) from_pairs(y, a.n, a.h);
+  if (ph) from_pairs(y, a.n, a.h, ph);
 }
 
 ffi::Error Attention(ffi::ThreadPool pool, int32_t isa, int32_t mode, int32_t rank, float cap,
@@ -693,11 +601,11 @@ ffi::Error Attention(ffi::ThreadPool pool, int32_t isa, int32_t mode, int32_t ra
         "valid [B, T, S], z [B, T], one k/v dtype");
   if (auto e = check_tokens(qd[1]); e.failure()) return e;
   AttnDims a{qd[0], qd[1], kd[1], qd[2], rank, md[0], md[1]};
-  bool avx = use_avx(isa);
+  isa = run_isa(isa);
   return with_weights(k, "attention", [&](auto* kp) {
     auto* vp = reinterpret_cast<decltype(kp)>(v.untyped_data());
     parallel_chunks(pool, a.m, [&](int64_t m) {
-      attend_one(avx, a, mode, cap, m, q.typed_data(), kp, vp, valid.typed_data(), z.typed_data(), out->typed_data(),
+      attend_one(isa, a, mode, cap, m, q.typed_data(), kp, vp, valid.typed_data(), z.typed_data(), out->typed_data(),
                  kept->typed_data());
     });
     return ffi::Error::Success();
@@ -761,11 +669,11 @@ static PyObject* registrations(PyObject*, PyObject*) {
   return d;
 }
 
-static PyObject* has_avx512(PyObject*, PyObject*) { return PyBool_FromLong(cpu_has_avx512()); }
+static PyObject* cpu_isa_py(PyObject*, PyObject*) { return PyLong_FromLong(cpu_isa()); }
 
 static PyMethodDef kMethods[] = {
     {"registrations", registrations, METH_NOARGS, "name -> PyCapsule of each FFI handler"},
-    {"has_avx512", has_avx512, METH_NOARGS, "whether this CPU runs the AVX-512 path"},
+    {"cpu_isa", cpu_isa_py, METH_NOARGS, "the best ISA path this CPU runs: 0 portable, 1 AVX2 + FMA, 2 AVX-512"},
     {nullptr, nullptr, 0, nullptr}};
 
 static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_cpu", "Spark CPU decode kernels (XLA FFI)", -1, kMethods};
