@@ -132,10 +132,15 @@ def tokens_objective(sc):
     return dataclasses.replace(sc, goodput=dataclasses.replace(sc.goodput, objective="tokens"))
 
 
+def per_row(sc):
+    return dataclasses.replace(sc, goodput=dataclasses.replace(sc.goodput, shrink=False))
+
+
 def goodput_sweep(args, cfg, graphdef, params, tok):
     """Per batch size: plain (γ = 0), fixed γ = 1 and 3, the adaptive-threshold stop (γ_max 3,
     h = 0.5) and goodput (γ_max 3, round costs measured at that batch) by the batch's projected
-    finish time ("goodput") and by SmartSpec's summed tokens per second ("goodput tokens"), interleaved."""
+    finish time ("goodput"; "goodput per-row": by the rows' own acceptance estimates, unshrunk) and by
+    SmartSpec's summed tokens per second ("goodput tokens"), interleaved."""
     encoded = [list(tok.encode(p, bos=True)) for p in PROMPTS]
     dw = cfg.model.granularity_widths(8)
     sampler = SamplerConfig(args.temperature)
@@ -150,6 +155,7 @@ def goodput_sweep(args, cfg, graphdef, params, tok):
         sc = {"γ=1": spec.SpecConfig(dw, gamma=1), "γ=3": spec.SpecConfig(dw, gamma=3),
               "adaptive h=0.5": spec.SpecConfig(dw, gamma=GAMMA_MAX, adaptive_threshold=0.5),
               "goodput": goodput_costs.with_costs(auto, costs, switch),
+              "goodput per-row": goodput_costs.with_costs(per_row(auto), costs, switch),
               "goodput tokens": goodput_costs.with_costs(tokens_objective(auto), costs, switch)}
         variants = {"plain": functools.partial(gen.generate, graphdef, **common)}
         variants |= {n: functools.partial(spec.generate, graphdef, spec=c, **common) for n, c in sc.items()}
@@ -160,7 +166,7 @@ def goodput_sweep(args, cfg, graphdef, params, tok):
             jax.block_until_ready(f(*inputs[0]))
             first_s[name] = time.perf_counter() - t0
         hist, est = {}, {}
-        for name in ("goodput", "goodput tokens"):
+        for name in ("goodput", "goodput per-row", "goodput tokens"):
             st = [jax.device_get(variants[name](*x)[2]) for x in inputs]
             chosen = np.concatenate([s["gamma_chosen"] for s in st])
             hist[name] = np.bincount(chosen[chosen >= 0], minlength=GAMMA_MAX + 1).tolist()
@@ -170,13 +176,16 @@ def goodput_sweep(args, cfg, graphdef, params, tok):
         best_name = max(("plain", "γ=1", "γ=3"), key=tps.get)
         best = tps[best_name]
         paired = {n: float(np.median(np.divide(timing[best_name]["samples_s"], timing[n]["samples_s"])))
-                  for n in ("goodput", "goodput tokens")}  # per-round ratios: robust to the machine's drift
+                  for n in ("goodput", "goodput per-row", "goodput tokens")}  # per-round: robust to drift
         out[b] = {"round_costs_s": list(costs), "switch_cost_s": switch, "keys": len(inputs), "tokens_per_s": tps,
                   "speedup": {n: v / tps["plain"] for n, v in tps.items()},
                   "goodput_vs_best_fixed": tps["goodput"] / best,
                   "goodput_tokens_vs_best_fixed": tps["goodput tokens"] / best,
                   "best_fixed": best_name, "goodput_vs_best_fixed_paired": paired["goodput"],
                   "goodput_tokens_vs_best_fixed_paired": paired["goodput tokens"],
+                  "goodput_per_row_vs_best_fixed": tps["goodput per-row"] / best,
+                  "goodput_per_row_vs_best_fixed_paired": paired["goodput per-row"],
+                  "gamma_histogram_per_row": hist["goodput per-row"],
                   "gamma_histogram": hist["goodput"], "gamma_histogram_tokens": hist["goodput tokens"],
                   "mean_gamma": float(np.dot(hist["goodput"], range(GAMMA_MAX + 1)) / sum(hist["goodput"])),
                   "acceptance_estimate": est["goodput"],
@@ -185,7 +194,8 @@ def goodput_sweep(args, cfg, graphdef, params, tok):
         print(f"B={b}: " + ", ".join(f"{n} {v:.2f}x" for n, v in out[b]["speedup"].items())
               + f"; goodput / best fixed ({best_name}) {tps['goodput'] / best:.3f} (per-round pairs "
               + f"{paired['goodput']:.3f}); goodput γ histogram {hist['goodput']} "
-              + f"(tokens objective {hist['goodput tokens']}), round costs "
+              + f"(per-row {hist['goodput per-row']} at {tps['goodput per-row'] / best:.3f}, tokens objective "
+              + f"{hist['goodput tokens']}), round costs "
               + ", ".join(f"{c * 1e3:.1f}" for c in costs) + f" ms, a change of γ and back {switch * 1e3:.2f} ms, "
               + f"{len(inputs)} keys", flush=True)
     return out
