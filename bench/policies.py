@@ -126,6 +126,7 @@ def fb_rb(name):
 
 
 GAMMA_MAX = 3
+GOODPUT_VARIANTS = ("goodput", "goodput per-row", "goodput tokens")
 
 
 def tokens_objective(sc):
@@ -166,7 +167,7 @@ def goodput_sweep(args, cfg, graphdef, params, tok):
             jax.block_until_ready(f(*inputs[0]))
             first_s[name] = time.perf_counter() - t0
         hist, est = {}, {}
-        for name in ("goodput", "goodput per-row", "goodput tokens"):
+        for name in GOODPUT_VARIANTS:
             st = [jax.device_get(variants[name](*x)[2]) for x in inputs]
             chosen = np.concatenate([s["gamma_chosen"] for s in st])
             hist[name] = np.bincount(chosen[chosen >= 0], minlength=GAMMA_MAX + 1).tolist()
@@ -176,7 +177,7 @@ def goodput_sweep(args, cfg, graphdef, params, tok):
         best_name = max(("plain", "γ=1", "γ=3"), key=tps.get)
         best = tps[best_name]
         paired = {n: float(np.median(np.divide(timing[best_name]["samples_s"], timing[n]["samples_s"])))
-                  for n in ("goodput", "goodput per-row", "goodput tokens")}  # per-round: robust to drift
+                  for n in GOODPUT_VARIANTS}  # per-round ratios: robust to the machine's drift
         out[b] = {"round_costs_s": list(costs), "switch_cost_s": switch, "keys": len(inputs), "tokens_per_s": tps,
                   "speedup": {n: v / tps["plain"] for n, v in tps.items()},
                   "goodput_vs_best_fixed": tps["goodput"] / best,
