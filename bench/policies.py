@@ -23,7 +23,7 @@ reported), interleaved. Reported: tokens/s per variant, goodput vs the best fixe
 (histogram), each decoder's compile time and the seconds of the cost measurement (goodput's compile
 is in them: the decode reuses it). Then the same choice with round costs timed at the
 Gemma-2-2B shapes per batch size (`--proj_layers` layers + the head, scaled; a projection: the
-acceptance is this model's).
+acceptance is this model's, the mean of the JSON's goodput runs; `--parts goodput_2b` runs it alone).
 
 JSON fields `bild` (rows per (α_FB, α_RB)), `goodput` (per B), `goodput_2b`; PNG: the BiLD frontier
 (speedup vs token match, with the bound) and, per B, tokens/s of each variant relative to plain.
@@ -278,8 +278,9 @@ def main(argv=None):
     ap.add_argument("--json", help="default bench/results/policies[_TASK].json")
     ap.add_argument("--png", help="default bench/results/policies[_TASK].png")
     ap.add_argument("--parts", default="bild,goodput",
-                    help="bild, goodput: each run merges its parts (and each goodput batch) into the JSON, so "
-                         "they can run in separate processes")
+                    help="bild, goodput, goodput_2b (the 2B-shape projection alone, with the acceptance of "
+                         "the JSON's goodput runs): each run merges its parts (and each goodput batch) into the "
+                         "JSON, so they can run in separate processes")
     ap.add_argument("--from_json", help="only re-draw the PNG from this results JSON")
     args = ap.parse_args(argv)
     stem = os.path.join(ROOT, "bench", "results", "policies" + (f"_{args.task}" if args.task else ""))
@@ -310,10 +311,11 @@ def main(argv=None):
         g = goodput_sweep(args, cfg, graphdef, params, tok)
         r["goodput"] = {**r.get("goodput", {}), **{str(b): v for b, v in g.items()}}
         r["goodput_temperature"] = args.temperature
-        if args.proj_layers:
-            alpha = float(np.mean([v["acceptance_estimate"] for v in g.values()]))
-            p2 = project_2b([int(b) for b in g], alpha, args.proj_layers, args.rounds, args.new_tokens)
-            r["goodput_2b"] = {**r.get("goodput_2b", {}), **{str(b): v for b, v in p2.items()}}
+    if args.proj_layers and r.get("goodput") and {"goodput", "goodput_2b"} & set(parts) and not args.task:
+        alpha = float(np.mean([v["acceptance_estimate"] for v in r["goodput"].values()]))
+        batches = [int(b) for b in (g if "goodput" in parts and args.batches else r["goodput"])]
+        p2 = project_2b(sorted(batches), alpha, args.proj_layers, args.rounds, args.new_tokens)
+        r["goodput_2b"] = {**r.get("goodput_2b", {}), **{str(b): v for b, v in p2.items()}}
     write_json(args.json, r)
     if "bild" in r:
         plot(r, args.png)
