@@ -1,7 +1,7 @@
 """Draft policies on a trained MatFormer checkpoint: BiLD's speed/quality frontier (batch 1) and
 goodput-chosen speculation under batching.
 
-    python bench/policies.py [--workdir runs/bench_lm] [--fallbacks 0.3,0.5,0.7,0.9] [--rollbacks 2,3,5]
+    python bench/policies.py [--workdir runs/bench_lm] [--fallbacks 0.1,0.2,0.3,0.5,0.7,0.9] [--rollbacks 2,3,5]
                              [--batches 1,4,16] [--new_tokens 64] [--rounds 3]
     python bench/policies.py --task countdown --prompts 32 --new_tokens 24 --batches ""   # BiLD on a task
 
@@ -266,7 +266,7 @@ def main(argv=None):
     ap.add_argument("--prompts", type=int, default=5)
     ap.add_argument("--new_tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--fallbacks", default="0.3,0.5,0.7,0.9")
+    ap.add_argument("--fallbacks", default="0.1,0.2,0.3,0.5,0.7,0.9")
     ap.add_argument("--rollbacks", default="2,3,5")
     ap.add_argument("--max_little_steps", type=int, default=10)
     ap.add_argument("--batches", default="1,4,16,64", help="goodput sweep ('' to skip)")
