@@ -307,14 +307,15 @@ def main(argv=None):
         r |= {"max_little_steps": args.max_little_steps, "bild": bild_grid(args, cfg, graphdef, params, tok)}
     if args.task:
         r["task"] = args.task
+    swept = {}
     if "goodput" in parts and args.batches and not args.task:
-        g = goodput_sweep(args, cfg, graphdef, params, tok)
-        r["goodput"] = {**r.get("goodput", {}), **{str(b): v for b, v in g.items()}}
+        swept = goodput_sweep(args, cfg, graphdef, params, tok)
+        r["goodput"] = {**r.get("goodput", {}), **{str(b): v for b, v in swept.items()}}
         r["goodput_temperature"] = args.temperature
-    if args.proj_layers and r.get("goodput") and {"goodput", "goodput_2b"} & set(parts) and not args.task:
+    if args.proj_layers and r.get("goodput") and not args.task and (swept or "goodput_2b" in parts):
         alpha = float(np.mean([v["acceptance_estimate"] for v in r["goodput"].values()]))
-        batches = [int(b) for b in (g if "goodput" in parts and args.batches else r["goodput"])]
-        p2 = project_2b(sorted(batches), alpha, args.proj_layers, args.rounds, args.new_tokens)
+        batches = sorted(int(b) for b in (swept or r["goodput"]))
+        p2 = project_2b(batches, alpha, args.proj_layers, args.rounds, args.new_tokens)
         r["goodput_2b"] = {**r.get("goodput_2b", {}), **{str(b): v for b, v in p2.items()}}
     write_json(args.json, r)
     if "bild" in r:
