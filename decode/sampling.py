@@ -86,4 +86,35 @@ def sample(key, logits_BV, cfg: SamplerConfig):
     logp = processed_logprobs(logits_BV, cfg)
     if cfg.temperature == 0.0:
         return jnp.argmax(logp, -1).astype(jnp.int32), logp
-    return jax.random.categorical(key, logp, -1).astype(jnp.int32), logp
+    return categorical(key, logp), logp
+
+
+BLOCK = 512  # categorical's block of tokens
+
+
+def categorical(key, logp_BV):
+    """tokens_B, each drawn with probability softmax(logp)[token] (−inf: never), in two stages: a
+    block of BLOCK tokens with probability its mass, then a token of that block with probability its
+    share of the block — P(block)·P(token | block) = p(token) — each by inverting a cumulative sum
+    with its own uniform. One exp pass and two short sums, where jax.random.categorical draws a
+    Gumbel per token: at a 256k vocabulary on CPU 22-32x the time (bench/sampling.py)."""
+    b, v = logp_BV.shape
+    nb = -(-v // BLOCK)
+    p = jnp.exp(logp_BV.astype(jnp.float32) - jnp.max(logp_BV, -1, keepdims=True))
+    p_BNK = jnp.pad(p, ((0, 0), (0, nb * BLOCK - v))).reshape(b, nb, BLOCK)
+    u_B2 = jax.random.uniform(key, (b, 2))
+    block = _invert(jnp.sum(p_BNK, -1), u_B2[:, 0])
+    within = _invert(jnp.take_along_axis(p_BNK, block[:, None, None], 1)[:, 0], u_B2[:, 1])
+    return (block * BLOCK + within).astype(jnp.int32)
+
+
+def _invert(w_BN, u_B):
+    """The index i with Σ_{j<i} w ≤ u·Σw < Σ_{j≤i} w (probability w_i / Σw), kept inside the first
+    and last positive weight: a zero weight adds nothing to the cumulative sum, so only float
+    rounding at the two ends could otherwise reach one."""
+    c = jnp.cumsum(w_BN, -1)
+    i = jnp.sum(c <= u_B[:, None] * c[:, -1:], -1)
+    pos = w_BN > 0
+    first = jnp.argmax(pos, -1)
+    last = w_BN.shape[-1] - 1 - jnp.argmax(pos[:, ::-1], -1)
+    return jnp.clip(i, first, last)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spark import kernels
 from spark.attention import Attention
 from spark.cache import KVCache
 from spark.config import ModelConfig
@@ -81,7 +82,8 @@ class Transformer(nnx.Module):
 
     def embed_tokens(self, tokens_BT):
         dt = jnp.dtype(self.cfg.dtype)
-        x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
+        ids = tokens_BT.reshape(-1)
+        x = kernels.take_rows(self.embed[...], ids).reshape(*tokens_BT.shape, -1).astype(dt)
         return x * jnp.asarray(self.cfg.d_model**0.5, dt)
 
     def logits(self, x_BTD):

@@ -55,7 +55,8 @@ def _weights(rng, shape, dtype):
     return w, np.asarray(w.astype(jnp.float32), np.float64)  # the exact values the kernel reads
 
 
-SHAPES = [(1, 37, 45), (2, 300, 129), (5, 64, 2304), (8, 1000, 16), (16, 129, 333), (3, 17, 1)]
+SHAPES = [(1, 37, 45), (2, 300, 129), (5, 64, 2304), (8, 1000, 16), (16, 129, 333), (3, 17, 1),
+          (1, 300, 1024), (1, 33, 1029), (1, 20, 2304)]  # one token: rows < 4 KB one after another
 
 
 @needs_kernels
@@ -205,12 +206,13 @@ def test_inside_while_loop_with_donated_buffers(isa):
     valid = jnp.arange(30)[None, None] < 20
     z = kernels.spark_z(valid, 8)
 
-    def body(_, y):
+    def body(i, y):
         h = jnp.tanh(kernels.gemv_rows(y, w))  # [2, 96]
         z2 = kernels.gemv_cols(h, w)  # [2, 40]
         a = kernels.attention(y.reshape(1, 1, 1, 2, 40), kv, kv, valid, z, None, rank=8, scale=0.3,
                               gate_scale=0.2, softcap=None, spark=True)[0]
-        return y + 0.1 * kernels.ffn_gather(z2, act_NF, w, w)[0] + 0.1 * a.reshape(2, 40)
+        emb = kernels.take_rows(w, (jnp.arange(2) * 7 + i) % 96)
+        return y + 0.1 * kernels.ffn_gather(z2, act_NF, w, w)[0] + 0.1 * a.reshape(2, 40) + 0.1 * emb
 
     step = jax.jit(lambda y: jax.lax.fori_loop(0, 5, body, y), donate_argnums=0)
     y0 = rng.standard_normal((2, 40)).astype(np.float32)
@@ -220,13 +222,46 @@ def test_inside_while_loop_with_donated_buffers(isa):
     y = y0.astype(np.float64)
     w64 = np.asarray(w, np.float64)
     kv64 = np.asarray(kv, np.float64)
-    for _ in range(5):
+    for i in range(5):
         z2 = np.tanh(y @ w64.T) @ w64
         q = (y * np.r_[np.full(8, 0.3 * 8**0.5), np.full(32, 0.2 * 32**0.5)]).reshape(1, 1, 1, 2, 40)
         a = _attn_float64(q, kv64, kv64, np.asarray(valid), 8, 8, None, True, False)[0]
         gathered = np.einsum("nc,ncd->nd", act * np.einsum("ne,nce->nc", z2, w64[idx]), w64[idx])
-        y = y + 0.1 * gathered + 0.1 * a.reshape(2, 40)
+        y = y + 0.1 * gathered + 0.1 * a.reshape(2, 40) + 0.1 * w64[(np.arange(2) * 7 + i) % 96]
     assert _rel(out, y) < 1e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_take_rows_equals_indexing_and_keeps_its_gradient(dtype):
+    """Any number of ids (past MAX_TOKENS too), out-of-range ids clipped to the table; the gradient
+    is jnp.take's (the cotangent added into the rows, repeats summed)."""
+    rng = np.random.default_rng(7)
+    table, t64 = _weights(rng, (50, 33), dtype)
+    ids = np.r_[rng.integers(0, 50, 40), -3, 50, 99, 7, 7].astype(np.int32)
+    run = _fresh_jit(kernels.take_rows)
+    assert "spark_take_rows" in run.lower(table, ids).as_text()
+    np.testing.assert_array_equal(np.asarray(run(table, ids)), t64[np.clip(ids, 0, 49)])
+    loss = lambda take: lambda t: jnp.sum(jnp.sin(take(t).astype(jnp.float32)))  # noqa: E731
+    g = jax.grad(loss(lambda t: kernels.take_rows(t, ids)))(table)
+    g_ref = jax.grad(loss(lambda t: jnp.take(t, ids, axis=0, mode="clip")))(table)
+    assert g.dtype == table.dtype
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_ref, np.float32), rtol=1e-2)
+
+
+@needs_kernels
+def test_decode_loop_never_casts_the_bf16_embedding_table():
+    """XLA:CPU computes a bf16 gather by casting the whole table to f32 and hoists that cast out of
+    the decode loop (at 2B shapes 2.4 GB written per call); the embedding lookup is the take_rows
+    kernel, so no f32 [vocab, d_model] array exists in the compiled decode program."""
+    cfg = ModelConfig(vocab_size=1000, d_model=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=32,
+                      ffn_dim=128, param_dtype="bfloat16")
+    graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)))
+    state = gen.start(graphdef, params, jnp.ones((1, 4), jnp.int32), jnp.array([4]), jax.random.key(0),
+                      max_new_tokens=4)
+    hlo = gen.decode.lower(graphdef, params, state, max_steps=4, sampler=SamplerConfig(1.0), eos_id=-1,
+                           pad_id=0).compile().as_text()
+    assert "bf16[1000,64]" in hlo and "f32[1000,64]" not in hlo
 
 
 SPARK = ModelConfig(vocab_size=97, d_model=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32,

@@ -5,11 +5,14 @@ ties in sort order broken by the lower token id), on hundreds of random rows wit
 
 import itertools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from decode import sampling
 from decode.sampling import SamplerConfig, processed_logprobs
+from tests.test_speculative import ALPHA, POWER, chisquare_pvalue
 
 
 def reference_logprobs(logits, temperature: float, top_k: int, top_p: float):
@@ -150,3 +153,32 @@ def test_typical_p_by_hand():
         np.testing.assert_allclose(got, want, atol=1e-6)
     with pytest.raises(Exception, match="typical_p must be in"):
         SamplerConfig(typical_p=0.0)
+
+
+# ---------------------------------------------------------------- the categorical draw
+
+def test_invert_by_hand():
+    """Weights [0, 1, 0, 3, 0]: cumulative [0, 1, 1, 4, 4]; u·4 below 1 -> token 1, from 1 -> token 3;
+    u = 1 (float rounding's worst case) and u = 0 stay on positive weights."""
+    w = jnp.asarray([[0.0, 1.0, 0.0, 3.0, 0.0]] * 5)
+    u = jnp.asarray([0.0, 0.2499, 0.25, 0.999, 1.0])
+    np.testing.assert_array_equal(np.asarray(sampling._invert(w, u)), [1, 1, 3, 3, 3])
+
+
+def test_categorical_draws_the_distribution(monkeypatch):
+    """Blocks of 4 over 11 tokens (a last partial block, a block of zero mass, −inf tokens): the
+    draws fit softmax(logp) by chi-square, never a zero-probability token; the same number of draws
+    from a distribution with token 0 at 1.15x its probability fails the test (power)."""
+    monkeypatch.setattr(sampling, "BLOCK", 4)
+    p = np.array([0.2, 0.0, 0.05, 0.1, 0.0, 0.0, 0.0, 0.0, 0.3, 0.05, 0.3])
+    logp = jnp.log(jnp.asarray(p, jnp.float32))[None]
+    draw = jax.jit(jax.vmap(lambda k, lp: sampling.categorical(k, lp)[0], in_axes=(0, None)))
+    keys = jax.random.split(jax.random.key(0), 40_000)
+    counts = np.bincount(np.asarray(draw(keys, logp)), minlength=11)
+    assert counts[p == 0].sum() == 0
+    assert chisquare_pvalue(counts, p, len(keys)) > ALPHA
+    q = p.copy()
+    q[0] *= 1.15
+    q /= q.sum()
+    counts = np.bincount(np.asarray(draw(keys, jnp.log(jnp.asarray(q, jnp.float32))[None])), minlength=11)
+    assert chisquare_pvalue(counts, p, len(keys)) < POWER

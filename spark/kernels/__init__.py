@@ -7,6 +7,8 @@
     out, kept, dropped = attention(q, keys, values, valid, z, default, ...)
                                                      decode attention over a KV cache, dense or Spark
                                                      (attention_ref: the formulas)
+    x_ND = take_rows(table_VD, ids_N)                table[clip(ids)] as float32 (an embedding lookup;
+                                                     any N)
 
 w may be float32 or bfloat16 (accumulation is float32 either way; inputs are cast to float32,
 outputs are float32). On CPU, for decode-sized blocks (N ≤ MAX_TOKENS), the compiled kernel runs:
@@ -36,7 +38,7 @@ import numpy as np
 from spark import sparsity
 
 MAX_TOKENS = 16  # the kernels' token block (cpu_kernels.cc kMaxTokens)
-NAMES = ("spark_gemv_rows", "spark_gemv_cols", "spark_ffn_gather", "spark_attention")
+NAMES = ("spark_gemv_rows", "spark_gemv_cols", "spark_ffn_gather", "spark_attention", "spark_take_rows")
 
 _STATE: dict = {}
 
@@ -157,10 +159,10 @@ def _ffi(name, out_shape, *args):
         *args, isa=np.int32(isa()))
 
 
-def _dispatch(kernel, default, n_tokens: int, args):
+def _dispatch(kernel, default, n_tokens: int, args, any_n: bool = False):
     """`kernel` when lowering for CPU (lax.platform_dependent), `default` on other backends and
-    wherever the kernel cannot run (too many tokens, not built, switched off)."""
-    if not 0 < n_tokens <= MAX_TOKENS or not enabled():
+    wherever the kernel cannot run (more than MAX_TOKENS unless `any_n`, not built, switched off)."""
+    if not 0 < n_tokens <= (n_tokens if any_n else MAX_TOKENS) or not enabled():
         return default(*args)
 
     @jax.custom_vjp  # the kernels have no derivative: gradients are the default path's
@@ -201,6 +203,22 @@ def ffn_gather(x2_NE, act_NF, k2_FE, v_FD, out_dtype=jnp.float32, default=None):
         y = _ffi("spark_ffn_gather", (n, v_FD.shape[1]), x2.astype(jnp.float32), act.astype(jnp.float32), k2, v)
         return y.astype(out_dtype), jnp.zeros((n,), jnp.int32)
     return _dispatch(kernel, default or reference, n, (x2_NE, act_NF, k2_FE, v_FD))
+
+
+def take_rows(table_VD, ids_N):
+    """table[clip(ids)] -> [N, D] float32. On CPU the kernel copies only those rows: XLA:CPU gathers
+    from a bf16 table by casting all of it to float32 first, and hoists that cast out of a decode
+    loop (2.4 GB written per call for the 2B embedding)."""
+    n, d = ids_N.shape[0], table_VD.shape[1]
+
+    def default(t, ids):
+        return jnp.take(t, ids, axis=0, mode="clip").astype(jnp.float32)
+
+    def kernel(t, ids):
+        return jax.ffi.ffi_call("spark_take_rows", jax.ShapeDtypeStruct((n, d), jnp.float32))(t, ids)
+    if table_VD.dtype not in (jnp.float32, jnp.bfloat16):
+        return default(table_VD, ids_N.astype(jnp.int32))
+    return _dispatch(kernel, default, n, (table_VD, ids_N.astype(jnp.int32)), any_n=True)
 
 
 def attention(q_BTKGH, keys_BKSH, values, valid_BTS, z_BT, default, *, rank, scale, gate_scale=1.0, softcap=None,

@@ -7,6 +7,7 @@
 //   spark_ffn_gather   y[N, D] = Σ_{f: a[n, f] ≠ 0} a[n, f] (x2[n] · K2[f]) V[f]
 //                                                         (the Spark FFN: only the active rows)
 //   spark_attention    decode attention over a KV cache, dense or Spark (below)
+//   spark_take_rows    out[N, D] = table[ids] as f32     (the embedding lookup)
 // Every weight row is read once per call, whatever N is (the gather reads the union of the
 // tokens' index sets). Work is split in a fixed number of chunks over rows, run by the caller and
 // XLA's intra-op thread pool; a chunk writes its own partial sum and the partials are added in
@@ -159,6 +160,7 @@ struct S {
   }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static float sum(V v) { return _mm512_reduce_add_ps(v); }
   static void split(const uint16_t* p, V& even, V& odd) {
     __m512i raw = _mm512_loadu_si512(p);
@@ -184,6 +186,7 @@ struct S {
   }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static float sum(V v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -244,6 +247,15 @@ inline void axpys(int32_t isa, const W* const* rows, const W* const* next, int64
 #endif
   axpys_portable(rows, nr, a, y, ys, n_tok, d);
 }
+
+#ifdef SPARK_X86
+// Contiguous rows [0, nr) of w against one token (isa: AVX2 or AVX-512), one row after another.
+template <typename W>
+inline void dots_ahead(int32_t isa, const W* w, int64_t nr, int64_t d, const float* x, float* out) {
+  if (isa == kAvx512) return avx512::dots_ahead(w, nr, d, x, out);
+  avx2::dots_ahead(w, nr, d, x, out);
+}
+#endif
 
 // The next group's row pointers into `next` (contiguous rows r0 + kGroup …); nullptr past the end.
 template <typename W>
@@ -327,11 +339,18 @@ ffi::Error gemv_rows(ffi::ThreadPool pool, int32_t isa, const float* x, const W*
   std::vector<float> xp;
   if (int64_t h = pair_half<W>(isa)) x = (xp = to_pairs(x, n_tok, d, h)).data();
   auto [chunks, per] = plan_chunks(f, 64);
+  // One token against rows shorter than 4 KB: the rows one after another (simd_rows.inc
+  // dots_ahead). Measured on an AVX2 host (AMD EPYC), bf16 [13824, 1024] (the Spark predictor):
+  // 65% -> 78% of the read bandwidth; with rows of 2304 and more the row groups are as fast.
+  bool ahead = n_tok == 1 && isa != kPortable && d * int64_t(sizeof(W)) < 4096;
   parallel_chunks(pool, chunks, [&](int64_t c) {
     float out[kGroup * kMaxTokens];
     const W* rows[kGroup];
     const W* next[kGroup];
     int64_t end = std::min(f, (c + 1) * per);
+#ifdef SPARK_X86
+    if (ahead) return dots_ahead(isa, w + c * per * d, end - c * per, d, x, y + c * per);
+#endif
     for (int64_t r0 = c * per; r0 < end; r0 += kGroup) {
       int64_t nr = std::min(kGroup, f - r0);
       for (int64_t r = 0; r < nr; ++r) rows[r] = w + (r0 + r) * d;
@@ -363,11 +382,11 @@ ffi::Error gemv_cols(ffi::ThreadPool pool, int32_t isa, const float* h, const W*
   int64_t size = n_tok * d;
   std::vector<float> part(chunks * size, 0.0f);
   parallel_chunks(pool, chunks, [&](int64_t c) {
+    int64_t end = std::min(f, (c + 1) * per);
     float a[kGroup * kMaxTokens];
     const W* rows[kGroup];
     const W* next[kGroup];
     float* yp = part.data() + c * size;
-    int64_t end = std::min(f, (c + 1) * per);
     for (int64_t r0 = c * per; r0 < end; r0 += kGroup) {
       int64_t nr = std::min(kGroup, f - r0);
       bool any = false;
@@ -444,6 +463,28 @@ ffi::Error FfnGather(ffi::ThreadPool pool, int32_t isa, ffi::Buffer<ffi::F32> x2
     auto* vp = reinterpret_cast<decltype(kp)>(v.untyped_data());  // same dtype: checked above
     return ffn_gather(pool, isa, x2.typed_data(), act.typed_data(), kp, vp, y->typed_data(), xd[0], kd[0], kd[1],
                       vd[1]);
+  });
+}
+
+// ---------------------------------------------------------------- spark_take_rows
+
+// out[n] = table[clamp(ids[n])] as f32: an embedding lookup that reads only those rows (XLA:CPU
+// computes a bf16 gather by casting the whole table to f32, and hoists that cast out of loops).
+template <typename W>
+void take_rows(const W* table, const int32_t* ids, float* out, int64_t n, int64_t v, int64_t d) {
+  for (int64_t i = 0; i < n; ++i) {
+    const W* row = table + std::clamp<int64_t>(ids[i], 0, v - 1) * d;
+    for (int64_t j = 0; j < d; ++j) out[i * d + j] = load1(row + j);
+  }
+}
+
+ffi::Error TakeRows(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids, ffi::ResultBuffer<ffi::F32> out) {
+  auto td = table.dimensions();
+  if (td.size() != 2 || ids.dimensions().size() != 1 || td[0] < 1)
+    return ffi::Error::InvalidArgument("take_rows: table [V, D], ids [N]");
+  return with_weights(table, "take_rows", [&](auto* tp) {
+    take_rows(tp, ids.typed_data(), out->typed_data(), ids.dimensions()[0], td[0], td[1]);
+    return ffi::Error::Success();
   });
 }
 
@@ -638,6 +679,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparkFfnGather, FfnGather,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparkTakeRows, TakeRows,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SparkAttention, Attention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -666,6 +713,7 @@ static PyObject* registrations(PyObject*, PyObject*) {
   add("spark_gemv_cols", reinterpret_cast<void*>(SparkGemvCols));
   add("spark_ffn_gather", reinterpret_cast<void*>(SparkFfnGather));
   add("spark_attention", reinterpret_cast<void*>(SparkAttention));
+  add("spark_take_rows", reinterpret_cast<void*>(SparkTakeRows));
   return d;
 }
 
