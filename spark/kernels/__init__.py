@@ -162,7 +162,7 @@ def _ffi(name, out_shape, *args):
 def _dispatch(kernel, default, n_tokens: int, args, any_n: bool = False):
     """`kernel` when lowering for CPU (lax.platform_dependent), `default` on other backends and
     wherever the kernel cannot run (more than MAX_TOKENS unless `any_n`, not built, switched off)."""
-    if not 0 < n_tokens <= (n_tokens if any_n else MAX_TOKENS) or not enabled():
+    if n_tokens < 1 or (n_tokens > MAX_TOKENS and not any_n) or not enabled():
         return default(*args)
 
     @jax.custom_vjp  # the kernels have no derivative: gradients are the default path's
@@ -216,9 +216,10 @@ def take_rows(table_VD, ids_N):
 
     def kernel(t, ids):
         return jax.ffi.ffi_call("spark_take_rows", jax.ShapeDtypeStruct((n, d), jnp.float32))(t, ids)
+    args = (table_VD, ids_N.astype(jnp.int32))
     if table_VD.dtype not in (jnp.float32, jnp.bfloat16):
-        return default(table_VD, ids_N.astype(jnp.int32))
-    return _dispatch(kernel, default, n, (table_VD, ids_N.astype(jnp.int32)), any_n=True)
+        return default(*args)
+    return _dispatch(kernel, default, n, args, any_n=True)
 
 
 def attention(q_BTKGH, keys_BKSH, values, valid_BTS, z_BT, default, *, rank, scale, gate_scale=1.0, softcap=None,
