@@ -37,7 +37,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from decode.sampling import SamplerConfig, processed_logprobs
+from decode.sampling import SamplerConfig, categorical, processed_logprobs
 from decode.spec_config import DRAFT_CACHES, SpecConfig
 from decode.speculative import models, running, spec_prefill, spec_round, summarize
 from spark.errors import ConfigError
@@ -94,7 +94,7 @@ def rollback_judge(rollback: float):
         logp_n = jnp.take_along_axis(logp, n_B[:, None, None], 1)[:, 0]
         if sampler.temperature == 0.0:
             return n_B, jnp.argmax(logp_n, -1).astype(jnp.int32)
-        return n_B, jax.random.categorical(key, logp_n, -1).astype(jnp.int32)
+        return n_B, categorical(key, logp_n)
 
     return judge
 

@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 from decode import verify
-from decode.sampling import SamplerConfig, processed_logprobs
+from decode.sampling import SamplerConfig, categorical, processed_logprobs
 from decode.spec_config import SpecConfig, SpecState
 from decode.speculative import emit_window, emitted_tail, running, spec_prefill, summarize
 from spark.cache import Tree, commit
@@ -197,7 +197,7 @@ def _row_draws(key, logq_BKV, greedy: bool):
     """One token per SpecTr row, independently (K-SEQ needs i.i.d. drafts)."""
     if greedy:
         return jnp.argmax(logq_BKV, -1).astype(jnp.int32)
-    return jax.random.categorical(key, logq_BKV, -1).astype(jnp.int32)
+    return categorical(key, logq_BKV)
 
 
 def draft_spectr(drafter, s: SpecState, key, md, pos_BN, sampler, sparse):
@@ -330,7 +330,7 @@ def walk(key, md, sampler, tokens_BN, valid_BN, parent_BN, logp_BNV, logq_BNV):
         going = hit
     bonus_key = jax.random.fold_in(key, depth + 1)
     p_leaf = take_v(logp_BNV, node)
-    bonus = jax.vmap(jax.random.categorical)(jax.random.split(bonus_key, b), p_leaf).astype(jnp.int32)
+    bonus = categorical(bonus_key, p_leaf)
     out = jnp.where(going, jnp.argmax(p_leaf, -1).astype(jnp.int32) if sampler.temperature == 0.0 else bonus, out)
     return path, n, out, path_tok
 

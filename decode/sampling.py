@@ -93,19 +93,21 @@ BLOCK = 512  # categorical's block of tokens
 
 
 def categorical(key, logp_BV):
-    """tokens_B, each drawn with probability softmax(logp)[token] (−inf: never), in two stages: a
-    block of BLOCK tokens with probability its mass, then a token of that block with probability its
-    share of the block — P(block)·P(token | block) = p(token) — each by inverting a cumulative sum
-    with its own uniform. One exp pass and two short sums, where jax.random.categorical draws a
-    Gumbel per token: at a 256k vocabulary on CPU 22-32x the time (bench/sampling.py)."""
-    b, v = logp_BV.shape
-    nb = -(-v // BLOCK)
+    """tokens [...], one per row of logp [..., V] (unnormalised log-weights; −inf: never), drawn
+    with probability softmax(logp)[token] in two stages: a block of BLOCK tokens with probability
+    its mass, then a token of that block with probability its share of the block —
+    P(block)·P(token | block) = p(token) — each by inverting a cumulative sum with its own uniform.
+    One exp pass and two short sums, where jax.random.categorical draws a Gumbel per token: at a
+    256k vocabulary on CPU 22-32x the time (bench/sampling.py)."""
+    lead, v = logp_BV.shape[:-1], logp_BV.shape[-1]
+    logp_BV = logp_BV.reshape(-1, v)
+    b, nb = logp_BV.shape[0], -(-v // BLOCK)
     p = jnp.exp(logp_BV.astype(jnp.float32) - jnp.max(logp_BV, -1, keepdims=True))
     p_BNK = jnp.pad(p, ((0, 0), (0, nb * BLOCK - v))).reshape(b, nb, BLOCK)
     u_B2 = jax.random.uniform(key, (b, 2))
     block = _invert(jnp.sum(p_BNK, -1), u_B2[:, 0])
     within = _invert(jnp.take_along_axis(p_BNK, block[:, None, None], 1)[:, 0], u_B2[:, 1])
-    return (block * BLOCK + within).astype(jnp.int32)
+    return (block * BLOCK + within).astype(jnp.int32).reshape(lead)
 
 
 def _invert(w_BN, u_B):

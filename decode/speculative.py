@@ -46,7 +46,7 @@ from flax import nnx
 from decode import goodput as gp
 from decode.goodput import GoodputConfig
 from decode.rollout import prefill_cache
-from decode.sampling import SamplerConfig, processed_logprobs, sample
+from decode.sampling import SamplerConfig, categorical, processed_logprobs, sample
 from decode.spec_config import DRAFT_CACHES as DRAFT_CACHES  # re-exported: callers name spec.DRAFT_CACHES
 from decode.spec_config import SpecConfig, SpecState
 from spark.matformer import cut_ffn
@@ -85,7 +85,7 @@ def accept(key, logp_BTV, logq_BGV, drafts_BG, drafted_BG):
     n_B = jnp.sum(jnp.cumprod(ok_BG, axis=1), axis=1).astype(jnp.int32)
     q_BTV = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)
     dist = correction_dist(p, q_BTV, n_B)
-    t_B = jax.random.categorical(k_t, jnp.log(dist), -1).astype(jnp.int32)
+    t_B = categorical(k_t, jnp.log(dist))
     return n_B, t_B
 
 

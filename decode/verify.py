@@ -29,6 +29,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from decode.sampling import categorical
+
 _TINY = 1e-30
 
 
@@ -112,7 +114,7 @@ def draw(key, x_K, accept_K, residual_V):
     k_coin, k_res = jax.random.split(key)
     hit_K = jax.random.uniform(k_coin, accept_K.shape) < accept_K
     first = jnp.argmax(hit_K)
-    correction = jax.random.categorical(k_res, jnp.log(jnp.maximum(residual_V, 0.0)))
+    correction = categorical(k_res, jnp.log(jnp.maximum(residual_V, 0.0)))
     any_hit = jnp.any(hit_K)
     return jnp.where(any_hit, x_K[first], correction), jnp.where(any_hit, first, -1)
 
