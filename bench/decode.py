@@ -3,6 +3,7 @@
     python bench/decode.py [--layers 8] [--prompts 128,1024,4096] [--new_tokens 64] [--rounds 3]
                            [--dtype float32] [--param_dtype bfloat16] [--json bench/results/decode.json]
     python bench/decode.py --layers 26 --alternate 3 ...   # f32 at full depth: one model per process
+    python bench/decode.py --layers 26 --dtype_pairs 3 ... # dense, f32 then bf16 weights, alternated
 
 `--param_dtype` (default: --dtype) stores the weights in that dtype while activations and the KV
 cache stay in --dtype: bfloat16 weights with float32 compute is what the CPU kernels (spark/kernels:
@@ -331,18 +332,21 @@ def child_argv(args, model: str) -> list[str]:
             args.param_dtype, "--parts", args.parts, "--seed", str(args.seed), "--models", model, "--result_line"]
 
 
+def run_child(args, model: str, label: str) -> dict:
+    """One single-model process (child_argv); its RESULT line as a dict."""
+    r = subprocess.run([sys.executable, __file__, *child_argv(args, model)], capture_output=True, text=True)
+    line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+    if r.returncode or not line:
+        sys.exit(f"{label} process failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return json.loads(line[-1][7:])
+
+
 def alternate(args):
     """dense and spark in separate processes, alternated for args.alternate pairs; per prompt the
     median over pairs of each per-pair ratio."""
     pairs = []
     for p in range(args.alternate):
-        pair = {}
-        for name in ("dense", "spark"):
-            r = subprocess.run([sys.executable, __file__, *child_argv(args, name)], capture_output=True, text=True)
-            line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
-            if r.returncode or not line:
-                sys.exit(f"{name} process failed ({r.returncode}):\n{r.stderr[-3000:]}")
-            pair[name] = json.loads(line[-1][7:])
+        pair = {name: run_child(args, name, name) for name in ("dense", "spark")}
         pairs.append(pair)
         print(f"pair {p + 1}: " + ", ".join(
             f"prompt {t}: dense {pair['dense']['ms_per_token'][t]['dense']:.0f} ms/tok "
@@ -371,6 +375,29 @@ def alternate(args):
     return out
 
 
+def dtype_pairs(args):
+    """The dense model with float32 weights, then bfloat16 weights (activations: --dtype), in separate
+    processes alternated for args.dtype_pairs pairs; per prompt the median of the per-pair speedups."""
+    pairs = []
+    for p in range(args.dtype_pairs):
+        pair = {w: run_child(argparse.Namespace(**{**vars(args), "param_dtype": w}), "dense", f"{w} weights")
+                for w in ("float32", "bfloat16")}
+        pairs.append(pair)
+        print(f"pair {p + 1}: " + ", ".join(
+            f"prompt {t}: " + ", ".join(f"{w} {pair[w]['ms_per_token'][t]['dense']:.0f} ms/tok "
+                                        f"({pair[w]['bandwidth_fraction']['dense'][t]:.0%} of its bound)"
+                                        for w in pair) for t in pair["float32"]["ms_per_token"]), flush=True)
+    out = {"dtype_pairs": args.dtype_pairs, "pairs": pairs, "layers": args.layers, "dtype": args.dtype,
+           "kernels": pairs[0]["bfloat16"]["kernels"], "bf16_vs_f32": {}}
+    for t in pairs[0]["float32"]["ms_per_token"]:
+        ratios = [pr["float32"]["ms_per_token"][t]["dense"] / pr["bfloat16"]["ms_per_token"][t]["dense"]
+                  for pr in pairs]
+        out["bf16_vs_f32"][t] = {"median": statistics.median(ratios), "per_pair": ratios}
+        print(f"prompt {t}: bf16 weights / f32 weights {statistics.median(ratios):.2f}x "
+              f"(median of {args.dtype_pairs} pairs: {', '.join(f'{x:.2f}' for x in ratios)}; bytes 2.0x)")
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=8)
@@ -382,6 +409,8 @@ def main(argv=None):
     ap.add_argument("--models", default="dense,spark")
     ap.add_argument("--parts", default="decode,head,ffn,ffn_parts,attn", help="what to time besides the bandwidth")
     ap.add_argument("--alternate", type=int, default=0, help="pairs of one-model processes (f32 at 26 layers)")
+    ap.add_argument("--dtype_pairs", type=int, default=0,
+                    help="pairs of dense processes, float32 then bfloat16 weights (the bf16 speedup)")
     ap.add_argument("--result_line", action="store_true", help="print RESULT {json} (bench/peer_decode.py)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json")
@@ -390,8 +419,12 @@ def main(argv=None):
     args.prompts = [int(x) for x in args.prompts.split(",")]
     if args.layers < 2 or args.layers % 2:
         ap.error("--layers must be an even number >= 2 (local/global pairs)")
+    if args.alternate and args.dtype_pairs:
+        ap.error("--alternate and --dtype_pairs are separate runs")
     if args.alternate:
         r = alternate(args)
+    elif args.dtype_pairs:
+        r = dtype_pairs(args)
     else:
         r = run(args)
         print_table(r)
