@@ -328,10 +328,12 @@ def walk(key, md, sampler, tokens_BN, valid_BN, parent_BN, logp_BNV, logq_BNV):
         if md.method == "spectr":
             alive = alive & ok & (x == y[:, None])
         going = hit
-    bonus_key = jax.random.fold_in(key, depth + 1)
     p_leaf = take_v(logp_BNV, node)
-    bonus = categorical(bonus_key, p_leaf)
-    out = jnp.where(going, jnp.argmax(p_leaf, -1).astype(jnp.int32) if sampler.temperature == 0.0 else bonus, out)
+    if sampler.temperature == 0.0:
+        bonus = jnp.argmax(p_leaf, -1).astype(jnp.int32)
+    else:
+        bonus = categorical(jax.random.fold_in(key, depth + 1), p_leaf)
+    out = jnp.where(going, bonus, out)
     return path, n, out, path_tok
 
 

@@ -110,14 +110,14 @@ def test_sample_mode_compiles_one_model():
     params = jax.eval_shape(lambda: train_lib.init_state(sample)["params"])
     graphdef, batch = train_lib.graphdef_of(sample), _batch(sample)
 
-    def attention_calls(cfg):
+    def vjp_calls(cfg):
         fn = lambda p: train_lib.loss_fn(p, graphdef, batch, cfg, 0)[0]  # noqa: E731
         return str(jax.make_jaxpr(fn)(params)).count("custom_vjp_call")
 
-    off = attention_calls(_with(base, matformer_mode="off"))
+    off = vjp_calls(_with(base, matformer_mode="off"))
     lookup = int(kernels.enabled())  # the embedding's take_rows kernel is a custom-VJP call on CPU too
-    assert attention_calls(sample) == off == SPARK.num_layers + lookup
-    assert attention_calls(_with(base, matformer_mode="sum")) == 3 * off
+    assert vjp_calls(sample) == off == SPARK.num_layers + lookup
+    assert vjp_calls(_with(base, matformer_mode="sum")) == 3 * off
 
 
 # ---- ahead-of-time TPU compilation --------------------------------------------------------------
