@@ -249,11 +249,12 @@ inline void axpys(int32_t isa, const W* const* rows, const W* const* next, int64
 }
 
 #ifdef SPARK_X86
-// Contiguous rows [0, nr) of w against one token (isa: AVX2 or AVX-512), one row after another.
+// out[n * os + r] = (w + r·stride)[:d] · x[n] for r < nr, n < n_tok, rows one after another (SIMD paths).
 template <typename W>
-inline void dots_ahead(int32_t isa, const W* w, int64_t nr, int64_t d, const float* x, float* out) {
-  if (isa == kAvx512) return avx512::dots_ahead(w, nr, d, x, out);
-  avx2::dots_ahead(w, nr, d, x, out);
+inline void dots_strided(int32_t isa, const W* w, int64_t nr, int64_t stride, int64_t d, const float* x, int64_t xs,
+                         int64_t n_tok, float* out, int64_t os) {
+  if (isa == kAvx512) return avx512::dots_ahead_n(w, nr, stride, d, x, xs, n_tok, out, os);
+  avx2::dots_ahead_n(w, nr, stride, d, x, xs, n_tok, out, os);
 }
 #endif
 
@@ -340,7 +341,7 @@ ffi::Error gemv_rows(ffi::ThreadPool pool, int32_t isa, const float* x, const W*
   if (int64_t h = pair_half<W>(isa)) x = (xp = to_pairs(x, n_tok, d, h)).data();
   auto [chunks, per] = plan_chunks(f, 64);
   // One token against rows shorter than 4 KB: the rows one after another (simd_rows.inc
-  // dots_ahead). Measured on an AVX2 host (AMD EPYC), bf16 [13824, 1024] (the Spark predictor):
+  // dots_ahead_n). Measured on an AVX2 host (AMD EPYC), bf16 [13824, 1024] (the Spark predictor):
   // 65% -> 90% of the read bandwidth; with rows of 2304 and more the row groups are as fast.
   bool ahead = n_tok == 1 && isa != kPortable && d * int64_t(sizeof(W)) < 4096;
   parallel_chunks(pool, chunks, [&](int64_t c) {
@@ -349,7 +350,7 @@ ffi::Error gemv_rows(ffi::ThreadPool pool, int32_t isa, const float* x, const W*
     const W* next[kGroup];
     int64_t end = std::min(f, (c + 1) * per);
 #ifdef SPARK_X86
-    if (ahead) return dots_ahead(isa, w + c * per * d, end - c * per, d, x, y + c * per);
+    if (ahead) return dots_strided(isa, w + c * per * d, end - c * per, d, d, x, d, 1, y + c * per, f);
 #endif
     for (int64_t r0 = c * per; r0 < end; r0 += kGroup) {
       int64_t nr = std::min(kGroup, f - r0);
@@ -580,7 +581,11 @@ void attend_one(int32_t isa, const AttnDims& a, int32_t mode, float cap, int64_t
   float dot[kGroup * kMaxTokens], coef[kGroup * kMaxTokens];
   const W* rows[kGroup];
   const W* next[kGroup];
-  for (size_t j0 = 0; j0 < idx.size(); j0 += kGroup) {
+  const bool stream = isa != kPortable && int64_t(idx.size()) == s_end;
+#ifdef SPARK_X86
+  if (stream) dots_strided(isa, km, s_end, a.h, a.r, q1.data(), a.r, a.n, sc.data(), s_end);  // keys 0 .. s_end − 1
+#endif
+  for (size_t j0 = 0; !stream && j0 < idx.size(); j0 += kGroup) {
     int64_t nr = std::min<int64_t>(kGroup, idx.size() - j0);
     dots(isa, rows, gathered_rows(km, idx, j0, idx.size(), a.h, rows, next), nr, q1.data(), a.r, a.n, a.r, dot);
     for (int64_t r = 0; r < nr; ++r)
