@@ -342,7 +342,9 @@ ffi::Error gemv_rows(ffi::ThreadPool pool, int32_t isa, const float* x, const W*
   auto [chunks, per] = plan_chunks(f, 64);
   // One token against rows shorter than 4 KB: the rows one after another (simd_rows.inc
   // dots_ahead_n). Measured on an AVX2 host (AMD EPYC), bf16 [13824, 1024] (the Spark predictor):
-  // 65% -> 90% of the read bandwidth; with rows of 2304 and more the row groups are as fast.
+  // 65% -> 90% of the read bandwidth with its one-token predecessor (session 39; dots_ahead_n read as
+  // much as it on an AVX-512 host, 95% both, and was not re-measured on AVX2); with rows of 2304
+  // and more the row groups are as fast.
   bool ahead = n_tok == 1 && isa != kPortable && d * int64_t(sizeof(W)) < 4096;
   parallel_chunks(pool, chunks, [&](int64_t c) {
     float out[kGroup * kMaxTokens];
