@@ -64,6 +64,8 @@ def parse_args(argv):
     widths.add_argument("--granularity", type=int, default=None, help="MatFormer divisor: 1 full, 8 = F/8")
     widths.add_argument("--widths", help="comma-separated FFN width per layer (Mix'n'Match)")
     ap.add_argument("--no_sparse", action="store_true", help="Spark models: masked dense decode instead")
+    ap.add_argument("--huge_pages", action="store_true",
+                    help="CPU: back the weights by 2 MB pages first (faster sparse decode; a one-time copy)")
     sp = ap.add_argument_group("speculative decoding (the draft is this checkpoint at smaller FFN widths)")
     sp.add_argument("--speculative", action="store_true")
     drafts = sp.add_mutually_exclusive_group()
@@ -295,6 +297,11 @@ def main(argv=None):
 
     sampler = SamplerConfig(args.temperature, args.top_k, args.top_p, args.typical_p, args.min_tokens_to_keep)
     cfg, params, step = load_checkpoint(workdir, step)
+    if args.huge_pages:
+        from spark.kernels import hugepages
+        t0 = time.perf_counter()
+        moved = hugepages.collapse(params)
+        print(f"huge pages: {moved / 1e9:.2f} GB of weights in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     widths = pick_widths(cfg.model, args.widths, args.granularity)
     draft_widths = (pick_widths(cfg.model, args.draft_widths, args.draft_granularity or 8, "--draft_widths")
                     if args.speculative or bild_cfg else None)

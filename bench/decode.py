@@ -5,6 +5,8 @@
     python bench/decode.py --layers 26 --alternate 3 ...   # f32 at full depth: one model per process
     python bench/decode.py --layers 26 --dtype_pairs 3 ... # dense, f32 then bf16 weights, alternated
 
+`--huge_pages` backs every weight by 2 MB pages before timing (spark/kernels/hugepages.py; the
+Spark FFN's scattered row reads miss the TLB on 4 KB pages; `bench/huge_pages.py` measures the gain).
 `--param_dtype` (default: --dtype) stores the weights in that dtype while activations and the KV
 cache stay in --dtype: bfloat16 weights with float32 compute is what the CPU kernels (spark/kernels:
 bf16 rows read as they are, float32 accumulation) make fast. `--alternate P`: the two models in
@@ -41,6 +43,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +55,7 @@ from decode import generate as gen  # noqa: E402
 from decode.sampling import SamplerConfig  # noqa: E402
 from spark import kernels  # noqa: E402
 from spark.cli import load_config_file  # noqa: E402
+from spark.kernels import hugepages  # noqa: E402
 from spark.model import Transformer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,6 +151,16 @@ def ffn_parts(variants, cfg, gd, p, xs):
     return {"predictor": f * cfg.ffn_rank, "gather": float(jnp.sum(act)) * (2 * cfg.d_model - cfg.ffn_rank)}
 
 
+def huge_pages(split) -> dict:
+    """Moves every model's parameters into 2 MB pages (hugepages.collapse): GB moved, GB, seconds."""
+    t0 = time.perf_counter()
+    moved = sum(hugepages.collapse(p) for _, p in split.values())
+    total = sum(param_bytes(p) for _, p in split.values())
+    r = {"GB": moved / 1e9, "of_GB": total / 1e9, "seconds": time.perf_counter() - t0}
+    print(f"huge pages: {r['GB']:.2f} of {r['of_GB']:.2f} GB of weights in {r['seconds']:.1f} s", file=sys.stderr)
+    return r
+
+
 def head(graphdef, params, x_B1D):
     return nnx.merge(graphdef, params).logits(x_B1D)
 
@@ -165,6 +179,7 @@ class Stateful:
 def run(args):
     cfgs = model_configs(args.layers, args.dtype, args.param_dtype, args.models.split(","))
     split = build(cfgs, args.seed)
+    huge = huge_pages(split) if args.huge_pages else None
     sampler = SamplerConfig(temperature=1.0)
     attn_j = jax.jit(attn_stack, static_argnames=("graphdef", "sparse"), donate_argnums=(4,))
     ffn_j = jax.jit(ffn_stack, static_argnames=("graphdef", "sparse"))
@@ -216,6 +231,7 @@ def run(args):
     res = interleaved(variants, args.rounds)
     med = net_medians(res, list(split))
     out = summarize(args, cfgs, split, med, stats)
+    out["huge_pages"] = huge
     if "ffn_pred/spark" in med:  # the Spark FFN's two weight reads, each on its own
         item, bw = jnp.dtype(cfgs["spark"].param_dtype).itemsize, out["bandwidth_GBps"]
         out["spark_ffn_parts"] = {}
@@ -329,7 +345,8 @@ def child_argv(args, model: str) -> list[str]:
     """The flags of one single-model process of `alternate` (its RESULT line read back)."""
     return ["--layers", str(args.layers), "--prompts", ",".join(map(str, args.prompts)), "--new_tokens",
             str(args.new_tokens), "--rounds", str(args.rounds), "--dtype", args.dtype, "--param_dtype",
-            args.param_dtype, "--parts", args.parts, "--seed", str(args.seed), "--models", model, "--result_line"]
+            args.param_dtype, "--parts", args.parts, "--seed", str(args.seed), "--models", model, "--result_line",
+            *(["--huge_pages"] if args.huge_pages else [])]
 
 
 def run_child(args, model: str, label: str) -> dict:
@@ -411,6 +428,8 @@ def main(argv=None):
     ap.add_argument("--alternate", type=int, default=0, help="pairs of one-model processes (f32 at 26 layers)")
     ap.add_argument("--dtype_pairs", type=int, default=0,
                     help="pairs of dense processes, float32 then bfloat16 weights (the bf16 speedup)")
+    ap.add_argument("--huge_pages", action="store_true",
+                    help="back the weights by 2 MB pages first (spark/kernels/hugepages.py, Linux)")
     ap.add_argument("--result_line", action="store_true", help="print RESULT {json} (bench/peer_decode.py)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json")

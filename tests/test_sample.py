@@ -57,9 +57,11 @@ def test_json_output_and_checkpoint_path_and_widths(workdir, sample_cli, capsys)
     assert len(st["ffn_overflow"]) == 2 and len(st["attn_overflow"]) == 2  # per row
     assert len(st["ffn_density"]) == 2 and len(st["keys_per_query"]) == 2  # per layer
     sample_cli.main(["--checkpoint", os.path.join(workdir, "checkpoints", "4"), *common, "--widths", "48,96",
-                     "--speculative", "--draft_granularity", "4", "--gamma", "2"])
-    out2 = json.loads(capsys.readouterr().out)
+                     "--speculative", "--draft_granularity", "4", "--gamma", "2", "--huge_pages"])
+    captured = capsys.readouterr()
+    out2 = json.loads(captured.out)
     assert out2["text"] == out["text"]  # greedy, speculative or not: the same checkpoint gives the same text
+    assert "huge pages: " in captured.err  # the tiny model's arrays are under 2 MB: nothing moved, nothing broken
     st2 = out2["stats"]
     assert st2["draft_widths"] == [24, 24] and st2["gamma"] == 2 and st2["new_tokens"] == [8, 8]
     assert 0 <= st2["acceptance_rate"] <= 1 and st2["rounds"] == sum(st2["rounds_per_row"]) > 0
