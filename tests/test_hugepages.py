@@ -54,9 +54,29 @@ def test_collapse_backs_the_array_by_huge_pages():
     before = _mapping_huge_kb(start)
     moved = hugepages.collapse(x)
     if moved == 0:
-        pytest.skip("MADV_COLLAPSE unsupported here (Linux < 6.1 or THP disabled)")
-    assert moved == length
+        pytest.skip("MADV_COLLAPSE unsupported here (Linux < 6.1, THP disabled, no free huge page)")
+    assert 0 < moved <= length  # pages the kernel could not allocate under memory pressure are left
     after = _mapping_huge_kb(start)
     assert before is not None and after is not None
-    assert after - before >= length // 1024  # the kernel counts the whole interior as huge pages
+    assert after - before >= moved // 1024  # the kernel's own accounting: they are huge pages now
     assert float(jnp.sum(x)) == 3.0 * x.size
+
+
+def test_failed_pages_are_retried_while_passes_make_progress(monkeypatch):
+    """Pages that fail transiently (EAGAIN) are collapsed on a later pass; a range where nothing
+    moves is given up after one pass (an unsupported kernel costs no waiting)."""
+    page = hugepages.HUGE_PAGE
+    calls = []
+
+    def flaky(addr, length, advice):  # every page but the first fails on its first try
+        assert length == page and addr % page == 0 and advice == hugepages.MADV_COLLAPSE
+        calls.append(addr)
+        return 0 if addr == 4 * page or calls.count(addr) > 1 else -1
+
+    monkeypatch.setattr(hugepages, "_LIBC", [flaky])
+    assert hugepages.collapse_range(3 * page + 8, 5 * page) == 4 * page  # 4 whole pages inside: 4P .. 8P
+    assert len(calls) == 4 + 3
+    calls.clear()
+    monkeypatch.setattr(hugepages, "_LIBC", [lambda addr, length, advice: calls.append(addr) or -1])
+    assert hugepages.collapse_range(page, 3 * page) == 0
+    assert len(calls) == 3  # one pass: no progress, no retry
