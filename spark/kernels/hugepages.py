@@ -45,9 +45,9 @@ def aligned_interior(ptr: int, nbytes: int) -> tuple[int, int]:
 
 
 def collapse_range(ptr: int, nbytes: int, passes: int = 4) -> int:
-    """Collapses the whole huge pages inside one buffer, page by page; a page that fails (EAGAIN,
-    EINVAL: pages just written are not yet on the kernel's LRU lists) is retried after a short wait,
-    up to `passes` times while a pass makes progress. -> bytes now in huge pages."""
+    """Collapses the whole huge pages inside one buffer, page by page; a page that fails (EAGAIN or
+    EINVAL, seen here on buffers just written; retried 10 ms later they moved) is retried up to
+    `passes` times while a pass makes progress. -> bytes now in huge pages."""
     start, length = aligned_interior(ptr, nbytes)
     if length == 0 or not sys.platform.startswith("linux"):
         return 0
