@@ -1,6 +1,9 @@
 """spark/kernels/hugepages.py: `collapse` moves big CPU arrays into 2 MB pages (seen in the kernel's
 own accounting, /proc/self/smaps), touches nothing outside them, and leaves values and use intact."""
 
+import json
+import os
+import subprocess
 import sys
 
 import jax
@@ -46,20 +49,35 @@ def test_collapse_keeps_values_and_skips_small_arrays():
     assert hugepages.collapse({"small": small}) == 0
 
 
+PROBE = """
+import json, sys
+import jax.numpy as jnp
+sys.path.insert(0, {root!r})
+from tests.test_hugepages import _mapping_huge_kb
+from spark.kernels import hugepages
+x = jnp.ones((5 << 20,), jnp.float32) * 3.0  # 20 MB, allocated by XLA with 4 KB pages
+start, length = hugepages.aligned_interior(x.unsafe_buffer_pointer(), x.nbytes)
+before = _mapping_huge_kb(start)
+moved = hugepages.collapse(x)
+print(json.dumps(dict(length=length, before=before, moved=moved, after=_mapping_huge_kb(start),
+                      ok=float(jnp.sum(x)) == 3.0 * x.size)))
+"""
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
 def test_collapse_backs_the_array_by_huge_pages():
-    x = jnp.ones((5 * MB,), jnp.float32) * 3.0  # 20 MB, allocated by XLA with 4 KB pages
-    ptr = x.unsafe_buffer_pointer()
-    start, length = hugepages.aligned_interior(ptr, x.nbytes)
-    before = _mapping_huge_kb(start)
-    moved = hugepages.collapse(x)
-    if moved == 0:
+    """In a fresh process (no memory an earlier collapse left huge for the allocator to hand out again),
+    the array's mapping gains at least the huge pages `collapse` reports."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", PROBE.format(root=root)], capture_output=True, text=True,
+                       cwd=root, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    if out["moved"] == 0:
         pytest.skip("MADV_COLLAPSE unsupported here (Linux < 6.1, THP disabled, no free huge page)")
-    assert 0 < moved <= length  # pages the kernel could not allocate under memory pressure are left
-    after = _mapping_huge_kb(start)
-    assert before is not None and after is not None
-    assert after - before >= moved // 1024  # the kernel's own accounting: they are huge pages now
-    assert float(jnp.sum(x)) == 3.0 * x.size
+    assert 0 < out["moved"] <= out["length"] and out["ok"]  # pages the kernel could not allocate are left
+    assert out["before"] is not None and out["after"] is not None
+    assert out["after"] - out["before"] >= out["moved"] // 1024  # the kernel's own accounting
 
 
 def test_failed_pages_are_retried_while_passes_make_progress(monkeypatch):
