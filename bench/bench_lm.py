@@ -10,7 +10,7 @@ one process: `jnp.sum` over a float32 buffer of the model's weight bytes (the re
 `--steps` decode steps (the jitted while_loop of decode/generate.py, one token per step, a 64-token
 prompt) at full width and at the F/8 MatFormer draft width, each on the Spark sparse-gather path and
 on the masked path (every weight read). Reported: ms per step, the bytes a step must read (masked:
-all weights; sparse: bench/decode.py's `bytes_per_token` from the realised FFN density and keys per
+all weights; sparse: bench/decode_models.py's `bytes_per_token` from the realised FFN density and keys per
 query), bandwidth fraction = bytes / step time / bandwidth, and the F/8 : F step-time ratio.
 """
 
@@ -28,7 +28,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import interleaved, write_json  # noqa: E402
-from bench.decode import bytes_per_token, param_bytes  # noqa: E402
+from bench.decode_models import bytes_per_token, param_bytes  # noqa: E402
 from decode import generate as gen  # noqa: E402
 from decode.sampling import SamplerConfig  # noqa: E402
 from spark.cli import load_config_file  # noqa: E402

@@ -37,13 +37,11 @@ Reported per prompt length (medians over rounds):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -51,54 +49,20 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import interleaved, write_json  # noqa: E402
+from bench.decode_models import (  # noqa: E402
+    FULL_LAYERS,
+    build,
+    bytes_per_token,
+    decode_from,
+    ffn_bytes,
+    huge_pages,
+    model_configs,
+    prefill,
+)
 from decode import generate as gen  # noqa: E402
-from decode.sampling import SamplerConfig  # noqa: E402
 from spark import kernels  # noqa: E402
-from spark.cli import load_config_file  # noqa: E402
-from spark.kernels import hugepages  # noqa: E402
-from spark.model import Transformer  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FULL_LAYERS = 26
 BANDWIDTH_FLOATS = 256 * 1024 * 1024  # 1 GiB of float32, summed to measure read bandwidth
-
-
-MODELS = (("dense", "gemma2_2b"), ("spark", "spark_gemma2_2b"))
-
-
-def model_configs(layers: int, dtype: str, param_dtype: str | None = None, models=("dense", "spark")):
-    """The dense and Spark 2B model configs (configs/gemma2_2b.py, spark_gemma2_2b.py), `layers` deep."""
-    kw = dict(num_layers=layers, dtype=dtype, param_dtype=param_dtype or dtype)
-    return {name: dataclasses.replace(load_config_file(os.path.join(ROOT, "configs", f"{file}.py")).model, **kw)
-            for name, file in MODELS if name in models}
-
-
-def build(cfgs, seed: int):
-    """Parameters created directly in their dtype (nnx init under the config's param_dtype)."""
-    models = {name: Transformer(cfg, nnx.Rngs(seed + i)) for i, (name, cfg) in enumerate(cfgs.items())}
-    if len(models) == 2:  # one shared 256k x 2304 table: same head, half the memory
-        models["spark"].embed = models["dense"].embed
-    return {name: nnx.split(m) for name, m in models.items()}
-
-
-def param_bytes(params) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-
-
-def bytes_per_token(cfg, params, visible: float, ffn_density: float | None, keys_per_query: float | None):
-    """Bytes one decode token must read: weights (the embedding once, as the logit head), KV cache."""
-    item, kv_item = jnp.dtype(cfg.param_dtype).itemsize, jnp.dtype(cfg.dtype).itemsize  # the cache: cfg.dtype
-    total = param_bytes(params)
-    l, d, h, kh, n = cfg.num_layers, cfg.d_model, cfg.head_dim, cfg.num_kv_heads, cfg.num_heads
-    if cfg.ffn_kind == "spark":  # K2 and V: only the active rows
-        f, r = cfg.ffn_width(0), cfg.ffn_rank
-        total -= l * f * ((d - r) + d) * item * (1.0 - ffn_density)
-    if cfg.attn_kind == "spark":  # first r dims of every visible key + gate half and value of the kept keys
-        r = cfg.attn_rank
-        kv = l * (visible * kh * r + keys_per_query * n * ((h - r) + h)) * kv_item
-    else:
-        kv = l * visible * kh * 2 * h * kv_item
-    return total + kv
 
 
 def attn_stack(graphdef, params, x_B1D, pos_B1, cache, sparse):
@@ -151,16 +115,6 @@ def ffn_parts(variants, cfg, gd, p, xs):
     return {"predictor": f * cfg.ffn_rank, "gather": float(jnp.sum(act)) * (2 * cfg.d_model - cfg.ffn_rank)}
 
 
-def huge_pages(split) -> dict:
-    """Moves every model's parameters into 2 MB pages (hugepages.collapse): GB moved, GB, seconds."""
-    t0 = time.perf_counter()
-    moved = sum(hugepages.collapse(p) for _, p in split.values())
-    total = sum(param_bytes(p) for _, p in split.values())
-    r = {"GB": moved / 1e9, "of_GB": total / 1e9, "seconds": time.perf_counter() - t0}
-    print(f"huge pages: {r['GB']:.2f} of {r['of_GB']:.2f} GB of weights in {r['seconds']:.1f} s", file=sys.stderr)
-    return r
-
-
 def head(graphdef, params, x_B1D):
     return nnx.merge(graphdef, params).logits(x_B1D)
 
@@ -180,7 +134,6 @@ def run(args):
     cfgs = model_configs(args.layers, args.dtype, args.param_dtype, args.models.split(","))
     split = build(cfgs, args.seed)
     huge = huge_pages(split) if args.huge_pages else None
-    sampler = SamplerConfig(temperature=1.0)
     attn_j = jax.jit(attn_stack, static_argnames=("graphdef", "sparse"), donate_argnums=(4,))
     ffn_j = jax.jit(ffn_stack, static_argnames=("graphdef", "sparse"))
     head_j = jax.jit(head, static_argnames=("graphdef",))
@@ -207,14 +160,10 @@ def run(args):
         for name, (gd, p) in split.items():
             sparse = name == "spark"
             print(f"prefill {name} t={t}", file=sys.stderr, flush=True)
-            state = gen.start(gd, p, prompt, jnp.array([t]), jax.random.key(0), max_new_tokens=args.new_tokens,
-                              sparse=sparse)
-            templates[(name, t)] = jax.block_until_ready(state)
+            state = templates[(name, t)] = prefill(gd, p, prompt, args.new_tokens, sparse)
 
             def dec(gd=gd, p=p, key=(name, t), sparse=sparse):
-                fresh = jax.tree.map(jnp.copy, templates[key])
-                out = gen.decode(gd, p, fresh, max_steps=args.new_tokens, sampler=sampler, eos_id=-1, pad_id=0,
-                             sparse=sparse)
+                out = decode_from(gd, p, templates[key], args.new_tokens, sparse)
                 stats[key] = out
                 return out.rows.gen_RL
 
@@ -253,16 +202,6 @@ def net_medians(res, names):
         if part in ("head", "ffn", "attn", "ffn_pred", "ffn_gather") and f"call/{model}" in med:
             med[k] -= med[f"call/{model}"]
     return med
-
-
-def ffn_bytes(cfg, density: float | None) -> float:
-    """Weight bytes one token's FFN reads per layer (Spark: the predictor and the active K2/V rows)."""
-    item = jnp.dtype(cfg.param_dtype).itemsize
-    d, f = cfg.d_model, cfg.ffn_width(0)
-    if cfg.ffn_kind == "spark":
-        r = cfg.ffn_rank
-        return (f * r + density * f * ((d - r) + d)) * item
-    return 3 * f * d * item
 
 
 def summarize(args, cfgs, split, med, stats):

@@ -31,7 +31,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import ROOT, ensure_checkpoint, write_json  # noqa: E402
-from bench.decode import model_configs  # noqa: E402
+from bench.decode_models import model_configs  # noqa: E402
 from spark.data.pipeline import get_tokenizer, make_dataset  # noqa: E402
 from spark.model import Transformer  # noqa: E402
 from spark.train import load_checkpoint  # noqa: E402

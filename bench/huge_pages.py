@@ -3,7 +3,7 @@
     python bench/huge_pages.py [--model spark|dense] [--layers 26] [--prompt 128] [--new_tokens 32]
                                [--rounds 7] [--json bench/results/huge_pages_spark.json]
 
-One model (Gemma-2-2B shapes, random bf16 weights, f32 activations, bench/decode.py's configs) is
+One model (Gemma-2-2B shapes, random bf16 weights, f32 activations, bench/decode_models.py) is
 built once; a copy of its parameters is moved into transparent huge pages
 (spark/kernels/hugepages.py). The prompt is prefilled once, then each round decodes `--new_tokens`
 tokens from that state with each copy in turn (the jitted while_loop, generate.decode). Reported:
@@ -24,9 +24,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import interleaved, write_json  # noqa: E402
-from bench.decode import build, model_configs, param_bytes  # noqa: E402
-from decode import generate as gen  # noqa: E402
-from decode.sampling import SamplerConfig  # noqa: E402
+from bench.decode_models import build, decode_from, model_configs, param_bytes, prefill  # noqa: E402
 from spark import kernels  # noqa: E402
 from spark.kernels import hugepages  # noqa: E402
 
@@ -40,14 +38,10 @@ def run(args) -> dict:
     collapse_s = time.perf_counter() - t0
     sparse = args.model == "spark"
     prompt = jax.random.randint(jax.random.key(args.prompt), (1, args.prompt), 0, cfgs[args.model].vocab_size)
-    state = jax.block_until_ready(gen.start(gd, small, prompt, jnp.array([args.prompt]), jax.random.key(0),
-                                            max_new_tokens=args.new_tokens, sparse=sparse))
-    sampler = SamplerConfig(temperature=1.0)
+    state = prefill(gd, small, prompt, args.new_tokens, sparse)
 
     def decode(params):
-        out = gen.decode(gd, params, jax.tree.map(jnp.copy, state), max_steps=args.new_tokens, sampler=sampler,
-                         eos_id=-1, pad_id=0, sparse=sparse)
-        return out.rows.gen_RL
+        return decode_from(gd, params, state, args.new_tokens, sparse).rows.gen_RL
 
     res = interleaved({"4k": (lambda: decode(small), [()], 1), "2m": (lambda: decode(huge), [()], 1)},
                       args.rounds)

@@ -47,7 +47,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import interleaved, require_checkpoint, write_json  # noqa: E402
-from bench.decode import model_configs  # noqa: E402
+from bench.decode_models import model_configs  # noqa: E402
 from decode import generate as gen  # noqa: E402
 from decode import speculative as spec  # noqa: E402
 from decode.sampling import SamplerConfig  # noqa: E402

@@ -91,10 +91,10 @@ def test_failed_pages_are_retried_while_passes_make_progress(monkeypatch):
         calls.append(addr)
         return 0 if addr == 4 * page or calls.count(addr) > 1 else -1
 
-    monkeypatch.setattr(hugepages, "_LIBC", [flaky])
+    monkeypatch.setattr(hugepages, "_madvise", lambda: flaky)
     assert hugepages.collapse_range(3 * page + 8, 5 * page) == 4 * page  # 4 whole pages inside: 4P .. 8P
     assert len(calls) == 4 + 3
     calls.clear()
-    monkeypatch.setattr(hugepages, "_LIBC", [lambda addr, length, advice: calls.append(addr) or -1])
+    monkeypatch.setattr(hugepages, "_madvise", lambda: lambda addr, length, advice: calls.append(addr) or -1)
     assert hugepages.collapse_range(page, 3 * page) == 0
     assert len(calls) == 3  # one pass: no progress, no retry

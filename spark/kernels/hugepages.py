@@ -18,6 +18,7 @@ kernel, THP disabled, no CPU arrays) it does nothing and returns 0.
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 import time
 
@@ -26,15 +27,13 @@ import jax
 HUGE_PAGE = 2 << 20  # x86-64 and arm64 (4 KB base pages) transparent huge page size
 MADV_COLLAPSE = 25  # linux/mman.h (6.1)
 
-_LIBC: list = []
 
-
+@functools.cache
 def _madvise():
-    if not _LIBC:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        _LIBC.append(libc.madvise)
-    return _LIBC[0]
+    """libc's madvise(addr, length, advice) -> 0 or −1."""
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
 
 
 def aligned_interior(ptr: int, nbytes: int) -> tuple[int, int]:
