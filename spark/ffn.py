@@ -10,8 +10,8 @@ TopK is the soft statistical top-k over the width in use, keeping spark.ffn_k_fr
 
 Sparse-gather decoding (`sparse=True`, for decode steps of a few tokens): the predictor runs
 densely, the threshold picks the active neurons, and only their rows of K2 and V are read — on
-CPU by the gather kernel (spark/kernels: every active row, the union over the block's tokens);
-elsewhere a static buffer of ceil(k + c·√k) rows per token, c = spark.decode_capacity_sigmas
+CPU in one kernel call (spark/kernels ffn_decode: every active row, the union over the block's
+tokens); elsewhere a static buffer of ceil(k + c·√k) rows per token, c = spark.decode_capacity_sigmas
 (sparsity.capacity_indices: ascending indices, overflow keeps the top by activation — the
 predictor's order — and is counted in aux['ffn_overflow']).
 Neuron-major rows make every gathered row contiguous; two separate matrices gather 11.5× faster
@@ -82,22 +82,26 @@ class SparkFFN(nnx.Module):
 
     def sparse_decode(self, x_BTD, width: int):
         """Same function as __call__ (forward only), reading only the active rows of K2 and V: on CPU
-        the gather kernel (every active row), elsewhere a static capacity of rows per token."""
+        one kernel call (kernels.ffn_decode: predictor, threshold, GELU, every active row), elsewhere
+        the predictor, then a static capacity of rows per token."""
         dt = x_BTD.dtype
-        pred = self.predictor(x_BTD, width)
-        act = gelu(jax.nn.relu(pred.astype(jnp.float32) - sparsity.threshold(pred, self.k_frac)))  # 0: inactive
-        b, t, f_all = *act.shape[:2], self.w_up.shape[0]
-        act = jnp.pad(act, ((0, 0), (0, 0), (0, f_all - width))).reshape(b * t, f_all)  # full matrices: no slice copy
+        b, t, d = x_BTD.shape
+        f_all = self.w_up.shape[0]
         cap = sparsity.capacity(self.k_frac * width, width, self.capacity_sigmas)
 
-        def capacity_path(x2, act, k2, v):  # ascending indices; overflow keeps the top by activation
+        def capacity_path(x, k1, k2, v):  # ascending indices; overflow keeps the top by activation
+            pred = linear_rows(x[None, :, : self.rank], k1[:width])[0]
+            act = gelu(jax.nn.relu(pred.astype(jnp.float32) - sparsity.threshold(pred, self.k_frac)))  # 0: inactive
+            act = jnp.pad(act, ((0, 0), (0, f_all - width)))  # full matrices: no slice copy
             idx, ok, dropped = sparsity.capacity_indices(act, act > 0, cap)
             a = jnp.where(ok, jnp.take_along_axis(act, idx, axis=-1), 0.0)
-            return kernels.capacity_gather(x2, idx, a, k2, v, dt).astype(dt), dropped
+            out = kernels.capacity_gather(x[:, self.rank :], idx, a, k2, v, dt).astype(dt)
+            return out, jnp.sum(act > 0, axis=-1), dropped
 
-        x2 = x_BTD[..., self.rank :].reshape(b * t, -1)
-        out, dropped = kernels.ffn_gather(x2, act, self.w_up[...], self.w_down[...], dt, capacity_path)
-        active = jnp.sum(act > 0, axis=-1) - dropped
+        out, kept, dropped = kernels.ffn_decode(x_BTD.reshape(b * t, d), self.w_pred[...], self.w_up[...],
+                                                self.w_down[...], capacity_path, width=width, k_frac=self.k_frac,
+                                                out_dtype=dt)
+        active = kept - dropped
         return out.reshape(b, t, -1), {"ffn_density": jnp.mean(active.astype(jnp.float32)) / width,
                                        "ffn_overflow": jnp.sum(dropped.reshape(b, t), axis=1)}
 

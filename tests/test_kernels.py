@@ -107,6 +107,58 @@ def test_ffn_gather_equals_float64(isa, dtype):
     assert not np.any(np.asarray(run(*args)[0]))
 
 
+def _ffn_decode_float64(x, k1, k2, v, width, k_frac, round_bf16=False):
+    """The Spark FFN (arXiv 2506.06644 §3) in float64: pred = x[:r]·K1ᵀ over the first `width`
+    neurons, θ = mean + std·Φ⁻¹(1 − k_frac) (population std), act = gelu_tanh(max(pred − θ, 0)),
+    y = Σ act·(x[r:]·K2[f])·V[f] -> (y, #{pred > θ} per token)."""
+    from statistics import NormalDist
+    r = k1.shape[1]
+    pred = x[:, :r].astype(np.float64) @ k1[:width].T
+    if round_bf16:  # the predictor's output in a bf16 model
+        pred = np.asarray(jnp.asarray(pred, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+    theta = pred.mean(-1, keepdims=True) + pred.std(-1, keepdims=True) * NormalDist().inv_cdf(1 - k_frac)
+    u = np.maximum(pred - theta, 0.0)
+    act = 0.5 * u * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u**3)))
+    return (act * (x[:, r:].astype(np.float64) @ k2[:width].T)) @ v[:width], np.sum(pred > theta, axis=-1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ffn_decode_equals_float64(isa, dtype):
+    """The fused Spark FFN decode (predictor, statistical top-k, GELU, gather): MatFormer prefix
+    widths, 1-16 tokens, tails of every width; a bf16 model rounds the predictor's output first."""
+    rng = np.random.default_rng(11)
+    for n, f, width, r, d, k_frac in [(1, 200, 200, 16, 48, 0.08), (3, 300, 150, 33, 70, 0.1),
+                                      (8, 1000, 1000, 1024, 2304, 0.08), (16, 64, 40, 5, 9, 0.3),
+                                      (2, 500, 437, 100, 129, 0.02)]:
+        k1, p64 = _weights(rng, (f, r), dtype)
+        k2, k64 = _weights(rng, (f, d - r), dtype)
+        v, v64 = _weights(rng, (f, d), dtype)
+        x = rng.standard_normal((n, d), np.float32)
+        for out_dtype in ["float32"] + (["bfloat16"] if dtype == "bfloat16" else []):
+            run = _fresh_jit(functools.partial(kernels.ffn_decode, default=None, width=width, k_frac=k_frac,
+                                               out_dtype=jnp.dtype(out_dtype)))
+            y, kept, dropped = run(x, k1, k2, v)
+            ref, kept64 = _ffn_decode_float64(x, p64, k64, v64, width, k_frac, out_dtype == "bfloat16")
+            assert _rel(y, ref) < (1e-5 if out_dtype == "float32" else 8e-3), (n, f, width, out_dtype)
+            np.testing.assert_array_equal(kept, kept64)
+            assert not np.any(np.asarray(dropped))
+    assert "spark_ffn_decode" in run.lower(x, k1, k2, v).as_text()
+
+
+@needs_kernels
+def test_ffn_decode_by_hand():
+    """One token, worked by hand: r = 1, x = [1, 2, 0.5], K1 = [3, 1, −1, −3]ᵀ, so pred = [3, 1, −1, −3],
+    mean 0, std √5, θ = √5·Φ⁻¹(0.75) = 2.2361·0.6745 = 1.5082 at k_frac 0.25: only neuron 0 is
+    active, act = gelu(1.4918) = 1.3903; up = x[1:]·K2[0] = 2 + 0.5 = 2.5; y = 3.4758·V[0]."""
+    k1 = jnp.asarray([[3.0], [1.0], [-1.0], [-3.0]])
+    k2 = jnp.asarray([[1.0, 1.0], [5.0, 5.0], [7.0, 7.0], [9.0, 9.0]])
+    v = jnp.asarray([[1.0, 0.0, 2.0], [1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [3.0, 3.0, 3.0]])
+    y, kept, _ = kernels.ffn_decode(jnp.asarray([[1.0, 2.0, 0.5]]), k1, k2, v, None, width=4, k_frac=0.25)
+    np.testing.assert_allclose(np.asarray(y), [[3.4758, 0.0, 6.9516]], rtol=1e-4)
+    assert int(kept[0]) == 1
+
+
 def _attn_case(rng, b, t, kh, g, h, s, dtype, v_t, window=None):
     """Random q/K/V, each row's block of t tokens at its own start (ragged; the first row's block
     ends at the last key), visible keys causal
@@ -212,7 +264,9 @@ def test_inside_while_loop_with_donated_buffers(isa):
         a = kernels.attention(y.reshape(1, 1, 1, 2, 40), kv, kv, valid, z, None, rank=8, scale=0.3,
                               gate_scale=0.2, softcap=None, spark=True)[0]
         emb = kernels.take_rows(w, (jnp.arange(2) * 7 + i) % 96)
-        return y + 0.1 * kernels.ffn_gather(z2, act_NF, w, w)[0] + 0.1 * a.reshape(2, 40) + 0.1 * emb
+        fused = kernels.ffn_decode(y, w[:, :16], w[:, 16:], w, None, width=80, k_frac=0.25)[0]
+        return (y + 0.1 * kernels.ffn_gather(z2, act_NF, w, w)[0] + 0.1 * a.reshape(2, 40) + 0.1 * emb
+                + 0.1 * fused)
 
     step = jax.jit(lambda y: jax.lax.fori_loop(0, 5, body, y), donate_argnums=0)
     y0 = rng.standard_normal((2, 40)).astype(np.float32)
@@ -227,7 +281,8 @@ def test_inside_while_loop_with_donated_buffers(isa):
         q = (y * np.r_[np.full(8, 0.3 * 8**0.5), np.full(32, 0.2 * 32**0.5)]).reshape(1, 1, 1, 2, 40)
         a = _attn_float64(q, kv64, kv64, np.asarray(valid), 8, 8, None, True, False)[0]
         gathered = np.einsum("nc,ncd->nd", act * np.einsum("ne,nce->nc", z2, w64[idx]), w64[idx])
-        y = y + 0.1 * gathered + 0.1 * a.reshape(2, 40) + 0.1 * w64[(np.arange(2) * 7 + i) % 96]
+        fused = _ffn_decode_float64(y, w64[:, :16], w64[:, 16:], w64, 80, 0.25)[0]
+        y = y + 0.1 * gathered + 0.1 * a.reshape(2, 40) + 0.1 * w64[(np.arange(2) * 7 + i) % 96] + 0.1 * fused
     assert _rel(out, y) < 1e-5
 
 
@@ -283,7 +338,7 @@ def test_sparse_decode_with_kernels_equals_masked_forward():
                                                                       return_aux=True))
     _, cache = prefill_cache(model, tokens[:, :4], jnp.array([4, 4]), max_new_tokens=8)
     hlo = step.lower(params, tokens[:, 4:5], jnp.full((2, 1), 4), cache).as_text()
-    assert "spark_ffn_gather" in hlo and "spark_attention" in hlo
+    assert "spark_ffn_decode" in hlo and "spark_attention" in hlo
     for t in range(4, 12):
         logits, cache, stats = step(params, tokens[:, t:t + 1], jnp.full((2, 1), t), cache)
         assert not np.any(np.asarray(stats["ffn_overflow"]))

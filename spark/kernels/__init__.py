@@ -4,6 +4,9 @@
     y_ND = gemv_cols(h_NF, w_FD)                     h · w     (down / output projections)
     y_ND, dropped_N = ffn_gather(x2_NE, act_NF, k2_FE, v_FD)
                                                      Σ_{f: act ≠ 0} act·(x2 · K2[f])·V[f] (the Spark FFN decode)
+    y_ND, kept_N, dropped_N = ffn_decode(x_ND, k1_FR, k2_FE, v_FD, default, width=, k_frac=)
+                                                     the whole Spark FFN decode: predictor, statistical
+                                                     top-k, GELU and the gather in one call
     out, kept, dropped = attention(q, keys, values, valid, z, default, ...)
                                                      decode attention over a KV cache, dense or Spark
                                                      (attention_ref: the formulas)
@@ -38,7 +41,8 @@ import numpy as np
 from spark import sparsity
 
 MAX_TOKENS = 16  # the kernels' token block (cpu_kernels.cc kMaxTokens)
-NAMES = ("spark_gemv_rows", "spark_gemv_cols", "spark_ffn_gather", "spark_attention", "spark_take_rows")
+NAMES = ("spark_gemv_rows", "spark_gemv_cols", "spark_ffn_gather", "spark_ffn_decode", "spark_attention",
+         "spark_take_rows")
 
 _STATE: dict = {}
 
@@ -203,6 +207,29 @@ def ffn_gather(x2_NE, act_NF, k2_FE, v_FD, out_dtype=jnp.float32, default=None):
         y = _ffi("spark_ffn_gather", (n, v_FD.shape[1]), x2.astype(jnp.float32), act.astype(jnp.float32), k2, v)
         return y.astype(out_dtype), jnp.zeros((n,), jnp.int32)
     return _dispatch(kernel, default or reference, n, (x2_NE, act_NF, k2_FE, v_FD))
+
+
+def ffn_decode(x_ND, k1_FR, k2_FE, v_FD, default, *, width: int, k_frac: float, out_dtype=jnp.float32):
+    """The Spark FFN of a decode step (spark/ffn.py SparkFFN.sparse_decode) -> (y [N, D] in out_dtype,
+    kept [N] int32: the active neurons, dropped [N] int32). With r = k1's width and pred = x[:, :r] ·
+    K1[:width]ᵀ (in out_dtype), θ = mean + std·Φ⁻¹(1 − k_frac) per token (sparsity.threshold),
+    act = gelu(relu(pred − θ)): y = Σ_{f < width} act·(x[:, r:] · K2[f])·V[f]. On CPU one kernel call
+    does it all, reading K1[:width] and the active rows of K2 and V; `default(x, k1, k2, v)` returns
+    the same elsewhere. K1, K2 and V share a dtype."""
+    n, r = x_ND.shape[0], k1_FR.shape[1]
+    with jax.ensure_compile_time_eval():  # the jnp path's float32 Φ⁻¹, as a constant
+        z = float(sparsity.threshold_from_moments(0.0, 1.0, k_frac))
+
+    def kernel(x, k1, k2, v):
+        shapes = (jax.ShapeDtypeStruct((n, v_FD.shape[1]), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.int32))
+        y, kept = jax.ffi.ffi_call("spark_ffn_decode", shapes, vmap_method="sequential")(
+            x.astype(jnp.float32), k1, k2, v, isa=np.int32(isa()), width=np.int32(width), z=np.float32(z),
+            round=np.int32(jnp.dtype(out_dtype) == jnp.bfloat16))
+        return y.astype(out_dtype), kept, jnp.zeros((n,), jnp.int32)
+    if (not k1_FR.dtype == k2_FE.dtype == v_FD.dtype or k2_FE.dtype not in (jnp.float32, jnp.bfloat16)
+            or k2_FE.shape[1] + r != x_ND.shape[1]):
+        return default(x_ND, k1_FR, k2_FE, v_FD)
+    return _dispatch(kernel, default, n, (x_ND, k1_FR, k2_FE, v_FD))
 
 
 def take_rows(table_VD, ids_N):

@@ -332,6 +332,32 @@ ffi::Error check_tokens(int64_t n_tok) {
 
 // ---------------------------------------------------------------- spark_gemv_rows
 
+// Rows [c·per, min(f, (c + 1)·per)) of y = x · Wᵀ (y rows ys apart); x in the pair layout for bf16.
+// One token against rows shorter than 4 KB (`ahead`): the rows one after another (simd_rows.inc
+// dots_ahead_n). Measured on an AVX2 host (AMD EPYC), bf16 [13824, 1024] (the Spark predictor):
+// 65% -> 90% of the read bandwidth with its one-token predecessor (session 39; dots_ahead_n read as
+// much as it on an AVX-512 host, 95% both, and was not re-measured on AVX2); with rows of 2304
+// and more the row groups are as fast.
+template <typename W>
+void rows_chunk(int32_t isa, const float* x, const W* w, float* y, int64_t ys, int64_t n_tok, int64_t f, int64_t d,
+                int64_t c, int64_t per) {
+  float out[kGroup * kMaxTokens];
+  const W* rows[kGroup];
+  const W* next[kGroup];
+  int64_t end = std::min(f, (c + 1) * per);
+#ifdef SPARK_X86
+  if (n_tok == 1 && isa != kPortable && d * int64_t(sizeof(W)) < 4096)
+    return dots_strided(isa, w + c * per * d, end - c * per, d, d, x, d, 1, y + c * per, ys);
+#endif
+  for (int64_t r0 = c * per; r0 < end; r0 += kGroup) {
+    int64_t nr = std::min(kGroup, f - r0);
+    for (int64_t r = 0; r < nr; ++r) rows[r] = w + (r0 + r) * d;
+    dots(isa, rows, next_rows(w, r0, end, d, next), nr, x, d, n_tok, d, out);
+    for (int64_t r = 0; r < nr; ++r)
+      for (int64_t n = 0; n < n_tok; ++n) y[n * ys + r0 + r] = out[r * kMaxTokens + n];
+  }
+}
+
 template <typename W>
 ffi::Error gemv_rows(ffi::ThreadPool pool, int32_t isa, const float* x, const W* w, float* y, int64_t n_tok,
                      int64_t f, int64_t d) {
@@ -340,28 +366,7 @@ ffi::Error gemv_rows(ffi::ThreadPool pool, int32_t isa, const float* x, const W*
   std::vector<float> xp;
   if (int64_t h = pair_half<W>(isa)) x = (xp = to_pairs(x, n_tok, d, h)).data();
   auto [chunks, per] = plan_chunks(f, 64);
-  // One token against rows shorter than 4 KB: the rows one after another (simd_rows.inc
-  // dots_ahead_n). Measured on an AVX2 host (AMD EPYC), bf16 [13824, 1024] (the Spark predictor):
-  // 65% -> 90% of the read bandwidth with its one-token predecessor (session 39; dots_ahead_n read as
-  // much as it on an AVX-512 host, 95% both, and was not re-measured on AVX2); with rows of 2304
-  // and more the row groups are as fast.
-  bool ahead = n_tok == 1 && isa != kPortable && d * int64_t(sizeof(W)) < 4096;
-  parallel_chunks(pool, chunks, [&](int64_t c) {
-    float out[kGroup * kMaxTokens];
-    const W* rows[kGroup];
-    const W* next[kGroup];
-    int64_t end = std::min(f, (c + 1) * per);
-#ifdef SPARK_X86
-    if (ahead) return dots_strided(isa, w + c * per * d, end - c * per, d, d, x, d, 1, y + c * per, f);
-#endif
-    for (int64_t r0 = c * per; r0 < end; r0 += kGroup) {
-      int64_t nr = std::min(kGroup, f - r0);
-      for (int64_t r = 0; r < nr; ++r) rows[r] = w + (r0 + r) * d;
-      dots(isa, rows, next_rows(w, r0, end, d, next), nr, x, d, n_tok, d, out);
-      for (int64_t r = 0; r < nr; ++r)
-        for (int64_t n = 0; n < n_tok; ++n) y[n * f + r0 + r] = out[r * kMaxTokens + n];
-    }
-  });
+  parallel_chunks(pool, chunks, [&](int64_t c) { rows_chunk(isa, x, w, y, f, n_tok, f, d, c, per); });
   return ffi::Error::Success();
 }
 
@@ -427,32 +432,57 @@ std::vector<int32_t> active_rows(const float* act, int64_t n_tok, int64_t f) {
   return rows;
 }
 
+// y[N, D] = Σ_j act(n, rows[j]) · (x2[n] · K2[rows[j]]) · V[rows[j]]: the gather of the Spark FFN
+// over the ascending row list `rows`, x2 in the pair layout for bf16. `chunk(c)` for c < chunks
+// (in parallel), then `finish(y)` adds the chunks' partials in order (y in the plain layout).
+template <typename W, typename Act>
+struct Gather {
+  int32_t isa;
+  std::vector<int32_t> rows;
+  const float* x2;
+  const W *k2, *v;
+  int64_t n_tok, e, d;
+  Act act;
+  Chunks plan = plan_chunks(int64_t(rows.size()), 32);  // no rows (every slot empty): one empty chunk
+  std::vector<float> part = std::vector<float>(plan.count * n_tok * d, 0.0f);
+
+  void chunk(int64_t c) {
+    float up[kGroup * kMaxTokens], a[kGroup * kMaxTokens];
+    const W *kr[kGroup], *vr[kGroup], *kn[kGroup], *vn[kGroup];
+    float* yp = part.data() + c * n_tok * d;
+    int64_t end = std::min<int64_t>(rows.size(), (c + 1) * plan.per);
+    for (int64_t j0 = c * plan.per; j0 < end; j0 += kGroup) {
+      int64_t nr = std::min(kGroup, end - j0);
+      dots(isa, kr, gathered_rows(k2, rows, j0, end, e, kr, kn), nr, x2, e, n_tok, e, up);
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t n = 0; n < n_tok; ++n) a[r * kMaxTokens + n] = act(n, rows[j0 + r]) * up[r * kMaxTokens + n];
+      axpys(isa, vr, gathered_rows(v, rows, j0, end, d, vr, vn), nr, a, yp, d, n_tok, d);
+    }
+  }
+
+  void finish(float* y) {
+    reduce_partials(part, plan.count, n_tok * d, y);
+    if (int64_t h = pair_half<W>(isa)) from_pairs(y, n_tok, d, h);
+  }
+};
+
+template <typename W, typename Act>
+Gather<W, Act> gather(int32_t isa, std::vector<int32_t> rows, const float* x2, const W* k2, const W* v, int64_t n_tok,
+                      int64_t e, int64_t d, Act act) {
+  return {isa, std::move(rows), x2, k2, v, n_tok, e, d, act};
+}
+
 template <typename W>
 ffi::Error ffn_gather(ffi::ThreadPool pool, int32_t isa, const float* x2, const float* table, const W* k2, const W* v,
                       float* y, int64_t n_tok, int64_t f, int64_t e, int64_t d) {
   if (auto err = check_tokens(n_tok); err.failure()) return err;
   isa = run_isa(isa);
-  std::vector<int32_t> rows = active_rows(table, n_tok, f);
   std::vector<float> xp;
   if (int64_t h = pair_half<W>(isa)) x2 = (xp = to_pairs(x2, n_tok, e, h)).data();
-  int64_t m = static_cast<int64_t>(rows.size()), size = n_tok * d;
-  auto [chunks, per] = plan_chunks(m, 32);  // m = 0 (every slot empty): one empty chunk, zeros out
-  std::vector<float> part(chunks * size, 0.0f);
-  parallel_chunks(pool, chunks, [&](int64_t c) {
-    float up[kGroup * kMaxTokens], a[kGroup * kMaxTokens];
-    const W *kr[kGroup], *vr[kGroup], *kn[kGroup], *vn[kGroup];
-    float* yp = part.data() + c * size;
-    int64_t end = std::min(m, (c + 1) * per);
-    for (int64_t j0 = c * per; j0 < end; j0 += kGroup) {
-      int64_t nr = std::min(kGroup, end - j0);
-      dots(isa, kr, gathered_rows(k2, rows, j0, end, e, kr, kn), nr, x2, e, n_tok, e, up);
-      for (int64_t r = 0; r < nr; ++r)
-        for (int64_t n = 0; n < n_tok; ++n) a[r * kMaxTokens + n] = table[n * f + rows[j0 + r]] * up[r * kMaxTokens + n];
-      axpys(isa, vr, gathered_rows(v, rows, j0, end, d, vr, vn), nr, a, yp, d, n_tok, d);
-    }
-  });
-  reduce_partials(part, chunks, size, y);
-  if (int64_t h = pair_half<W>(isa)) from_pairs(y, n_tok, d, h);
+  auto g = gather(isa, active_rows(table, n_tok, f), x2, k2, v, n_tok, e, d,
+                  [=](int64_t n, int64_t row) { return table[n * f + row]; });
+  parallel_chunks(pool, g.plan.count, [&](int64_t c) { g.chunk(c); });
+  g.finish(y);
   return ffi::Error::Success();
 }
 
@@ -466,6 +496,114 @@ ffi::Error FfnGather(ffi::ThreadPool pool, int32_t isa, ffi::Buffer<ffi::F32> x2
     auto* vp = reinterpret_cast<decltype(kp)>(v.untyped_data());  // same dtype: checked above
     return ffn_gather(pool, isa, x2.typed_data(), act.typed_data(), kp, vp, y->typed_data(), xd[0], kd[0], kd[1],
                       vd[1]);
+  });
+}
+
+// ---------------------------------------------------------------- spark_ffn_decode
+
+inline float round_bf16(float x) {  // to the nearest bf16 (ties to even), as an f32
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+
+// spark/layers.py gelu (the tanh approximation) of v > 0: 0.5·v·(1 + tanh(t)) = v / (1 + e^(−2t)),
+// t = √(2/π)·(v + 0.044715·v³) (expf, no overflow for v > 0, measured faster than tanhf here).
+inline float gelu_pos(float v) {
+  return v / (1.0f + std::exp(-1.5957691216057308f * (v + 0.044715f * v * v * v)));
+}
+
+// The Spark FFN of a decode step in one call (spark/ffn.py SparkFFN.sparse_decode):
+//   pred[n] = x[n, :r] · K1[:width]ᵀ                 (rounded to bf16 if `round`: the jnp path's
+//                                                    predictor output in a bf16 model)
+//   θ[n]    = mean + std · z over pred[n]            (population std; z = Φ⁻¹(1 − k_frac), −inf: all)
+//   y[n]    = Σ_{f: pred > θ} gelu(pred − θ) · (x[n, r:] · K2[f]) · V[f],   kept[n] = #{f: pred > θ}
+// The predictor's chunks also sum each token's moments (in double, added in chunk order); the
+// gather then reads the union of the tokens' active rows. Against a predictor kernel, XLA ops for
+// the threshold and GELU, and the gather kernel, it saves a kernel call and the ops between.
+template <typename W>
+ffi::Error ffn_decode(ffi::ThreadPool pool, int32_t isa, const float* x, const W* k1, const W* k2, const W* v,
+                      float* y, int32_t* kept, int64_t n_tok, int64_t width, int64_t r, int64_t d, float z, bool round) {
+  if (auto err = check_tokens(n_tok); err.failure()) return err;
+  isa = run_isa(isa);
+  int64_t e = d - r;
+  std::vector<float> x1(n_tok * r), x2(n_tok * e);
+  for (int64_t n = 0; n < n_tok; ++n) {
+    std::memcpy(x1.data() + n * r, x + n * d, r * sizeof(float));
+    std::memcpy(x2.data() + n * e, x + n * d + r, e * sizeof(float));
+  }
+  if (int64_t h = pair_half<W>(isa)) {
+    x1 = to_pairs(x1.data(), n_tok, r, h);
+    x2 = to_pairs(x2.data(), n_tok, e, h);
+  }
+  std::vector<float> pred(n_tok * width), theta(n_tok);
+  auto [chunks, per] = plan_chunks(width, 64);
+  std::vector<double> moments(chunks * n_tok * 2);
+  auto predict = [&](int64_t c) {  // rows of pred, and their moments
+    rows_chunk(isa, x1.data(), k1, pred.data(), width, n_tok, width, r, c, per);
+    int64_t lo = c * per, hi = std::min(width, (c + 1) * per);
+    for (int64_t n = 0; n < n_tok; ++n) {
+      float* p = pred.data() + n * width;
+      if (round)
+        for (int64_t i = lo; i < hi; ++i) p[i] = round_bf16(p[i]);
+      double s[4] = {0, 0, 0, 0}, q[4] = {0, 0, 0, 0};  // four chains: the adds' latency, not their count
+      int64_t i = lo;
+      for (; i + 4 <= hi; i += 4)
+        for (int j = 0; j < 4; ++j) s[j] += p[i + j], q[j] += double(p[i + j]) * p[i + j];
+      for (; i < hi; ++i) s[0] += p[i], q[0] += double(p[i]) * p[i];
+      moments[(c * n_tok + n) * 2] = (s[0] + s[1]) + (s[2] + s[3]);
+      moments[(c * n_tok + n) * 2 + 1] = (q[0] + q[1]) + (q[2] + q[3]);
+    }
+  };
+  auto act = [&pred, &theta, width](int64_t n, int64_t row) {
+    float p = pred[n * width + row] - theta[n];
+    return p > 0.0f ? gelu_pos(p) : 0.0f;
+  };
+  auto g = gather(isa, std::vector<int32_t>(), x2.data(), k2, v, n_tok, e, d, act);
+  auto select = [&]() -> int64_t {  // θ, then the active rows and the gather's plan
+    for (int64_t n = 0; n < n_tok; ++n) {
+      double s = 0, q = 0;
+      for (int64_t c = 0; c < chunks; ++c) s += moments[(c * n_tok + n) * 2], q += moments[(c * n_tok + n) * 2 + 1];
+      double mean = s / double(width), var = std::max(0.0, q / double(width) - mean * mean);
+      theta[n] = std::isinf(z) && z < 0 ? -INFINITY : float(mean + std::sqrt(var) * double(z));
+      kept[n] = 0;
+    }
+    for (int64_t i = 0; i < width; ++i) {
+      bool any = false;
+      for (int64_t n = 0; n < n_tok; ++n) {
+        bool on = pred[n * width + i] > theta[n];
+        kept[n] += on;
+        any |= on;
+      }
+      if (any) g.rows.push_back(static_cast<int32_t>(i));
+    }
+    g.plan = plan_chunks(int64_t(g.rows.size()), 32);
+    g.part.assign(g.plan.count * n_tok * d, 0.0f);
+    return g.plan.count;
+  };
+  parallel_chunks(pool, chunks, predict);
+  parallel_chunks(pool, select(), [&](int64_t c) { g.chunk(c); });
+  g.finish(y);
+  return ffi::Error::Success();
+}
+
+ffi::Error FfnDecode(ffi::ThreadPool pool, int32_t isa, int32_t width, float z, int32_t round, ffi::Buffer<ffi::F32> x,
+                     ffi::AnyBuffer k1, ffi::AnyBuffer k2, ffi::AnyBuffer v, ffi::ResultBuffer<ffi::F32> y,
+                     ffi::ResultBuffer<ffi::S32> kept) {
+  auto xd = x.dimensions(), pd = k1.dimensions(), kd = k2.dimensions(), vd = v.dimensions();
+  if (xd.size() != 2 || pd.size() != 2 || kd.size() != 2 || vd.size() != 2 || pd[0] != kd[0] || vd[0] != kd[0] ||
+      pd[1] + kd[1] != xd[1] || vd[1] != xd[1] || width < 1 || width > kd[0] ||
+      k1.element_type() != k2.element_type() || v.element_type() != k2.element_type())
+    return ffi::Error::InvalidArgument(
+        "ffn_decode: x [N, D], K1 [F, r], K2 [F, D − r], V [F, D], one dtype, 0 < width ≤ F");
+  return with_weights(k2, "ffn_decode", [&](auto* kp) {
+    using W = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
+    auto* pp = reinterpret_cast<const W*>(k1.untyped_data());
+    auto* vp = reinterpret_cast<const W*>(v.untyped_data());
+    return ffn_decode(pool, isa, x.typed_data(), pp, kp, vp, y->typed_data(), kept->typed_data(), xd[0], width,
+                      pd[1], xd[1], z, round != 0);
   });
 }
 
@@ -686,6 +824,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparkFfnGather, FfnGather,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparkFfnDecode, FfnDecode,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Attr<int32_t>("isa")
+                                  .Attr<int32_t>("width")
+                                  .Attr<float>("z")
+                                  .Attr<int32_t>("round")
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SparkTakeRows, TakeRows,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
@@ -719,6 +871,7 @@ static PyObject* registrations(PyObject*, PyObject*) {
   add("spark_gemv_rows", reinterpret_cast<void*>(SparkGemvRows));
   add("spark_gemv_cols", reinterpret_cast<void*>(SparkGemvCols));
   add("spark_ffn_gather", reinterpret_cast<void*>(SparkFfnGather));
+  add("spark_ffn_decode", reinterpret_cast<void*>(SparkFfnDecode));
   add("spark_attention", reinterpret_cast<void*>(SparkAttention));
   add("spark_take_rows", reinterpret_cast<void*>(SparkTakeRows));
   return d;
