@@ -22,7 +22,10 @@ real, then `--new_tokens` tokens are sampled by the jitted while_loop (generate.
 state); only the decode is timed. All variants run interleaved, round by round, in one process.
 
 Reported per prompt length (medians over rounds):
-  ms/token of each model and the Spark/dense speedup, measured with `--layers` layers + the head;
+  ms/token of each model and the Spark/dense speedup, measured with `--layers` layers + the head
+  (each speedup — decode, FFN, attention — is the median over rounds of the ratio of the two
+  samples a round took one after the other, `*_per_round` in the JSON: the machine's speed moves
+  by tens of percent between rounds, little between neighbours);
   a 26-layer projection from the same measurements: (26/L·layers + head) per model, where the head
   (final norm + 256k-vocab logits) is timed on its own — labelled as a projection;
   the FFN-only speedup (all L FFNs, one token) and the attention-only speedup (all L attention
@@ -179,7 +182,7 @@ def run(args):
             variants[f"call/{name}"] = (lambda x, gd=gd, p=p: noop_j(gd, p, x), [(x,) for x in xs], 10)
     res = interleaved(variants, args.rounds)
     med = net_medians(res, list(split))
-    out = summarize(args, cfgs, split, med, stats)
+    out = summarize(args, cfgs, split, med, stats, res)
     out["huge_pages"] = huge
     if "ffn_pred/spark" in med:  # the Spark FFN's two weight reads, each on its own
         item, bw = jnp.dtype(cfgs["spark"].param_dtype).itemsize, out["bandwidth_GBps"]
@@ -204,7 +207,18 @@ def net_medians(res, names):
     return med
 
 
-def summarize(args, cfgs, split, med, stats):
+def paired_ratio(res, med, a: str, b: str) -> tuple[float, list[float]]:
+    """The median over rounds of a/b from the two samples each round took one after the other (the
+    machine's speed moves between rounds, not between neighbours); a part's samples net of its
+    model's `call/` median as in net_medians -> (median, per round)."""
+    def net(k):
+        model = k.split("/")[1]
+        return med.get(f"call/{model}", 0.0) if k.split("/")[0] in ("ffn", "attn") else 0.0
+    ratios = [(x - net(a)) / (y - net(b)) for x, y in zip(res[a]["samples_s"], res[b]["samples_s"], strict=True)]
+    return statistics.median(ratios), ratios
+
+
+def summarize(args, cfgs, split, med, stats, res):
     bw = 4 * BANDWIDTH_FLOATS / med["bandwidth"]
     names = list(cfgs)
     out = {"layers": args.layers, "dtype": args.dtype, "param_dtype": args.param_dtype, "models": names,
@@ -240,8 +254,9 @@ def summarize(args, cfgs, split, med, stats):
             out["bandwidth_fraction"][n][t] = b / bw / per_tok[n]
         if both:
             ratio_bound = out["bytes_per_token"][t]["dense"] / out["bytes_per_token"][t]["spark"]
-            speedup = per_tok["dense"] / per_tok["spark"]
+            speedup, per_round = paired_ratio(res, med, f"decode/dense/{t}", f"decode/spark/{t}")
             out.setdefault("spark_vs_dense_decode_speedup", {})[t] = speedup
+            out.setdefault("spark_vs_dense_per_round", {})[t] = per_round
             out.setdefault("byte_ratio_bound", {})[t] = ratio_bound
             out.setdefault("spark_vs_dense_vs_bound", {})[t] = speedup / ratio_bound
             if "head" in med and args.layers < FULL_LAYERS:
@@ -250,10 +265,11 @@ def summarize(args, cfgs, split, med, stats):
                 out.setdefault("projected_26_layer_speedup", {})[t] = proj["dense"] / proj["spark"]
             if f"attn/dense/{t}" in med:
                 out.setdefault("attention_ms", {})[t] = {n: med[f"attn/{n}/{t}"] * 1e3 for n in names}
-                out.setdefault("attention_speedup", {})[t] = med[f"attn/dense/{t}"] / med[f"attn/spark/{t}"]
+                out.setdefault("attention_speedup", {})[t] = paired_ratio(res, med, f"attn/dense/{t}",
+                                                                           f"attn/spark/{t}")[0]
     if both and "ffn_ms" in out:
         density = statistics.median(v["ffn_density"] for v in out["spark_decode_stats"].values())
-        out["ffn_speedup"] = med["ffn/dense"] / med["ffn/spark"]
+        out["ffn_speedup"], out["ffn_speedup_per_round"] = paired_ratio(res, med, "ffn/dense", "ffn/spark")
         out["ffn_byte_ratio_bound"] = ffn_bytes(cfgs["dense"], None) / ffn_bytes(cfgs["spark"], density)
     return out
 
