@@ -380,6 +380,15 @@ def test_fallback_without_the_extension(monkeypatch):
     w, w64 = _weights(rng, (30, 9), "bfloat16")
     x = rng.standard_normal((2, 9), np.float32)
     assert _rel(_fresh_jit(kernels.gemv_rows)(x, w), x.astype(np.float64) @ w64.T) < 1e-5
+    x, (k1, p64), (k2, k64) = rng.standard_normal((3, 20), np.float32), _weights(rng, (60, 8), "float32"), \
+        _weights(rng, (60, 12), "float32")
+    (v, v64) = _weights(rng, (60, 20), "float32")
+    run = _fresh_jit(functools.partial(kernels.ffn_decode, default=None, width=50, k_frac=0.1))
+    assert "custom_call" not in run.lower(x, k1, k2, v).as_text()
+    y, kept, _ = run(x, k1, k2, v)
+    ref, kept64 = _ffn_decode_float64(x, p64, k64, v64, 50, 0.1)
+    assert _rel(y, ref) < 1e-5
+    np.testing.assert_array_equal(kept, kept64)
     q, (k, k64), (v, v64), valid = _attn_case(rng, 2, 2, 1, 2, 40, 24, "float32", False)
     kw = dict(rank=8, scale=8**-0.5, gate_scale=32**-0.5, softcap=20.0, spark=True, v_t=False)
     run = _fresh_jit(functools.partial(kernels.attention, default=None, **kw))

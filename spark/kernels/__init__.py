@@ -109,6 +109,15 @@ def ffn_gather_ref(x2_NE, act_NF, k2_FE, v_FD):
     return gemv_cols_ref(act_NF.astype(jnp.float32) * up, v_FD)
 
 
+def ffn_decode_ref(x_ND, k1_FR, k2_FE, v_FD, *, width: int, k_frac: float, out_dtype=jnp.float32):
+    """`ffn_decode`'s formula, reading every row of K2 and V: (y, kept, dropped) as it returns."""
+    r = k1_FR.shape[1]
+    pred = gemv_rows_ref(x_ND[:, :r], k1_FR[:width]).astype(out_dtype)
+    act = jax.nn.gelu(jax.nn.relu(pred.astype(jnp.float32) - sparsity.threshold(pred, k_frac)), approximate=True)
+    y = ffn_gather_ref(x_ND[:, r:], act, k2_FE[:width], v_FD[:width]).astype(out_dtype)
+    return y, jnp.sum(act > 0, axis=-1, dtype=jnp.int32), jnp.zeros((x_ND.shape[0],), jnp.int32)
+
+
 def capacity_gather(x2_NE, idx_NC, act_NC, k2_FE, v_FD, dtype=jnp.float32):
     """XLA gathers of the rows idx (a static capacity of C per token), then two einsums, computed in
     `dtype` (the Spark FFN's decode off CPU, spark/ffn.py)."""
@@ -215,8 +224,9 @@ def ffn_decode(x_ND, k1_FR, k2_FE, v_FD, default, *, width: int, k_frac: float, 
     K1[:width]ᵀ (in out_dtype), θ = mean + std·Φ⁻¹(1 − k_frac) per token (sparsity.threshold),
     act = gelu(relu(pred − θ)): y = Σ_{f < width} act·(x[:, r:] · K2[f])·V[f]. On CPU one kernel call
     does it all, reading K1[:width] and the active rows of K2 and V; `default(x, k1, k2, v)` returns
-    the same elsewhere. K1, K2 and V share a dtype."""
+    the same elsewhere (None: `ffn_decode_ref`, every row). K1, K2 and V share a dtype."""
     n, r = x_ND.shape[0], k1_FR.shape[1]
+    default = default or (lambda *a: ffn_decode_ref(*a, width=width, k_frac=k_frac, out_dtype=out_dtype))
     with jax.ensure_compile_time_eval():  # the jnp path's float32 Φ⁻¹, as a constant
         z = float(sparsity.threshold_from_moments(0.0, 1.0, k_frac))
 
