@@ -11,7 +11,7 @@ export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt setup.py spark/kernels/cpu_kernels.cc spark/kernels/simd_rows.inc
+$(STAMP): pyproject.toml constraints.txt setup.py spark/kernels/cpu_kernels.cc spark/kernels/*.inc
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
 	@touch $(STAMP)

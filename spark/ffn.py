@@ -14,8 +14,10 @@ CPU in one kernel call (spark/kernels ffn_decode: every active row, the union ov
 tokens); elsewhere a static buffer of ceil(k + c·√k) rows per token, c = spark.decode_capacity_sigmas
 (sparsity.capacity_indices: ascending indices, overflow keeps the top by activation — the
 predictor's order — and is counted in aux['ffn_overflow']).
-Neuron-major rows make every gathered row contiguous; two separate matrices gather 11.5× faster
-than one fused [F, 2D−r] matrix whose rows must be split again (`python bench/decode_layouts.py`).
+Neuron-major rows make every gathered row contiguous. K2 and V are two matrices: XLA's gathers (the
+path off CPU) read them 11.5× faster than one fused [F, 2D−r] matrix whose rows must be split again
+(`python bench/decode_layouts.py`); the CPU kernel would read the fused rows 1.03× faster (README,
+session 43), not worth a change of the parameters and checkpoints so far.
 """
 
 from __future__ import annotations
