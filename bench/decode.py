@@ -6,7 +6,8 @@
     python bench/decode.py --layers 26 --dtype_pairs 3 ... # dense, f32 then bf16 weights, alternated
 
 `--huge_pages` backs every weight by 2 MB pages before timing (spark/kernels/hugepages.py; the
-Spark FFN's scattered row reads miss the TLB on 4 KB pages; `bench/huge_pages.py` measures the gain).
+Spark FFN's scattered row reads miss the TLB on 4 KB pages; `bench/decode_variants.py --variant
+huge_pages` measures the gain).
 `--param_dtype` (default: --dtype) stores the weights in that dtype while activations and the KV
 cache stay in --dtype: bfloat16 weights with float32 compute is what the CPU kernels (spark/kernels:
 bf16 rows read as they are, float32 accumulation) make fast. `--alternate P`: the two models in
@@ -30,11 +31,15 @@ Reported per prompt length (medians over rounds):
   (final norm + 256k-vocab logits) is timed on its own — labelled as a projection;
   the FFN-only speedup (all L FFNs, one token) and the attention-only speedup (all L attention
   layers, one token, over the prompt's cache); the Spark FFN's predictor and row gather (the
-  kernel on a fixed row of 8% active neurons) each timed alone, with their GB/s (`ffn_parts`);
+  kernel on a fixed row of 8% active neurons) each timed alone, with their GB/s (`ffn_parts`), and
+  the gather of as many rows side by side (`gather_contiguous`: its reads without the jumps);
   every part net of a jitted call that only receives the model's parameters (`call_overhead_ms`);
   the bandwidth fraction: bytes a token must read (weights incl. the logit head; for Spark only the
   predictor, the realised active rows and the selected keys; KV of the visible positions) divided
-  by the memory bandwidth measured in the same rounds (jnp.sum over 1 GiB), over the measured time.
+  by the memory bandwidth measured in the same rounds (jnp.sum over 1 GiB), over the measured time;
+  and the same per round, each decode sample against the bandwidth sample its round began with
+  (`bandwidth_fraction_per_round`, median in `bandwidth_fraction_median_of_rounds`): a run whose
+  speed moves between phases otherwise compares a decode in one phase with a bandwidth in another.
 """
 
 from __future__ import annotations
@@ -115,7 +120,11 @@ def ffn_parts(variants, cfg, gd, p, xs):
     gather_j = jax.jit(ffn_gather_stack, static_argnames=("graphdef",))
     variants["ffn_pred/spark"] = (lambda x: pred_j(gd, p, x), [(x,) for x in xs], 10)
     variants["ffn_gather/spark"] = (lambda x: gather_j(gd, p, x, act), [(x,) for x in xs], 10)
-    return {"predictor": f * cfg.ffn_rank, "gather": float(jnp.sum(act)) * (2 * cfg.d_model - cfg.ffn_rank)}
+    # the same number of rows, contiguous: what the same kernel reads when no row is a jump
+    contig = (jnp.arange(f)[None] < jnp.sum(act)).astype(jnp.float32)
+    variants["ffn_gather_contig/spark"] = (lambda x: gather_j(gd, p, x, contig), [(x,) for x in xs], 10)
+    gathered = float(jnp.sum(act)) * (2 * cfg.d_model - cfg.ffn_rank)
+    return {"predictor": f * cfg.ffn_rank, "gather": gathered, "gather_contiguous": gathered}
 
 
 def head(graphdef, params, x_B1D):
@@ -187,7 +196,7 @@ def run(args):
     if "ffn_pred/spark" in med:  # the Spark FFN's two weight reads, each on its own
         item, bw = jnp.dtype(cfgs["spark"].param_dtype).itemsize, out["bandwidth_GBps"]
         out["spark_ffn_parts"] = {}
-        for k, v in (("predictor", "pred"), ("gather", "gather")):
+        for k, v in (("predictor", "pred"), ("gather", "gather"), ("gather_contiguous", "gather_contig")):
             s = med[f"ffn_{v}/spark"]
             gbps = args.layers * parts_bytes[k] * item / s / 1e9
             out["spark_ffn_parts"][k] = {"ms": s * 1e3, "GBps": gbps, "of_bandwidth": gbps / bw}
@@ -202,7 +211,7 @@ def net_medians(res, names):
     for k in list(med):
         part, _, rest = k.partition("/")
         model = names[0] if k == "head" else rest.split("/")[0]
-        if part in ("head", "ffn", "attn", "ffn_pred", "ffn_gather") and f"call/{model}" in med:
+        if part in ("head", "ffn", "attn", "ffn_pred", "ffn_gather", "ffn_gather_contig") and f"call/{model}" in med:
             med[k] -= med[f"call/{model}"]
     return med
 
@@ -252,6 +261,10 @@ def summarize(args, cfgs, split, med, stats, res):
             out["bytes_per_token"][t][n] = b
             out["bound_ms_per_token"][t][n] = b / bw * 1e3
             out["bandwidth_fraction"][n][t] = b / bw / per_tok[n]
+            rounds = [b * bw_s / (4 * BANDWIDTH_FLOATS) / (dec_s / args.new_tokens) for bw_s, dec_s in
+                      zip(res["bandwidth"]["samples_s"], res[f"decode/{n}/{t}"]["samples_s"], strict=True)]
+            out.setdefault("bandwidth_fraction_per_round", {}).setdefault(n, {})[t] = rounds
+            out.setdefault("bandwidth_fraction_median_of_rounds", {}).setdefault(n, {})[t] = statistics.median(rounds)
         if both:
             ratio_bound = out["bytes_per_token"][t]["dense"] / out["bytes_per_token"][t]["spark"]
             speedup, per_round = paired_ratio(res, med, f"decode/dense/{t}", f"decode/spark/{t}")
@@ -278,11 +291,12 @@ def print_table(r):
     names = r["models"]
     print(f"\nDecode at batch 1, {r['note']}; {r['dtype']} activations, {r['param_dtype']} weights; "
           f"{r['kernels']}; bandwidth {r['bandwidth_GBps']:.1f} GB/s")
-    print(f"{'prompt':>7} " + " ".join(f"{n + ' ms/tok':>14} {'bound':>7} {'BW frac':>7}" for n in names)
+    print(f"{'prompt':>7} " + " ".join(f"{n + ' ms/tok':>14} {'bound':>7} {'BW frac':>7} {'/round':>7}" for n in names)
           + (f" {'speedup':>8} {'byte bound':>10} {'of bound':>8}" if len(names) == 2 else ""))
     for t, ms in r["ms_per_token"].items():
         row = f"{t:>7} " + " ".join(f"{ms[n]:>14.1f} {r['bound_ms_per_token'][t][n]:>7.1f} "
-                                    f"{r['bandwidth_fraction'][n][t]:>7.0%}" for n in names)
+                                    f"{r['bandwidth_fraction'][n][t]:>7.0%} "
+                                    f"{r['bandwidth_fraction_median_of_rounds'][n][t]:>7.0%}" for n in names)
         if len(names) == 2:
             row += (f" {r['spark_vs_dense_decode_speedup'][t]:>7.2f}x {r['byte_ratio_bound'][t]:>9.2f}x "
                     f"{r['spark_vs_dense_vs_bound'][t]:>8.0%}")

@@ -1,5 +1,5 @@
 """The dense and Spark Gemma-2-2B-shape models the decode benchmarks share (bench/decode.py,
-huge_pages.py, speculative.py, bench_lm.py): their configs, parameters built directly in their dtype,
+decode_variants.py, speculative.py, bench_lm.py): their configs, parameters built directly in their dtype,
 the bytes a decode token must read, and one timed decode from a prefilled state."""
 
 from __future__ import annotations

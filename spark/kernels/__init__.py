@@ -25,6 +25,10 @@ Environment, read when a function is traced:
   SPARK_CPU_KERNELS_ISA=portable|avx2|avx512
                                  the most capable path to use (default: the best this CPU has;
                                  the tests run every path the CPU has)
+and when the extension loads:
+  SPARK_CPU_KERNELS_SPIN_US=1000 how long a kernel's helper task stays awake, spinning, for the next
+                                 call's chunks (0: it returns to XLA's pool at once); `set_spin_us`
+                                 changes it at run time
 
 The extension is built by `pip install -e .` (setup.py, an optional extension: a failed compile
 leaves a working install and this module falls back to jnp; `status()` says which).
@@ -41,6 +45,7 @@ import numpy as np
 from spark import sparsity
 
 MAX_TOKENS = 16  # the kernels' token block (cpu_kernels.cc kMaxTokens)
+SPIN_US = 1000  # the default helper spin: 300-3000 µs measured alike, 0 slower (README, session 44)
 NAMES = ("spark_gemv_rows", "spark_gemv_cols", "spark_ffn_gather", "spark_ffn_decode", "spark_attention",
          "spark_take_rows")
 
@@ -58,7 +63,27 @@ def _load():
             for name, capsule in _cpu.registrations().items():
                 jax.ffi.register_ffi_target(name, capsule, platform="cpu")
             _STATE.update(module=_cpu, reason="built")
+            set_spin_us()
     return _STATE["module"]
+
+
+def set_spin_us(us: int | None = None) -> None:
+    """How long (µs) the pool task that helped a kernel call stays awake for the next call's chunks
+    (0: never; None: SPARK_CPU_KERNELS_SPIN_US, else SPIN_US). Waking a sleeping pool thread costs
+    ~30 µs a call on a 2-core VM, against calls of 0.1–1 ms; the spinning task holds one of XLA's
+    pool threads while it waits."""
+    if us is None:
+        us = int(os.environ.get("SPARK_CPU_KERNELS_SPIN_US", SPIN_US))
+    if us < 0:
+        raise ValueError(f"spin must be ≥ 0 µs, got {us}")
+    if (m := _load()) is not None:
+        m.set_spin_us(int(us))
+
+
+def relayed_chunks() -> int:
+    """How many kernel chunks so far ran on a helper task that was awake, spinning, when called."""
+    m = _load()
+    return m.relayed_chunks() if m is not None else 0
 
 
 def enabled() -> bool:

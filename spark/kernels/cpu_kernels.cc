@@ -21,10 +21,13 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <type_traits>
@@ -58,8 +61,64 @@ inline float load1(const W* p) {
 
 // ---------------------------------------------------------------- chunked parallel loop
 
-// Runs body(c) for c in [0, n) on the caller and up to num_threads − 1 pool tasks; returns when
-// every chunk is done. Tasks that start late find no chunk left; the shared state outlives them.
+// The relay: the pool task that helped the last call stays awake for up to `spin_us` µs (0: never)
+// and takes the next call's job, instead of the next call scheduling a new task — waking a sleeping
+// pool thread cost ~30 µs per call here (README, session 44), and a decode step makes ~200 calls.
+// One task at most spins; a job nobody takes is run by its caller, who then retracts it.
+std::atomic<int64_t> spin_us{0};  // set by the Python module (set_spin_us)
+std::atomic<int64_t> relayed{0};  // chunks a spinning task ran (the Python module's relayed_chunks)
+
+struct Relay {
+  std::mutex m;
+  std::shared_ptr<std::function<int64_t()>> job;  // posted under m, not yet taken; returns the chunks it ran
+  std::atomic<bool> posted{false};
+  std::atomic<int> spinners{0};  // tasks in spin_for_jobs (running a job or waiting for one)
+};
+
+Relay& relay() {
+  static Relay r;
+  return r;
+}
+
+inline void cpu_relax() {
+#ifdef SPARK_X86
+  _mm_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+// Run posted jobs until none comes for spin_us µs (returns at once if another task spins).
+void spin_for_jobs() {
+  auto& relay_ = relay();
+  if (relay_.spinners.fetch_add(1) > 0) {
+    relay_.spinners.fetch_sub(1);
+    return;
+  }
+  using clock = std::chrono::steady_clock;
+  auto until = clock::now() + std::chrono::microseconds(spin_us.load());
+  for (;;) {
+    if (relay_.posted.load(std::memory_order_acquire)) {
+      std::shared_ptr<std::function<int64_t()>> job;
+      {
+        std::lock_guard<std::mutex> lock(relay_.m);
+        job = std::move(relay_.job);
+        relay_.posted.store(false);
+      }
+      if (job) relayed.fetch_add((*job)());
+      until = clock::now() + std::chrono::microseconds(spin_us.load());
+    } else if (clock::now() > until || spin_us.load() == 0) {
+      break;
+    } else {
+      cpu_relax();
+    }
+  }
+  relay_.spinners.fetch_sub(1);
+}
+
+// Runs body(c) for c in [0, n) on the caller and up to num_threads − 1 helpers (the spinning task
+// of the relay, else pool tasks); returns when every chunk is done. Helpers that start late find no
+// chunk left; the shared state outlives them.
 template <typename Body>
 void parallel_chunks(ffi::ThreadPool& pool, int64_t n, Body&& body) {
   struct State {
@@ -69,15 +128,35 @@ void parallel_chunks(ffi::ThreadPool& pool, int64_t n, Body&& body) {
   auto state = std::make_shared<State>();
   auto* fn = &body;
   auto work = [state, fn, n]() {
-    for (int64_t c; (c = state->next.fetch_add(1)) < n;) {
+    int64_t ran = 0;
+    for (int64_t c; (c = state->next.fetch_add(1)) < n; ++ran) {
       (*fn)(c);
       state->done.fetch_add(1, std::memory_order_release);
     }
+    return ran;
   };
   int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work(); });
+  bool spin = spin_us.load() > 0;
+  auto& relay_ = relay();
+  std::shared_ptr<std::function<int64_t()>> job;
+  if (spin && helpers > 0 && relay_.spinners.load() > 0) {
+    std::lock_guard<std::mutex> lock(relay_.m);
+    if (!relay_.job) {
+      relay_.job = job = std::make_shared<std::function<int64_t()>>(work);
+      relay_.posted.store(true, std::memory_order_release);
+    }
+  }
+  for (int64_t t = job ? 1 : 0; t < helpers; ++t)
+    pool.Schedule([work, spin] {
+      work();
+      if (spin) spin_for_jobs();
+    });
   work();
   while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+  if (job) {
+    std::lock_guard<std::mutex> lock(relay_.m);
+    if (relay_.job == job) relay_.job.reset(), relay_.posted.store(false);
+  }
 }
 
 // The split of `rows` rows into ≤ 16 chunks of whole row groups (kGroup), each of at least
@@ -526,9 +605,20 @@ static PyObject* registrations(PyObject*, PyObject*) {
 
 static PyObject* cpu_isa_py(PyObject*, PyObject*) { return PyLong_FromLong(cpu_isa()); }
 
+static PyObject* set_spin_us_py(PyObject*, PyObject* arg) {
+  long long us = PyLong_AsLongLong(arg);
+  if (us == -1 && PyErr_Occurred()) return nullptr;
+  spin_us.store(std::max<long long>(us, 0));
+  Py_RETURN_NONE;
+}
+
+static PyObject* relayed_chunks_py(PyObject*, PyObject*) { return PyLong_FromLongLong(relayed.load()); }
+
 static PyMethodDef kMethods[] = {
     {"registrations", registrations, METH_NOARGS, "name -> PyCapsule of each FFI handler"},
     {"cpu_isa", cpu_isa_py, METH_NOARGS, "the best ISA path this CPU runs: 0 portable, 1 AVX2 + FMA, 2 AVX-512"},
+    {"set_spin_us", set_spin_us_py, METH_O, "how long (µs) a helper waits awake for the next call; 0: never"},
+    {"relayed_chunks", relayed_chunks_py, METH_NOARGS, "how many chunks a waiting (spinning) helper ran so far"},
     {nullptr, nullptr, 0, nullptr}};
 
 static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_cpu", "Spark CPU decode kernels (XLA FFI)", -1, kMethods};

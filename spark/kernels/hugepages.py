@@ -5,8 +5,9 @@ Why: the Spark FFN decode reads ~8% of the rows of K2 and V (spark/kernels ffn_g
 over matrices of 35 and 64 MB per layer at Gemma-2-2B shapes, so nearly every 2.5 KB or 4.6 KB
 row starts on a 4 KB page whose translation is not in the TLB. A 2 MB page holds 450-800 such rows.
 XLA:CPU allocates with 4 KB pages (it does not madvise), so the walk is paid on every row; the
-dense GEMVs stream whole matrices and barely notice. Measured with `python bench/huge_pages.py`
-(README, Results, session 42): 26 layers, prompt 1024, Spark decode 1.032x faster, dense 1.017x.
+dense GEMVs stream whole matrices and barely notice. Measured with
+`python bench/decode_variants.py --variant huge_pages` (README, Results, session 42): 26 layers,
+prompt 1024, Spark decode 1.032x faster, dense 1.017x.
 
 How: madvise(MADV_COLLAPSE) (Linux ≥ 6.1) on the 2 MB-aligned interior of each array's buffer.
 The kernel copies the pages into huge pages and remaps them; addresses and contents are unchanged,
