@@ -26,7 +26,7 @@ Environment, read when a function is traced:
                                  the most capable path to use (default: the best this CPU has;
                                  the tests run every path the CPU has)
 and when the extension loads:
-  SPARK_CPU_KERNELS_SPIN_US=1000 how long a kernel's helper task stays awake, spinning, for the next
+  SPARK_CPU_KERNELS_SPIN_US=100  how long a kernel's helper task stays awake, spinning, for the next
                                  call's chunks (0: it returns to XLA's pool at once); `set_spin_us`
                                  changes it at run time
 
@@ -45,7 +45,7 @@ import numpy as np
 from spark import sparsity
 
 MAX_TOKENS = 16  # the kernels' token block (cpu_kernels.cc kMaxTokens)
-SPIN_US = 1000  # the default helper spin: 300-3000 µs measured alike, 0 slower (README, session 44)
+SPIN_US = 100  # the default helper spin (µs): 100 and 1000 measured alike on the 26-layer decodes (README, session 44)
 NAMES = ("spark_gemv_rows", "spark_gemv_cols", "spark_ffn_gather", "spark_ffn_decode", "spark_attention",
          "spark_take_rows")
 

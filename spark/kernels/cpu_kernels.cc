@@ -61,10 +61,11 @@ inline float load1(const W* p) {
 
 // ---------------------------------------------------------------- chunked parallel loop
 
-// The relay: the pool task that helped the last call stays awake for up to `spin_us` µs (0: never)
-// and takes the next call's job, instead of the next call scheduling a new task — waking a sleeping
-// pool thread cost ~30 µs per call here (README, session 44), and a decode step makes ~200 calls.
-// One task at most spins; a job nobody takes is run by its caller, who then retracts it.
+// The relay: the pool task that helped the last call stays awake for up to `spin_us` µs (0: never),
+// polling and yielding its core, and takes the next call's job, instead of the next call scheduling
+// a new task: waking a sleeping pool thread cost ~30 µs a call here (README, sessions 42 and 44), and
+// a decode step makes ~200 calls. One task at most spins; it holds one of XLA's pool threads while
+// it does (so the window is short); a job nobody takes is run by its caller, who then retracts it.
 std::atomic<int64_t> spin_us{0};  // set by the Python module (set_spin_us)
 std::atomic<int64_t> relayed{0};  // chunks a spinning task ran (the Python module's relayed_chunks)
 
@@ -78,14 +79,6 @@ struct Relay {
 Relay& relay() {
   static Relay r;
   return r;
-}
-
-inline void cpu_relax() {
-#ifdef SPARK_X86
-  _mm_pause();
-#else
-  std::this_thread::yield();
-#endif
 }
 
 // Run posted jobs until none comes for spin_us µs (returns at once if another task spins).
@@ -110,7 +103,7 @@ void spin_for_jobs() {
     } else if (clock::now() > until || spin_us.load() == 0) {
       break;
     } else {
-      cpu_relax();
+      std::this_thread::yield();  // not a pause loop: a runnable XLA thread may need this core
     }
   }
   relay_.spinners.fetch_sub(1);
