@@ -66,47 +66,40 @@ inline float load1(const W* p) {
 // a new task: waking a sleeping pool thread cost ~30 µs a call here (README, sessions 42 and 44), and
 // a decode step makes ~200 calls. One task at most spins; it holds one of XLA's pool threads while
 // it does (so the window is short); a job nobody takes is run by its caller, who then retracts it.
-std::atomic<int64_t> spin_us{0};  // set by the Python module (set_spin_us)
-std::atomic<int64_t> relayed{0};  // chunks a spinning task ran (the Python module's relayed_chunks)
-
 struct Relay {
+  std::atomic<int64_t> spin_us{0};  // the window, set by the Python module (set_spin_us)
+  std::atomic<int64_t> relayed{0};  // chunks a spinning task ran (the Python module's relayed_chunks)
   std::mutex m;
   std::shared_ptr<std::function<int64_t()>> job;  // posted under m, not yet taken; returns the chunks it ran
-  std::atomic<bool> posted{false};
-  std::atomic<int> spinners{0};  // tasks in spin_for_jobs (running a job or waiting for one)
-};
-
-Relay& relay() {
-  static Relay r;
-  return r;
-}
+  std::atomic<bool> posted{false};  // job is set: polled without taking m
+  std::atomic<int> spinners{0};     // tasks in spin_for_jobs (running a job or waiting for one)
+} relay;
 
 // Run posted jobs until none comes for spin_us µs (returns at once if another task spins).
 void spin_for_jobs() {
-  auto& relay_ = relay();
-  if (relay_.spinners.fetch_add(1) > 0) {
-    relay_.spinners.fetch_sub(1);
+  if (relay.spinners.fetch_add(1) > 0) {
+    relay.spinners.fetch_sub(1);
     return;
   }
   using clock = std::chrono::steady_clock;
-  auto until = clock::now() + std::chrono::microseconds(spin_us.load());
+  auto until = clock::now() + std::chrono::microseconds(relay.spin_us.load());
   for (;;) {
-    if (relay_.posted.load(std::memory_order_acquire)) {
+    if (relay.posted.load(std::memory_order_acquire)) {
       std::shared_ptr<std::function<int64_t()>> job;
       {
-        std::lock_guard<std::mutex> lock(relay_.m);
-        job = std::move(relay_.job);
-        relay_.posted.store(false);
+        std::lock_guard<std::mutex> lock(relay.m);
+        job = std::move(relay.job);
+        relay.posted.store(false);
       }
-      if (job) relayed.fetch_add((*job)());
-      until = clock::now() + std::chrono::microseconds(spin_us.load());
-    } else if (clock::now() > until || spin_us.load() == 0) {
+      if (job) relay.relayed.fetch_add((*job)());
+      until = clock::now() + std::chrono::microseconds(relay.spin_us.load());
+    } else if (clock::now() > until || relay.spin_us.load() == 0) {
       break;
     } else {
       std::this_thread::yield();  // not a pause loop: a runnable XLA thread may need this core
     }
   }
-  relay_.spinners.fetch_sub(1);
+  relay.spinners.fetch_sub(1);
 }
 
 // Runs body(c) for c in [0, n) on the caller and up to num_threads − 1 helpers (the spinning task
@@ -129,14 +122,13 @@ void parallel_chunks(ffi::ThreadPool& pool, int64_t n, Body&& body) {
     return ran;
   };
   int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  bool spin = spin_us.load() > 0;
-  auto& relay_ = relay();
+  bool spin = relay.spin_us.load() > 0;
   std::shared_ptr<std::function<int64_t()>> job;
-  if (spin && helpers > 0 && relay_.spinners.load() > 0) {
-    std::lock_guard<std::mutex> lock(relay_.m);
-    if (!relay_.job) {
-      relay_.job = job = std::make_shared<std::function<int64_t()>>(work);
-      relay_.posted.store(true, std::memory_order_release);
+  if (spin && helpers > 0 && relay.spinners.load() > 0) {
+    std::lock_guard<std::mutex> lock(relay.m);
+    if (!relay.job) {
+      relay.job = job = std::make_shared<std::function<int64_t()>>(work);
+      relay.posted.store(true, std::memory_order_release);
     }
   }
   for (int64_t t = job ? 1 : 0; t < helpers; ++t)
@@ -147,8 +139,8 @@ void parallel_chunks(ffi::ThreadPool& pool, int64_t n, Body&& body) {
   work();
   while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
   if (job) {
-    std::lock_guard<std::mutex> lock(relay_.m);
-    if (relay_.job == job) relay_.job.reset(), relay_.posted.store(false);
+    std::lock_guard<std::mutex> lock(relay.m);
+    if (relay.job == job) relay.job.reset(), relay.posted.store(false);
   }
 }
 
@@ -601,11 +593,11 @@ static PyObject* cpu_isa_py(PyObject*, PyObject*) { return PyLong_FromLong(cpu_i
 static PyObject* set_spin_us_py(PyObject*, PyObject* arg) {
   long long us = PyLong_AsLongLong(arg);
   if (us == -1 && PyErr_Occurred()) return nullptr;
-  spin_us.store(std::max<long long>(us, 0));
+  relay.spin_us.store(std::max<long long>(us, 0));
   Py_RETURN_NONE;
 }
 
-static PyObject* relayed_chunks_py(PyObject*, PyObject*) { return PyLong_FromLongLong(relayed.load()); }
+static PyObject* relayed_chunks_py(PyObject*, PyObject*) { return PyLong_FromLongLong(relay.relayed.load()); }
 
 static PyMethodDef kMethods[] = {
     {"registrations", registrations, METH_NOARGS, "name -> PyCapsule of each FFI handler"},
