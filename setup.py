@@ -24,6 +24,6 @@ def jaxlib_include() -> list[str]:
 
 setup(ext_modules=[Extension(
     "spark.kernels._cpu", ["spark/kernels/cpu_kernels.cc"],
-    depends=[f"spark/kernels/{f}.inc" for f in ("simd_rows", "ffn_kernels", "attention_kernel")],
+    depends=[f"spark/kernels/{f}.inc" for f in ("simd_rows", "simd_math", "ffn_kernels", "attention_kernel")],
     include_dirs=jaxlib_include(), language="c++",
     extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-Wno-sign-compare"], optional=True)])

@@ -80,3 +80,16 @@ FIRST = ("test_preemption.py", "test_notebook.py", "test_pod.py", "test_reasonin
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))
+
+
+@pytest.fixture(params=["portable", "avx2", "avx512"])
+def isa(request, monkeypatch):
+    """Each ISA path of spark/kernels the CPU has (SPARK_CPU_KERNELS_ISA), the others skipped."""
+    from spark import kernels
+
+    assert set(kernels.ISAS) == {"portable", "avx2", "avx512"}
+    if kernels.enabled() and kernels.ISAS[request.param] > kernels.ISAS[kernels.cpu_isa()]:
+        pytest.skip(f"this CPU has no {request.param}")
+    monkeypatch.setenv("SPARK_CPU_KERNELS_ISA", request.param)
+    assert kernels.isa() == kernels.ISAS[request.param]
+    return request.param

@@ -31,16 +31,6 @@ def test_extension_builds_where_a_compiler_exists():
         assert BUILT, kernels.status()
 
 
-@pytest.fixture(params=list(kernels.ISAS))
-def isa(request, monkeypatch):
-    """Each ISA path the CPU has (SPARK_CPU_KERNELS_ISA), the others skipped."""
-    if BUILT and kernels.ISAS[request.param] > kernels.ISAS[kernels.cpu_isa()]:
-        pytest.skip(f"this CPU has no {request.param}")
-    monkeypatch.setenv("SPARK_CPU_KERNELS_ISA", request.param)
-    assert kernels.isa() == kernels.ISAS[request.param]
-    return request.param
-
-
 def _fresh_jit(fn):
     """A new jit wrapper: the ISA and on/off switches are read when a function is traced."""
     return jax.jit(lambda *a: fn(*a))
