@@ -20,7 +20,8 @@ RoPE rotates each half on its own by default (`spark.attn_rope='split'`) so both
 relative position only, or the whole head before splitting ('full').
 
 Sparse-gather decoding (`sparse=True` with a cache): s1 reads only the first r dims of every
-cached key; the value-gate half of the selected keys and their values are gathered — at most
+cached key (the Spark cache keeps them apart, spark/cache.py); the value-gate half of the selected
+keys and their values, one cache row per key, are gathered — at most
 ceil(k + c·√k) positions per query (k = attn_k, c = spark.decode_capacity_sigmas; overflow keeps
 the top by s1, counted in aux['attn_overflow']). Same function as the masked path, whose aux
 reports `attn_overflow_rate`: the share of queries that would overflow that capacity.
@@ -89,16 +90,18 @@ class Attention(nnx.Module):
         elif tree is not None:  # scratch slots base + node; ancestry decides what each node sees
             v_t = kv_cache.values_transposed(self.cfg)
             slots_BT = tree.base_B[:, None] + tree.node_BT
-            keys = kv_cache.write_slots(kv[0], k, slots_BT)
-            values = kv_cache.write_slots(kv[1], v, slots_BT, transposed=v_t)
+            k_rows, v_rows = kv_cache.cache_rows(self.cfg, k, v)
+            keys = kv_cache.write_slots(kv[0], k_rows, slots_BT)
+            values = kv_cache.write_slots(kv[1], v_rows, slots_BT, transposed=v_t)
             k_pos_BS, structural_BTS = kv_cache.tree_key_mask(tree, keys.shape[2])
             k_seg_BS = segment_ids_BT = None
             new_kv = (keys, values)
         else:
             start_B = positions_BT[:, 0]
             v_t = kv_cache.values_transposed(self.cfg)
-            keys = kv_cache.write_block(kv[0], k, start_B)
-            values = kv_cache.write_block(kv[1], v, start_B, transposed=v_t)
+            k_rows, v_rows = kv_cache.cache_rows(self.cfg, k, v)
+            keys = kv_cache.write_block(kv[0], k_rows, start_B)
+            values = kv_cache.write_block(kv[1], v_rows, start_B, transposed=v_t)
             b, s = keys.shape[0], keys.shape[2]
             k_pos_BS = jnp.broadcast_to(jnp.arange(s, dtype=positions_BT.dtype), (b, s))
             k_seg_BS = segment_ids_BT = None  # a cache holds one sequence per row
@@ -108,8 +111,8 @@ class Attention(nnx.Module):
         # training (no cache) and long prefills: blocked flash attention; short blocks (decode, verify): scores
         long_block = q.shape[1] >= self.cfg.attn_block and not sparse and tree is None
         if self.cfg.attn_block and (kv is None or long_block):
-            values_BKSH = values.swapaxes(2, 3) if v_t else values
-            return self._out(*self._blocked(q, keys.astype(dt), values_BKSH.astype(dt), positions_BT, k_pos_BS,
+            keys_BKSH, values_BKSH = kv_cache.full_kv(self.cfg, keys, values) if kv is not None else (keys, values)
+            return self._out(*self._blocked(q, keys_BKSH.astype(dt), values_BKSH.astype(dt), positions_BT, k_pos_BS,
                                             segment_ids_BT, k_seg_BS), new_kv, dt)
         valid_BTS = visible_mask(positions_BT, k_pos_BS, self.window, segment_ids_BT, k_seg_BS)
         if tree is not None:
@@ -117,7 +120,8 @@ class Attention(nnx.Module):
         if self.cfg.attn_kind == "spark" and sparse and kv is not None:
             out, aux = self._spark_sparse(q, keys, values, valid_BTS)
         elif self.cfg.attn_kind == "spark":
-            out, aux = self._spark(q, keys.astype(dt), values.astype(dt), valid_BTS[:, None, None])
+            keys_BKSH, values_BKSH = kv_cache.full_kv(self.cfg, keys, values) if kv is not None else (keys, values)
+            out, aux = self._spark(q, keys_BKSH.astype(dt), values_BKSH.astype(dt), valid_BTS[:, None, None])
         else:
             out, aux = self._dense(q, keys, values, valid_BTS, v_t)
         return self._out(out, aux, new_kv, dt)
@@ -179,14 +183,15 @@ class Attention(nnx.Module):
         out, kept = flash.attend(spec, q, keys, values, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS)
         return out, ({} if cfg.attn_kind == "dense" else self._spark_stats(kept))
 
-    def _spark_sparse(self, q, keys_BKSH, values_BKSH, valid_BTS):
-        """Sparse-gather Spark attention: the CPU kernel (no capacity limit) for decode-sized blocks,
-        else the capacity-slot gathers below (static shapes for GPU/TPU)."""
+    def _spark_sparse(self, q, keys_BKSR, gv_BKSX, valid_BTS):
+        """Sparse-gather Spark attention over the Spark cache (spark/cache.py: the keys' first r dims,
+        and each slot's gate half and value side by side): the CPU kernel (no capacity limit) for
+        decode-sized blocks, else the capacity-slot gathers below (static shapes for GPU/TPU)."""
         cfg, dt = self.cfg, q.dtype
         r, h = cfg.attn_rank, cfg.head_dim
 
-        def default(q, keys_BKSH, values_BKSH, valid_BTS, _):
-            s1 = _scores(q[..., :r], keys_BKSH[..., :r].astype(dt), r**-0.5)  # raw: keys are chosen uncapped
+        def default(q, keys_BKSR, gv_BKSX, valid_BTS, _):
+            s1 = _scores(q[..., :r], keys_BKSR.astype(dt), r**-0.5)  # raw: keys are chosen uncapped
             keep = sparsity.keep_k_of_valid(s1, jnp.broadcast_to(valid_BTS[:, None, None], s1.shape), cfg.spark.attn_k)
             cap = sparsity.capacity(cfg.spark.attn_k, s1.shape[-1], cfg.spark.decode_capacity_sigmas)
             idx, ok, dropped = sparsity.capacity_indices(s1, keep, cap)  # [B,K,G,T,C]
@@ -194,8 +199,8 @@ class Attention(nnx.Module):
             bi = jnp.arange(b)[:, None, None, None, None]
             ki = jnp.arange(kh)[None, :, None, None, None]
             gather = dict(mode="promise_in_bounds")
-            k2 = keys_BKSH.at[bi, ki, idx, r:].get(**gather).astype(dt)  # [B,K,G,T,C,H-r]
-            v = values_BKSH.at[bi, ki, idx].get(**gather).astype(dt)  # [B,K,G,T,C,H]
+            k2 = gv_BKSX.at[bi, ki, idx, : h - r].get(**gather).astype(dt)  # [B,K,G,T,C,H-r]
+            v = gv_BKSX.at[bi, ki, idx, h - r :].get(**gather).astype(dt)  # [B,K,G,T,C,H]
             s2 = jnp.einsum("BTKGE,BKGTCE->BKGTC", q[..., r:], k2, preferred_element_type=jnp.float32)
             s2 = s2 * (h - r) ** -0.5
             s1c = jnp.where(ok, softcap(jnp.take_along_axis(s1, idx, axis=-1), cfg.attn_logit_softcap), NEG)
@@ -204,7 +209,7 @@ class Attention(nnx.Module):
             return out, jnp.sum(ok, axis=-1, dtype=jnp.int32), jnp.sum(dropped, axis=(1, 2, 3))
 
         z_BT = kernels.spark_z(valid_BTS, cfg.spark.attn_k)
-        out, kept, dropped = kernels.attention(q, keys_BKSH, values_BKSH, valid_BTS, z_BT, default, rank=r,
+        out, kept, dropped = kernels.attention(q, keys_BKSR, gv_BKSX, valid_BTS, z_BT, default, rank=r,
                                                scale=r**-0.5, gate_scale=(h - r) ** -0.5,
                                                softcap=cfg.attn_logit_softcap, spark=True)
         return out, {"keys_per_query": jnp.mean(kept.astype(jnp.float32)), "attn_overflow": dropped}

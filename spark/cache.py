@@ -2,9 +2,14 @@
 
 k[i]: layer i's keys, [B, K, S, H] (after RoPE). v[i]: its values, [B, K, S, H] — or [B, K, H, S]
   for dense attention (`values_transposed`), whose p·V product then reads V in the matrix-vector
-  form XLA:CPU runs fastest; Spark attention gathers value rows, so it keeps [B, K, S, H].
-  (One query over S = 4160 slots, K = 4, H = 256 on the CI CPU: [B, S, K, H] is 10.9× slower
-  than K [B, K, S, H] + V [B, K, H, S]; `python bench/decode_layouts.py`.)
+  form XLA:CPU runs fastest. (One query over S = 4160 slots, K = 4, H = 256 on the CI CPU:
+  [B, S, K, H] is 10.9× slower than K [B, K, S, H] + V [B, K, H, S]; `python bench/decode_layouts.py`.)
+  Spark attention (`cache_rows`) keeps what its decode reads together: k[i] holds the keys' first
+  r dims, [B, K, S, r], which every query scores against (read whole, contiguous), and v[i] each
+  slot's gate half and value side by side, [B, K, S, (H − r) + H], gathered for the kept keys only
+  (one row each). With the whole keys in k[i] the scores read every key's row to use its first half:
+  at 1024 keys the attention kernel's score pass cost as much as dense attention's whole-key pass
+  (README, session 45). `full_kv` rebuilds [B, K, S, H] keys and values for the masked paths.
 lengths: [B] int32, the number of committed positions per row.
 Under a mesh (`jax.set_mesh`) the buffers are sharded by batch row and KV head, like the activations.
 
@@ -55,13 +60,32 @@ def values_transposed(cfg) -> bool:
     return cfg.attn_kind == "dense"
 
 
+def cache_rows(cfg, k_BTKH, v_BTKH):
+    """What a block writes to k[i] and v[i]: the keys and values, or (Spark) the keys' first r dims
+    and [gate half | value] per token."""
+    if cfg.attn_kind != "spark":
+        return k_BTKH, v_BTKH
+    r = cfg.attn_rank
+    return k_BTKH[..., :r], jnp.concatenate([k_BTKH[..., r:], v_BTKH.astype(k_BTKH.dtype)], axis=-1)
+
+
+def full_kv(cfg, keys, values):
+    """A layer's cache buffers as whole keys and values, both [B, K, S, H]."""
+    if cfg.attn_kind != "spark":
+        return keys, values.swapaxes(2, 3) if values_transposed(cfg) else values
+    e = cfg.head_dim - cfg.attn_rank
+    return jnp.concatenate([keys, values[..., :e]], axis=-1), values[..., e:]
+
+
 def init(cfg, batch: int, max_len: int, slack: int = 8, dtype=None) -> KVCache:
     """An empty cache for `max_len` positions plus `slack` slots (speculative blocks need γ+2)."""
     dtype = jnp.dtype(dtype or cfg.dtype)
     s, kh, h = max_len + slack, cfg.num_kv_heads, cfg.head_dim
-    v_shape = (batch, kh, h, s) if values_transposed(cfg) else (batch, kh, s, h)
+    k_shape, v_shape = (batch, kh, s, h), (batch, kh, h, s) if values_transposed(cfg) else (batch, kh, s, h)
+    if cfg.attn_kind == "spark":
+        k_shape, v_shape = (batch, kh, s, cfg.attn_rank), (batch, kh, s, 2 * h - cfg.attn_rank)
     buf = lambda shape: constrain(jnp.zeros(shape, dtype), "batch", "kv_heads", None, None)  # noqa: E731
-    return KVCache(k=tuple(buf((batch, kh, s, h)) for _ in range(cfg.num_layers)),
+    return KVCache(k=tuple(buf(k_shape) for _ in range(cfg.num_layers)),
                    v=tuple(buf(v_shape) for _ in range(cfg.num_layers)),
                    lengths=jnp.zeros((batch,), jnp.int32), v_transposed=values_transposed(cfg))
 

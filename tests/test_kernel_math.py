@@ -30,9 +30,11 @@ def _case(s1, s2, spark):
         q[..., R] = 1.0 / np.float32(gate_scale)
         k[0, 0, :, R] = s2
     v = np.eye(S, H, dtype=np.float32)[None, None]
+    if spark:  # the Spark cache's layout (spark/cache.py): k[..., :r], [k[..., r:] | v]
+        k, v = k[..., :R], np.concatenate([k[..., R:], v], axis=-1)
     qs = (q[0, 0, 0, 0] * np.float32(scale)).astype(np.float32)  # what the kernel multiplies in
-    s1_seen = (qs[0] * k[0, 0, :, 0]).astype(np.float64)
-    s2_seen = ((q[0, 0, 0, 0, R] * np.float32(gate_scale)).astype(np.float32) * k[0, 0, :, R]).astype(np.float64)
+    s1_seen = (qs[0] * np.float32(s1)).astype(np.float64)
+    s2_seen = ((q[0, 0, 0, 0, R] * np.float32(gate_scale)).astype(np.float32) * np.float32(s2)).astype(np.float64)
     kw = dict(rank=R if spark else H, scale=scale, gate_scale=gate_scale, spark=spark, v_t=False)
     return (q, k, v), kw, s1_seen, s2_seen
 

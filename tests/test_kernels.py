@@ -165,6 +165,12 @@ def _attn_case(rng, b, t, kh, g, h, s, dtype, v_t, window=None):
     return q, (k, k64), (v, v64), valid
 
 
+def _spark_cache(k, v, rank):
+    """Whole keys and values [B, K, S, H] in the Spark cache's layout (spark/cache.py): the keys'
+    first r dims, and [gate half | value] per slot."""
+    return k[..., :rank], jnp.concatenate([jnp.asarray(k)[..., rank:], jnp.asarray(v)], axis=-1)
+
+
 def _attn_float64(q, k64, v64, valid, attn_k, rank, cap, spark, v_t):
     """The paper's formulas per query in float64: dense softmax(softcap(q·k/√H)); Spark (arXiv
     2506.06644 §3) keeps the visible keys with s1 = q[:r]·k[:r]/√r ≥ mean + std·Φ⁻¹(1 − k/n) (all
@@ -211,6 +217,7 @@ def test_attention_equals_float64(isa, dtype):
                   v_t=v_t)
         z = kernels.spark_z(jnp.asarray(valid), attn_k)
         run = _fresh_jit(functools.partial(kernels.attention, default=None, **kw))
+        k, v = _spark_cache(k, v, rank) if spark else (k, v)
         out, kept, dropped = run(q, k, v, jnp.asarray(valid), z)
         ref, ref_kept = _attn_float64(q, k64, v64, valid, attn_k, r, 20.0, spark, v_t)
         case = (b, t, kh, g, h, s, rank)
@@ -251,7 +258,7 @@ def test_inside_while_loop_with_donated_buffers(isa):
     def body(i, y):
         h = jnp.tanh(kernels.gemv_rows(y, w))  # [2, 96]
         z2 = kernels.gemv_cols(h, w)  # [2, 40]
-        a = kernels.attention(y.reshape(1, 1, 1, 2, 40), kv, kv, valid, z, None, rank=8, scale=0.3,
+        a = kernels.attention(y.reshape(1, 1, 1, 2, 40), *_spark_cache(kv, kv, 8), valid, z, None, rank=8, scale=0.3,
                               gate_scale=0.2, softcap=None, spark=True)[0]
         emb = kernels.take_rows(w, (jnp.arange(2) * 7 + i) % 96)
         fused = kernels.ffn_decode(y, w[:, :16], w[:, 16:], w, None, width=80, k_frac=0.25)[0]
@@ -382,7 +389,7 @@ def test_fallback_without_the_extension(monkeypatch):
     q, (k, k64), (v, v64), valid = _attn_case(rng, 2, 2, 1, 2, 40, 24, "float32", False)
     kw = dict(rank=8, scale=8**-0.5, gate_scale=32**-0.5, softcap=20.0, spark=True, v_t=False)
     run = _fresh_jit(functools.partial(kernels.attention, default=None, **kw))
-    args = (q, k, v, jnp.asarray(valid), kernels.spark_z(jnp.asarray(valid), 4))
+    args = (q, *_spark_cache(k, v, 8), jnp.asarray(valid), kernels.spark_z(jnp.asarray(valid), 4))
     assert "custom_call" not in run.lower(*args).as_text()
     assert _rel(run(*args)[0], _attn_float64(q, k64, v64, valid, 4, 8, 20.0, True, False)[0]) < 1e-5
 

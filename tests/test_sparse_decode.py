@@ -105,7 +105,8 @@ def test_sparse_attention_overflow_is_counted(path, monkeypatch):
     x = jax.random.normal(jax.random.key(2), (b, s + 1, 32))
     pos = jnp.broadcast_to(jnp.arange(s + 1), (b, s + 1))
     run = nnx.jit(lambda m, x, p, kv, sparse: m(x, p, kv=kv, sparse=sparse), static_argnums=4)
-    _, kv, _ = run(attn, x[:, :s], pos[:, :s], (jnp.zeros((b, 2, 24, 16)),) * 2, False)
+    empty = kv_cache.init(ATTN_CFG, b, 24, slack=0)  # the Spark cache's layout
+    _, kv, _ = run(attn, x[:, :s], pos[:, :s], (empty.k[0], empty.v[0]), False)
     masked, _, _ = run(attn, x[:, s:], pos[:, s:], kv, False)
     out, _, aux = run(attn, x[:, s:], pos[:, s:], kv, True)
     # independent count: keys the statistical selection keeps beyond the capacity of 4

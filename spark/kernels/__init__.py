@@ -158,12 +158,16 @@ def attention_ref(q_BTKGH, keys_BKSH, values, valid_BTS, z_BT, *, rank, scale, g
 
     Scores over the first `rank` dims (×scale) of the keys visible to each query (valid [B,T,S]).
     Dense (rank = H): softmax of softcap(s) over the visible keys, Σ p·v (v [B,K,H,S] when v_t).
-    Spark: keep s ≥ mean + std·z[b,t] (moments over the visible; z = −inf keeps all) or the row
-    max; Σ softmax_kept(softcap(s)) · softplus(q[r:]·k[r:]·gate_scale) · v. No capacity limit:
-    the masked Spark attention exactly (spark/attention.py), with z from `spark_z`."""
+    Spark, on the Spark cache layout (spark/cache.py): keys [B,K,S,r] (the first r dims), values
+    [B,K,S,(H − r) + H] (each slot's gate half, then its value): keep s ≥ mean + std·z[b,t] (moments
+    over the visible; z = −inf keeps all) or the row max; Σ softmax_kept(softcap(s)) ·
+    softplus(q[r:]·k[r:]·gate_scale) · v. No capacity limit: the masked Spark attention exactly
+    (spark/attention.py), with z from `spark_z`."""
     f32 = jnp.float32
     q, k, v = q_BTKGH.astype(f32), keys_BKSH.astype(f32), values.astype(f32)
-    r = rank
+    r, e = rank, q.shape[-1] - rank
+    if spark:
+        k, v = jnp.concatenate([k, v[..., :e]], axis=-1), v[..., e:]
     s = jnp.einsum("BTKGH,BKSH->BKGTS", q[..., :r], k[..., :r], precision="highest") * scale
     valid = jnp.broadcast_to(valid_BTS[:, None, None], s.shape)
     keep = valid
@@ -290,7 +294,8 @@ def attention(q_BTKGH, keys_BKSH, values, valid_BTS, z_BT, default, *, rank, sca
     kept [B,K,G,T] int32, dropped [B] int32). `default(q, keys, values, valid, z)` returns the same
     off CPU (None: `attention_ref`); the kernel (CPU, G·T ≤ MAX_TOKENS, f32 or bf16 cache) drops nothing. It reads each
     visible key's first `rank` dims once, and — Spark — the gate half and value of the keys some
-    query keeps; keys and values are [B,K,S,H], values [B,K,H,S] when v_t (dense only)."""
+    query keeps. Dense: keys and values [B,K,S,H], values [B,K,H,S] when v_t; Spark: the Spark
+    cache's keys [B,K,S,r] and [gate half | value] rows [B,K,S,(H − r) + H]."""
     b, t, kh, g, h = q_BTKGH.shape
     kw = dict(rank=rank, scale=scale, gate_scale=gate_scale, softcap=softcap, spark=spark, v_t=v_t)
 
