@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optimized_jit
 import pytest
 from flax import nnx
 from test_speculative import (
@@ -168,9 +169,9 @@ def test_eos_ends_rows_inside_little_runs():
 @functools.lru_cache(maxsize=1)
 def _toy_bild():
     graphdef, _ = _toy()
-    return jax.jit(functools.partial(bild.generate.__wrapped__, graphdef, max_new_tokens=LENGTH, sampler=TOY_SAMPLER,
-                                     eos_id=-1, pad_id=0, bild=bild.BiLDConfig(TOY.granularity_widths(8),
-                                                                               max_little_steps=2)))
+    return optimized_jit.jit(functools.partial(
+        bild.generate.__wrapped__, graphdef, max_new_tokens=LENGTH, sampler=TOY_SAMPLER, eos_id=-1, pad_id=0,
+        bild=bild.BiLDConfig(TOY.granularity_widths(8), max_little_steps=2)))
 
 
 def _toy_outcomes(fallback, seed=0):

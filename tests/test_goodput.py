@@ -9,6 +9,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optimized_jit
 import pytest
 import scipy.stats
 from flax import nnx
@@ -298,9 +299,9 @@ def test_sampled_law_unchanged_while_gamma_varies():
     graphdef, params = _toy()
     sc = spec.SpecConfig(draft_widths=TOY.granularity_widths(8), gamma=2,
                          goodput=gp.GoodputConfig(VARYING, objective="tokens", prior=0.6))
-    run = jax.jit(functools.partial(spec.goodput_generate.__wrapped__, graphdef, max_new_tokens=LENGTH,
-                                    sampler=TOY_SAMPLER, eos_id=-1, pad_id=0, spec=spec.goodput_static(sc),
-                                    widths=None, sparse=True))
+    run = optimized_jit.jit(functools.partial(spec.goodput_generate.__wrapped__, graphdef, max_new_tokens=LENGTH,
+                                              sampler=TOY_SAMPLER, eos_id=-1, pad_id=0, spec=spec.goodput_static(sc),
+                                              widths=None, sparse=True))
     out, num, st = run(params, jnp.asarray(np.tile(PROMPT, (TRIALS, 1)), jnp.int32),
                        jnp.full((TRIALS,), len(PROMPT), jnp.int32), jax.random.key(0), jnp.asarray(VARYING),
                        jnp.int32(LENGTH), jnp.float32(0.0))

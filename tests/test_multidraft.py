@@ -8,6 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optimized_jit
 import pytest
 from flax import nnx
 from test_speculative import (
@@ -52,8 +53,8 @@ def _continuations(md, sampler, eos_id, seed=0):
     """TRIALS rows of the real jitted loop (a fresh trace: monkeypatches apply) -> outcomes, stats."""
     graphdef, params = _toy()
     md = md.resolve(TOY) if md.draft_widths is None else md
-    run = jax.jit(functools.partial(md_lib.generate.__wrapped__, graphdef, max_new_tokens=LENGTH, sampler=sampler,
-                                    eos_id=eos_id, pad_id=0, md=md))
+    run = optimized_jit.jit(functools.partial(md_lib.generate.__wrapped__, graphdef, max_new_tokens=LENGTH,
+                                              sampler=sampler, eos_id=eos_id, pad_id=0, md=md))
     prompts = jnp.asarray(np.tile(PROMPT, (TRIALS, 1)), jnp.int32)
     out, num, st = run(params, prompts, jnp.full((TRIALS,), len(PROMPT), jnp.int32), jax.random.key(seed))
     out, num = np.asarray(out), np.asarray(num)

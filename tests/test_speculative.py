@@ -10,6 +10,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optimized_jit
 import pytest
 from flax import nnx
 from scipy import stats
@@ -144,7 +145,7 @@ def _spec_continuations(seed=0, sampler=TOY_SAMPLER, eos_id=-1, **kw):
     """TRIALS independent rows of the real jitted loop (a fresh trace, so monkeypatches apply)
     -> the emitted outcomes (each row cut at its num_new) and the stats."""
     graphdef, params = _toy()
-    run = jax.jit(functools.partial(
+    run = optimized_jit.jit(functools.partial(
         spec.fixed_generate.__wrapped__, graphdef, max_new_tokens=LENGTH, sampler=sampler, eos_id=eos_id, pad_id=0,
         widths=None, sparse=True,
         spec=spec.SpecConfig(draft_widths=TOY.granularity_widths(8), gamma=GAMMA, **kw)))
