@@ -19,14 +19,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import interleaved, write_json  # noqa: E402
-from spark import kernels  # noqa: E402
+from bench.common import BANDWIDTH_BYTES, bandwidth_variant, int_list, interleaved, write_json  # noqa: E402
+from spark import kernels, sparsity  # noqa: E402
 
 LAYERS, K, G, H, R, ATTN_K, CAP = 26, 4, 2, 256, 128, 256, 50.0
-BANDWIDTH_FLOATS = 256 * 1024 * 1024
 
 
 def caches(keys: int, seed: int):
@@ -40,17 +38,15 @@ def caches(keys: int, seed: int):
     return out
 
 
-def kept_union(q, bufs, keys: int, z) -> float:
-    """Mean over layers and KV heads of the keys some of the G queries keeps (the kernel's rule:
-    s ≥ mean + std·z over the visible keys, or the row max)."""
-    q1 = np.asarray(q[0, 0, :, :, :R], np.float64) * R**-0.5  # [K, G, R]
+def kept_union(q, bufs, valid) -> float:
+    """Mean over layers and KV heads of the keys some of the G queries keeps (the masked Spark
+    attention's selection, sparsity.keep_k_of_valid, which the kernel computes too)."""
     counts = []
     for k1, _ in bufs:
-        s = np.einsum("kgr,ksr->kgs", q1, np.asarray(k1[0, :, :keys], np.float64))
-        theta = s.mean(-1, keepdims=True) + s.std(-1, keepdims=True) * float(z)
-        keep = (s >= theta) | (s >= s.max(-1, keepdims=True))
-        counts.append(keep.any(axis=1).sum(-1))  # [K]
-    return float(np.mean(counts))
+        s1 = jnp.einsum("BTKGR,BKSR->BKGTS", q[..., :R], k1) * R**-0.5
+        keep = sparsity.keep_k_of_valid(s1, jnp.broadcast_to(valid[:, None, None], s1.shape), ATTN_K)
+        counts.append(jnp.sum(jnp.any(keep, axis=(2, 3)), axis=-1))  # [B, K]
+    return float(jnp.mean(jnp.stack(counts)))
 
 
 def chain(spark: bool):
@@ -66,7 +62,6 @@ def chain(spark: bool):
 
 
 def run(args) -> dict:
-    big = jnp.ones((BANDWIDTH_FLOATS,), jnp.float32)
     q = jax.random.normal(jax.random.key(args.seed), (1, 1, K, G, H))
     out = {"kernels": kernels.status(), "results": []}
     for keys in args.keys:
@@ -74,13 +69,13 @@ def run(args) -> dict:
         valid = (jnp.arange(keys + 40) < keys)[None, None]
         z = kernels.spark_z(valid, ATTN_K)
         fns = {name: chain(name == "spark") for name in bufs}
-        variants = {"bandwidth": (jax.jit(jnp.sum), [(big,)], 3)}
+        variants = {"bandwidth": bandwidth_variant()}
         for name, fn in fns.items():
             variants[name] = (fn, [(q, bufs[name], valid, z if name == "spark" else jnp.zeros_like(z))], 3)
         res = interleaved(variants, args.rounds)
-        bw = 4 * BANDWIDTH_FLOATS / res.pop("bandwidth")["median_s"]
+        bw = BANDWIDTH_BYTES / res.pop("bandwidth")["median_s"]
         kept = float(fns["spark"](q, bufs["spark"], valid, z)[1])
-        union = kept_union(q, bufs["spark"], keys, z[0, 0])
+        union = kept_union(q, bufs["spark"], valid)
         nbytes = {"dense": keys * K * 2 * H * 4, "spark": (keys * K * R + union * K * (2 * H - R)) * 4}
         ratio = sorted(d / s for d, s in zip(res["dense"]["samples_s"], res["spark"]["samples_s"], strict=True))
         row = {"keys": keys, "bandwidth_GBps": bw / 1e9, "spark_keys_per_query": kept, "spark_keys_read": union,
@@ -101,7 +96,7 @@ def run(args) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--keys", type=lambda s: [int(t) for t in s.split(",")], default=[128, 1024, 4096])
+    ap.add_argument("--keys", type=int_list, default=[128, 1024, 4096])
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json")

@@ -6,6 +6,7 @@ process, round by round, and only medians and ratios are reported.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -15,6 +16,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 
 
 def time_call(fn, args_list, calls: int) -> float:
@@ -26,6 +28,22 @@ def time_call(fn, args_list, calls: int) -> float:
         out = fn(*args_list[i % len(args_list)])
     jax.block_until_ready(out)
     return (time.perf_counter() - t0) / calls
+
+
+BANDWIDTH_FLOATS = 256 * 1024 * 1024  # 1 GiB of float32, summed to measure read bandwidth
+BANDWIDTH_BYTES = 4 * BANDWIDTH_FLOATS
+
+
+@functools.lru_cache(maxsize=None)
+def bandwidth_variant(calls: int = 3):
+    """An `interleaved` variant that reads BANDWIDTH_BYTES (`jnp.sum` over 1 GiB of float32): timed
+    in the same rounds as the others, BANDWIDTH_BYTES / its median is the read bandwidth."""
+    return jax.jit(jnp.sum), [(jnp.ones((BANDWIDTH_FLOATS,), jnp.float32),)], calls
+
+
+def int_list(text: str) -> list[int]:
+    """An argparse type: "128,1024" -> [128, 1024]."""
+    return [int(t) for t in text.split(",")]
 
 
 def interleaved(variants: dict, rounds: int) -> dict:

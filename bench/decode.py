@@ -56,7 +56,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import interleaved, write_json  # noqa: E402
+from bench.common import BANDWIDTH_FLOATS, bandwidth_variant, interleaved, write_json  # noqa: E402
 from bench.decode_models import (  # noqa: E402
     FULL_LAYERS,
     build,
@@ -69,8 +69,6 @@ from bench.decode_models import (  # noqa: E402
 )
 from decode import generate as gen  # noqa: E402
 from spark import kernels  # noqa: E402
-
-BANDWIDTH_FLOATS = 256 * 1024 * 1024  # 1 GiB of float32, summed to measure read bandwidth
 
 
 def attn_stack(graphdef, params, x_B1D, pos_B1, cache, sparse):
@@ -151,10 +149,7 @@ def run(args):
     head_j = jax.jit(head, static_argnames=("graphdef",))
     cfg0 = next(iter(cfgs.values()))
     xs = [jax.random.normal(jax.random.key(i), (1, 1, cfg0.d_model), cfg0.dtype) for i in range(4)]
-    big = jnp.ones((BANDWIDTH_FLOATS,), jnp.float32)
-    bw_fn = jax.jit(jnp.sum)
-
-    variants = {"bandwidth": (bw_fn, [(big,)], 3)}
+    variants = {"bandwidth": bandwidth_variant()}
     parts = args.parts.split(",")
     gd_h, p_h = next(iter(split.values()))
     if "head" in parts:

@@ -25,13 +25,12 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import interleaved, write_json  # noqa: E402
+from bench.common import BANDWIDTH_BYTES, bandwidth_variant, int_list, interleaved, write_json  # noqa: E402
 from spark import kernels  # noqa: E402
 
 COPIES = 4
 F, D = 9216, 2304  # the dense GeGLU of Gemma-2-2B
 FS, E, DENSITY = 13824, 1280, 0.08  # the Spark FFN: neurons, gate width D − r (r = 1024), active fraction
-BANDWIDTH_FLOATS = 256 * 1024 * 1024
 
 
 def paths() -> list[str]:
@@ -77,18 +76,16 @@ def cases(dtype, n: int, key):
 
 
 def run(args) -> dict:
-    big = jnp.ones((BANDWIDTH_FLOATS,), jnp.float32)
-    total = jax.jit(jnp.sum)
     out = {"kernels": kernels.status(), "paths": paths(), "results": []}
     for dtype in (jnp.float32, jnp.bfloat16):
         for n in args.tokens:
-            variants, nbytes = {"bandwidth": (total, [(big,)], 3)}, {}
+            variants, nbytes = {"bandwidth": bandwidth_variant()}, {}
             for case, (fn, arg_list, b) in cases(dtype, n, jax.random.key(args.seed)).items():
                 for path in out["paths"]:
                     variants[f"{case}/{path}"] = (compiled(path, fn, arg_list[0]), arg_list, args.calls)
                     nbytes[f"{case}/{path}"] = b
             med = {k: s["median_s"] for k, s in interleaved(variants, args.rounds).items()}
-            bw = 4 * BANDWIDTH_FLOATS / med.pop("bandwidth")
+            bw = BANDWIDTH_BYTES / med.pop("bandwidth")
             for name, s in med.items():
                 case, path = name.split("/")
                 out["results"].append({"dtype": jnp.dtype(dtype).name, "tokens": n, "case": case, "path": path,
@@ -111,7 +108,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=20, help="calls per timing sample")
-    ap.add_argument("--tokens", type=lambda s: [int(t) for t in s.split(",")], default=[1, 4])
+    ap.add_argument("--tokens", type=int_list, default=[1, 4])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json")
     args = ap.parse_args(argv)

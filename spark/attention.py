@@ -107,11 +107,14 @@ class Attention(nnx.Module):
             k_seg_BS = segment_ids_BT = None  # a cache holds one sequence per row
             new_kv = (keys, values)
 
+        def whole_kv():  # [B, K, S, H] keys and values, for the paths that read them whole
+            return kv_cache.full_kv(self.cfg, keys, values) if kv is not None else (keys, values)
+
         q = rearrange(q, "B T (K G) H -> B T K G H", K=keys.shape[1])  # query heads grouped by KV head
         # training (no cache) and long prefills: blocked flash attention; short blocks (decode, verify): scores
         long_block = q.shape[1] >= self.cfg.attn_block and not sparse and tree is None
         if self.cfg.attn_block and (kv is None or long_block):
-            keys_BKSH, values_BKSH = kv_cache.full_kv(self.cfg, keys, values) if kv is not None else (keys, values)
+            keys_BKSH, values_BKSH = whole_kv()
             return self._out(*self._blocked(q, keys_BKSH.astype(dt), values_BKSH.astype(dt), positions_BT, k_pos_BS,
                                             segment_ids_BT, k_seg_BS), new_kv, dt)
         valid_BTS = visible_mask(positions_BT, k_pos_BS, self.window, segment_ids_BT, k_seg_BS)
@@ -120,7 +123,7 @@ class Attention(nnx.Module):
         if self.cfg.attn_kind == "spark" and sparse and kv is not None:
             out, aux = self._spark_sparse(q, keys, values, valid_BTS)
         elif self.cfg.attn_kind == "spark":
-            keys_BKSH, values_BKSH = kv_cache.full_kv(self.cfg, keys, values) if kv is not None else (keys, values)
+            keys_BKSH, values_BKSH = whole_kv()
             out, aux = self._spark(q, keys_BKSH.astype(dt), values_BKSH.astype(dt), valid_BTS[:, None, None])
         else:
             out, aux = self._dense(q, keys, values, valid_BTS, v_t)

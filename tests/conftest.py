@@ -26,6 +26,8 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 import pytest  # noqa: E402
 
+from spark import kernels  # noqa: E402
+
 
 def _built_once(tmp_path_factory, worker_id, name, build):
     from filelock import FileLock
@@ -84,12 +86,9 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))
 
 
-@pytest.fixture(params=["portable", "avx2", "avx512"])
+@pytest.fixture(params=list(kernels.ISAS))
 def isa(request, monkeypatch):
     """Each ISA path of spark/kernels the CPU has (SPARK_CPU_KERNELS_ISA), the others skipped."""
-    from spark import kernels
-
-    assert set(kernels.ISAS) == {"portable", "avx2", "avx512"}
     if kernels.enabled() and kernels.ISAS[request.param] > kernels.ISAS[kernels.cpu_isa()]:
         pytest.skip(f"this CPU has no {request.param}")
     monkeypatch.setenv("SPARK_CPU_KERNELS_ISA", request.param)
